@@ -1,0 +1,124 @@
+"""Attention backends for the packed DiT, chosen by name.
+
+Every backend computes the same thing: joint attention over each sample's packed sequence
+`[image tokens | text tokens]`, with the rotary embedding applied to the first `rotary_length` tokens of q and k,
+and, when `valid_lengths` is given, keys beyond each sample's valid length masked out (its padded text).
+Outputs at padded query positions are unspecified: the model never reads them.
+
+Backends receive q and k *unrotated* so a fused kernel can rotate as it loads its tiles.
+Shapes: q, k, v (batch, tokens, heads, head_dim); rope_cos/rope_sin (batch or 1, rotary_length, head_dim), float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import BackendUnavailableError, FramePackError
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of the last dim by the angles whose cos/sin are repeated per pair.
+
+    x: (batch, tokens, heads, head_dim); cos, sin: (batch or 1, tokens, head_dim). Computed in float32 as the
+    official model does, returned in x's dtype.
+    """
+    x_pairs = x.float().unflatten(-1, (-1, 2))
+    x_rotated = torch.stack([-x_pairs[..., 1], x_pairs[..., 0]], dim=-1).flatten(-2)
+    out = x.float() * cos.unsqueeze(2) + x_rotated * sin.unsqueeze(2)
+    return out.to(x.dtype)
+
+
+def rotate_image_tokens(x, rope_cos, rope_sin, rotary_length):
+    if rope_cos is None:
+        return x
+    return torch.cat([apply_rotary(x[:, :rotary_length], rope_cos, rope_sin), x[:, rotary_length:]], dim=1)
+
+
+def key_padding_mask(valid_lengths: torch.Tensor | None, total_length: int, device) -> torch.Tensor | None:
+    """(batch, 1, 1, tokens) boolean mask: True where the key is a valid token of that sample."""
+    if valid_lengths is None:
+        return None
+    positions = torch.arange(total_length, device=device)
+    return (positions[None, :] < valid_lengths.to(device)[:, None])[:, None, None, :]
+
+
+def sdpa_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None):
+    q = rotate_image_tokens(q, rope_cos, rope_sin, rotary_length)
+    k = rotate_image_tokens(k, rope_cos, rope_sin, rotary_length)
+    mask = key_padding_mask(valid_lengths, k.shape[1], q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    function: Callable
+    is_available: Callable[[], bool]
+    install_hint: str
+    # Higher wins when "auto" chooses among the backends available for the device.
+    auto_priority: int = 0
+    needs_cuda: bool = False
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def _module_present(name: str) -> Callable[[], bool]:
+    return lambda: importlib.util.find_spec(name) is not None
+
+
+register_backend(AttentionBackend("sdpa", sdpa_attention, lambda: True, "", auto_priority=0))
+
+
+def _lazy(module: str, attribute: str) -> Callable:
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attribute)(*args, **kwargs)
+
+    return call
+
+
+# The fast backends live in their own modules and are imported only when used.
+register_backend(AttentionBackend(
+    "triton", _lazy("engine.attention_backends", "triton_attention"), _module_present("triton"),
+    "pip install triton", auto_priority=10, needs_cuda=True))
+register_backend(AttentionBackend(
+    "flash", _lazy("engine.attention_backends", "flash_attention"), _module_present("flash_attn"),
+    "pip install flash-attn --no-build-isolation (or: pip install 'framepack-engine[flash]')",
+    auto_priority=30, needs_cuda=True))
+register_backend(AttentionBackend(
+    "sage", _lazy("engine.attention_backends", "sage_attention"), _module_present("sageattention"),
+    "pip install sageattention (or: pip install 'framepack-engine[sage]')", auto_priority=20, needs_cuda=True))
+register_backend(AttentionBackend(
+    "xformers", _lazy("engine.attention_backends", "xformers_attention"), _module_present("xformers"),
+    "pip install xformers (or: pip install 'framepack-engine[xformers]')", auto_priority=5, needs_cuda=True))
+
+BACKEND_NAMES = ("sdpa", "triton", "flash", "xformers", "sage", "auto")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return [b.name for b in _BACKENDS.values() if b.is_available() and (on_cuda or not b.needs_cuda)]
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None) -> AttentionBackend:
+    """The backend for `name`; "auto" picks the highest-priority one usable on `device`."""
+    if name == "auto":
+        usable = [_BACKENDS[n] for n in available_backends(device)]
+        return max(usable, key=lambda b: b.auto_priority)
+    if name not in _BACKENDS:
+        raise FramePackError(f"Unknown attention backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}.")
+    backend = _BACKENDS[name]
+    if not backend.is_available():
+        raise BackendUnavailableError(
+            f"Attention backend {name!r} is not installed: {backend.install_hint}, or use attention='sdpa'.")
+    return backend
