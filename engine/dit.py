@@ -1,0 +1,724 @@
+"""FramePackDiT: the packed HunyuanVideo transformer of FramePack.
+
+One forward call predicts the flow-matching velocity of a section of noisy latents. Its context is packed into a
+single token sequence of constant length, whatever the video length:
+
+    [4x clean latents | 2x clean latents | 1x clean latents | noisy latents | image embedding | prompt]
+     (4, 8, 8) kernel   (2, 4, 4) kernel   (1, 2, 2) kernel   (1, 2, 2) kernel   SigLIP tokens    refined text
+
+Each latent token carries a 3D rotary position (frame index, row, column); the coarse 2x/4x tokens carry the
+average of the positions they cover. 20 double-stream blocks (image and text with separate weights, joint attention)
+and 40 single-stream blocks (one set of weights, attention in parallel with the MLP) follow, then an adaptive norm
+and a projection back to latent patches, of which only the noisy section's are kept.
+
+Module and parameter names follow the official checkpoints (lllyasviel/FramePackI2V_HY and
+lllyasviel/FramePack_F1_I2V_HY_20250503), so `load_state_dict` takes their weights as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.attention import resolve_backend, sdpa_attention
+from engine.errors import FramePackError, ModelSourceError
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTConfig:
+    """The checkpoint's config.json; defaults are those of lllyasviel/FramePackI2V_HY."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    num_layers: int = 20
+    num_single_layers: int = 40
+    num_refiner_layers: int = 2
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    patch_size_t: int = 1
+    qk_norm: str = "rms_norm"
+    guidance_embeds: bool = True
+    text_embed_dim: int = 4096
+    pooled_projection_dim: int = 768
+    rope_theta: float = 256.0
+    rope_axes_dim: tuple[int, int, int] = (16, 56, 56)
+    has_image_proj: bool = True
+    image_proj_dim: int = 1152
+    has_clean_x_embedder: bool = True
+    # Derived sizes.
+    hidden_size: int = field(init=False)
+    mlp_hidden_size: int = field(init=False)
+
+    def __post_init__(self):
+        self.rope_axes_dim = tuple(self.rope_axes_dim)
+        self.hidden_size = self.num_attention_heads * self.attention_head_dim
+        self.mlp_hidden_size = int(self.hidden_size * self.mlp_ratio)
+        self.out_channels = self.out_channels or self.in_channels
+        if self.qk_norm != "rms_norm":
+            raise FramePackError(f"qk_norm {self.qk_norm!r} is not supported: FramePack checkpoints use 'rms_norm'.")
+        if sum(self.rope_axes_dim) != self.attention_head_dim:
+            raise FramePackError(
+                f"rope_axes_dim {self.rope_axes_dim} must sum to attention_head_dim {self.attention_head_dim}: "
+                "check the checkpoint's config.json.")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "DiTConfig":
+        """Takes config.json as a dict; keys we do not use (`_class_name`, `_diffusers_version`, ...) are ignored."""
+        known = {f.name for f in fields(cls) if f.init}
+        return cls(**{key: value for key, value in config.items() if key in known})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(timesteps: torch.Tensor, channels: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first, in float32."""
+    half = channels // 2
+    frequencies = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    angles = timesteps.reshape(-1).float()[:, None] * frequencies[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear; the checkpoint names its layers linear_1 and linear_2."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimestepTextEmbedding(nn.Module):
+    """Conditioning vector: timestep + (optionally) distilled guidance + pooled text embedding."""
+
+    def __init__(self, hidden_size: int, pooled_projection_dim: int, guidance_embeds: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, hidden_size)
+        self.text_embedder = MLPEmbedder(pooled_projection_dim, hidden_size)
+        self.guidance_embedder = MLPEmbedder(256, hidden_size) if guidance_embeds else None
+
+    def forward(self, timestep, pooled_projection, guidance=None):
+        dtype = pooled_projection.dtype
+        embedding = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise FramePackError("This checkpoint is guidance-distilled: pass `guidance` (the official app uses 10.0 * 1000).")
+            embedding = embedding + self.guidance_embedder(timestep_sinusoid(guidance).to(dtype))
+        return embedding + self.text_embedder(pooled_projection)
+
+
+class AdaptiveModulation(nn.Module):
+    """SiLU -> Linear of the conditioning vector, split into `chunks` per-channel vectors (shifts, scales, gates)."""
+
+    def __init__(self, hidden_size: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(hidden_size, chunks * hidden_size)
+
+    def forward(self, conditioning):
+        return self.linear(F.silu(conditioning)).chunk(self.chunks, dim=1)
+
+
+def layer_norm(x, eps: float = 1e-6):
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def modulate(normed, shift, scale):
+    return normed * (1 + scale[:, None]) + shift[:, None]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over head_dim, computed in float32; the result takes the weight's dtype as the checkpoint's model."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            normed = normed.to(self.weight.dtype)
+        return normed * self.weight
+
+
+class GeluProjection(nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class SiluProjection(nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return F.silu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """Projection + activation, then a Linear back; index 1 is the checkpoint's parameter-free dropout slot."""
+
+    def __init__(self, hidden_size: int, inner_size: int, activation: str = "gelu_tanh"):
+        super().__init__()
+        first = GeluProjection if activation == "gelu_tanh" else SiluProjection
+        self.net = nn.ModuleList([first(hidden_size, inner_size), nn.Identity(), nn.Linear(inner_size, hidden_size)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary positions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rope_tables(frame_indices: torch.Tensor, height: int, width: int, axes_dim, theta: float):
+    """cos and sin, each (batch, frames * height * width, head_dim), for a grid of patches at the given frames.
+
+    frame_indices: (batch, frames). The head dim is split into (time, row, column) parts of sizes `axes_dim`;
+    each part rotates interleaved pairs by position * theta^(-2i/dim), and holds each angle twice (once per pair).
+    """
+    batch, frames = frame_indices.shape
+    device = frame_indices.device
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    columns = torch.arange(width, device=device, dtype=torch.float32)
+    positions = (
+        frame_indices.float()[:, :, None, None].expand(batch, frames, height, width),
+        rows[None, None, :, None].expand(batch, frames, height, width),
+        columns[None, None, None, :].expand(batch, frames, height, width),
+    )
+    angles = []
+    for position, dim in zip(positions, axes_dim):
+        inverse_frequency = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32)[: dim // 2] / dim))
+        angles.append((position.reshape(batch, -1, 1) * inverse_frequency).repeat_interleave(2, dim=-1))
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def pad_to_multiple(x: torch.Tensor, kernel) -> torch.Tensor:
+    """Replicate-pad (batch, channels, t, h, w) at the end of each axis up to a multiple of the kernel."""
+    pads = []
+    for size, k in zip(reversed(x.shape[2:]), reversed(kernel)):
+        pads += [0, (k - size % k) % k]
+    return F.pad(x, pads, mode="replicate") if any(pads) else x
+
+
+def pooled_rope_tables(cos, sin, frames: int, height: int, width: int, kernel):
+    """The rotary tables of a coarse (2x/4x) grid: the fine tables replicate-padded and averaged over each kernel."""
+
+    def pool(table):
+        grid = table.transpose(1, 2).unflatten(2, (frames, height, width))  # (batch, head_dim, t, h, w)
+        pooled = F.avg_pool3d(pad_to_multiple(grid, kernel), kernel, stride=kernel)
+        return pooled.flatten(2).transpose(1, 2)
+
+    return pool(cos), pool(sin)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Patch embeddings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def patchify(conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (batch, channels, t, h, w) -> tokens (batch, tokens, hidden), replicate-padded to the kernel."""
+    return conv(pad_to_multiple(latents, conv.kernel_size)).flatten(2).transpose(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, kernel, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=kernel, stride=kernel)
+
+
+class CleanLatentEmbed(nn.Module):
+    """The history embedders: 1x (1, 2, 2), 2x (2, 4, 4) and 4x (4, 8, 8) kernels, so older frames cost fewer tokens."""
+
+    def __init__(self, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(in_channels, hidden_size, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(in_channels, hidden_size, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+
+
+class ImageProjection(nn.Module):
+    """SigLIP image tokens -> hidden size (up, SiLU, down)."""
+
+    def __init__(self, in_channels, hidden_size):
+        super().__init__()
+        self.up = nn.Linear(in_channels, hidden_size * 3)
+        self.down = nn.Linear(hidden_size * 3, hidden_size)
+
+    def forward(self, x):
+        return self.down(F.silu(self.up(x)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text token refiner
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.to_v = nn.Linear(hidden_size, hidden_size)
+        self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size), nn.Identity()])
+
+    def forward(self, x, valid_lengths):
+        q, k, v = (proj(x).unflatten(2, (self.heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
+        out = sdpa_attention(q, k, v, valid_lengths=valid_lengths).flatten(2)
+        return self.to_out[0](out.to(x.dtype))
+
+
+class RefinerBlock(nn.Module):
+    def __init__(self, hidden_size, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.ff = FeedForward(hidden_size, int(hidden_size * mlp_ratio), activation="silu")
+        self.norm_out = AdaptiveModulation(hidden_size, 2)
+
+    def forward(self, x, conditioning, valid_lengths):
+        gate_attention, gate_mlp = self.norm_out(conditioning)
+        x = x + self.attn(self.norm1(x), valid_lengths) * gate_attention[:, None]
+        return x + self.ff(self.norm2(x)) * gate_mlp[:, None]
+
+
+class TokenRefinerStack(nn.Module):
+    def __init__(self, hidden_size, heads, layers, mlp_ratio):
+        super().__init__()
+        self.refiner_blocks = nn.ModuleList([RefinerBlock(hidden_size, heads, mlp_ratio) for _ in range(layers)])
+
+
+class TokenRefiner(nn.Module):
+    """Projects the Llama hidden states to the hidden size and refines them with self-attention among valid tokens,
+    conditioned on the timestep and the masked mean of the prompt tokens."""
+
+    def __init__(self, text_embed_dim, hidden_size, heads, layers, mlp_ratio=4.0):
+        super().__init__()
+        self.time_text_embed = TimestepTextEmbedding(hidden_size, text_embed_dim, guidance_embeds=False)
+        self.proj_in = nn.Linear(text_embed_dim, hidden_size)
+        self.token_refiner = TokenRefinerStack(hidden_size, heads, layers, mlp_ratio)
+
+    def forward(self, text, timestep, text_mask, valid_lengths):
+        mask = text_mask.float().unsqueeze(-1)
+        mean_text = ((text * mask).sum(dim=1) / mask.sum(dim=1)).to(text.dtype)
+        conditioning = self.time_text_embed(timestep, mean_text)
+        x = self.proj_in(text)
+        for block in self.token_refiner.refiner_blocks:
+            x = block(x, conditioning, valid_lengths)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedContext:
+    """What every block needs to attend over the packed sequence."""
+
+    rope_cos: torch.Tensor  # (batch or 1, image tokens, head_dim), float32
+    rope_sin: torch.Tensor
+    image_length: int  # latent tokens; they come first and are the rotated ones
+    valid_lengths: torch.Tensor | None  # (batch,) latent + valid condition tokens; None when nothing is padded
+    attention: callable  # the chosen attention backend
+
+
+def heads_of(x, heads):
+    return x.unflatten(2, (heads, -1))
+
+
+class JointAttention(nn.Module):
+    """Double-stream attention: separate projections for image and text tokens, one attention over both."""
+
+    def __init__(self, hidden_size, heads, head_dim):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.to_v = nn.Linear(hidden_size, hidden_size)
+        self.add_q_proj = nn.Linear(hidden_size, hidden_size)
+        self.add_k_proj = nn.Linear(hidden_size, hidden_size)
+        self.add_v_proj = nn.Linear(hidden_size, hidden_size)
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+        self.norm_added_q = RMSNorm(head_dim)
+        self.norm_added_k = RMSNorm(head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size), nn.Identity()])
+        self.to_add_out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, image, text, context: PackedContext):
+        h = self.heads
+        q = torch.cat([self.norm_q(heads_of(self.to_q(image), h)), self.norm_added_q(heads_of(self.add_q_proj(text), h))], 1)
+        k = torch.cat([self.norm_k(heads_of(self.to_k(image), h)), self.norm_added_k(heads_of(self.add_k_proj(text), h))], 1)
+        v = torch.cat([heads_of(self.to_v(image), h), heads_of(self.add_v_proj(text), h)], 1)
+        out = context.attention(q, k, v, context.rope_cos, context.rope_sin, context.image_length, context.valid_lengths)
+        out = out.flatten(2).to(q.dtype)
+        image_out, text_out = out.split([image.shape[1], text.shape[1]], dim=1)
+        return self.to_out[0](image_out), self.to_add_out(text_out)
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.mlp_hidden_size
+        self.norm1 = AdaptiveModulation(hidden, 6)
+        self.norm1_context = AdaptiveModulation(hidden, 6)
+        self.attn = JointAttention(hidden, config.num_attention_heads, config.attention_head_dim)
+        self.ff = FeedForward(hidden, inner)
+        self.ff_context = FeedForward(hidden, inner)
+
+    def forward(self, image, text, conditioning, context: PackedContext):
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.norm1(conditioning)
+        t_shift_attn, t_scale_attn, t_gate_attn, t_shift_mlp, t_scale_mlp, t_gate_mlp = self.norm1_context(conditioning)
+
+        image_attn, text_attn = self.attn(
+            modulate(layer_norm(image), shift_attn, scale_attn),
+            modulate(layer_norm(text), t_shift_attn, t_scale_attn),
+            context)
+        image = image + image_attn * gate_attn[:, None]
+        text = text + text_attn * t_gate_attn[:, None]
+
+        image = image + self.ff(modulate(layer_norm(image), shift_mlp, scale_mlp)) * gate_mlp[:, None]
+        text = text + self.ff_context(modulate(layer_norm(text), t_shift_mlp, t_scale_mlp)) * t_gate_mlp[:, None]
+        return image, text
+
+
+class SingleStreamAttention(nn.Module):
+    """q, k, v projections and QK norms only: the output projection is fused with the MLP's in the block."""
+
+    def __init__(self, hidden_size, heads, head_dim):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.to_v = nn.Linear(hidden_size, hidden_size)
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+
+    def forward(self, x, context: PackedContext):
+        q = self.norm_q(heads_of(self.to_q(x), self.heads))
+        k = self.norm_k(heads_of(self.to_k(x), self.heads))
+        v = heads_of(self.to_v(x), self.heads)
+        out = context.attention(q, k, v, context.rope_cos, context.rope_sin, context.image_length, context.valid_lengths)
+        return out.flatten(2).to(q.dtype)
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.mlp_hidden_size
+        self.attn = SingleStreamAttention(hidden, config.num_attention_heads, config.attention_head_dim)
+        self.norm = AdaptiveModulation(hidden, 3)
+        self.proj_mlp = nn.Linear(hidden, inner)
+        self.proj_out = nn.Linear(hidden + inner, hidden)
+
+    def forward(self, x, conditioning, context: PackedContext):
+        """x: the whole packed sequence, image tokens then condition tokens."""
+        shift, scale, gate = self.norm(conditioning)
+        normed = modulate(layer_norm(x), shift, scale)
+        mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
+        attention = self.attn(normed, context)
+        return x + self.proj_out(torch.cat([attention, mlp], dim=2)) * gate[:, None]
+
+
+class OutputNorm(nn.Module):
+    """Final adaptive LayerNorm; the checkpoint stores scale before shift here."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 2 * hidden_size)
+
+    def forward(self, x, conditioning):
+        scale, shift = F.linear(F.silu(conditioning).to(x.dtype), self.linear.weight.to(x.dtype),
+                                self.linear.bias.to(x.dtype)).chunk(2, dim=1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTOutput:
+    sample: torch.Tensor
+
+
+def _batched_indices(indices, batch_size, frames, device):
+    """Frame indices as (batch, frames): accepts None (0..frames-1), (frames,) or (batch, frames)."""
+    if indices is None:
+        indices = torch.arange(frames, device=device)
+    indices = torch.as_tensor(indices, device=device)
+    if indices.ndim == 1:
+        indices = indices[None]
+    if indices.shape[-1] != frames:
+        raise FramePackError(
+            f"Got {indices.shape[-1]} frame indices for {frames} latent frames: pass one index per latent frame.")
+    if indices.shape[0] not in (1, batch_size):
+        raise FramePackError(f"Frame indices have batch {indices.shape[0]}, latents {batch_size}: pass one row per sample.")
+    # One row serves the whole batch; identical rows collapse to one so the rotary tables are computed once.
+    if indices.shape[0] > 1 and bool((indices == indices[:1]).all()):
+        indices = indices[:1]
+    return indices
+
+
+class FramePackDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        patch = (config.patch_size_t, config.patch_size, config.patch_size)
+
+        self.x_embedder = PatchEmbed(patch, config.in_channels, hidden)
+        self.clean_x_embedder = CleanLatentEmbed(config.in_channels, hidden) if config.has_clean_x_embedder else None
+        # The refiner's MLP ratio is fixed at 4 in the official model, whatever the config's mlp_ratio.
+        self.context_embedder = TokenRefiner(
+            config.text_embed_dim, hidden, config.num_attention_heads, config.num_refiner_layers, mlp_ratio=4.0)
+        self.image_projection = ImageProjection(config.image_proj_dim, hidden) if config.has_image_proj else None
+        self.time_text_embed = TimestepTextEmbedding(hidden, config.pooled_projection_dim, config.guidance_embeds)
+        self.transformer_blocks = nn.ModuleList([DoubleStreamBlock(config) for _ in range(config.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(config) for _ in range(config.num_single_layers)])
+        self.norm_out = OutputNorm(hidden)
+        self.proj_out = nn.Linear(hidden, config.patch_size_t * config.patch_size**2 * config.out_channels)
+
+        # The official app runs the final norm and projection in float32 for a cleaner output.
+        self.fp32_output = False
+        self.attention_backend = "sdpa"
+        self._attention = sdpa_attention
+
+    # ---- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict | DiTConfig, device=None, dtype=None) -> "FramePackDiT":
+        config = config if isinstance(config, DiTConfig) else DiTConfig.from_dict(config)
+        with torch.device(device or "cpu"):
+            model = cls(config)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu", config: dict | None = None
+                        ) -> "FramePackDiT":
+        """Loads a local model folder (config.json + safetensors, sharded or not) or a single .safetensors file
+        (whose config is read off its tensors unless `config` is given).
+
+        The model is built on the meta device and its parameters take the memory-mapped tensors as they are.
+        """
+        from engine import loading
+
+        path = Path(path)
+        if not path.exists():
+            raise ModelSourceError(f"Transformer path {path.name!r} does not exist: check the path.")
+        state_dict = loading.load_state_dict(path, dtype=dtype)
+        if config is None:
+            config = loading.read_config(path) if path.is_dir() else _config_from_state_dict(state_dict)
+        with torch.device("meta"):
+            model = cls(DiTConfig.from_dict(config))
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        if missing or unexpected:
+            problem = f"missing keys such as {missing[0]!r}" if missing else f"unexpected keys such as {unexpected[0]!r}"
+            raise ModelSourceError(
+                f"{path.name!r} does not hold a FramePack transformer ({problem}): point at the FramePack checkpoint.")
+        return model.to(device)
+
+    def set_attention_backend(self, name: str) -> "FramePackDiT":
+        """"sdpa", "triton", "flash", "xformers", "sage" or "auto" (the fastest usable on this model's device)."""
+        device = next(self.parameters()).device
+        backend = resolve_backend(name, device)
+        self.attention_backend, self._attention = backend.name, backend.function
+        return self
+
+    # Drop-in name used by code written for the official class.
+    @property
+    def high_quality_fp32_output_for_inference(self) -> bool:
+        return self.fp32_output
+
+    @high_quality_fp32_output_for_inference.setter
+    def high_quality_fp32_output_for_inference(self, value: bool):
+        self.fp32_output = bool(value)
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+
+    def pack_latents(self, hidden_states, latent_indices, clean_latents, clean_latent_indices, clean_latents_2x,
+                     clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices):
+        """Embeds the noisy and clean latents into one token sequence (4x, 2x, 1x, noisy) with its rotary tables."""
+        config = self.config
+        batch, _, frames, height, width = hidden_states.shape
+        p = config.patch_size
+        grid_height, grid_width = height // p, width // p
+        device = hidden_states.device
+
+        def tables(indices, count):
+            return rope_tables(_batched_indices(indices, batch, count, device), grid_height, grid_width,
+                               config.rope_axes_dim, config.rope_theta)
+
+        tokens = [patchify(self.x_embedder.proj, hidden_states)]
+        cos, sin = tables(latent_indices, frames)
+        cos_parts, sin_parts = [cos], [sin]
+
+        history = ((clean_latents, clean_latent_indices, "proj", None),
+                   (clean_latents_2x, clean_latent_2x_indices, "proj_2x", (2, 2, 2)),
+                   (clean_latents_4x, clean_latent_4x_indices, "proj_4x", (4, 4, 4)))
+        for latents, indices, projection, pooling in history:
+            if latents is None:
+                continue
+            if self.clean_x_embedder is None:
+                raise FramePackError("This checkpoint has no clean-latent embedder: it cannot take clean latents.")
+            if latents.shape[-2:] != hidden_states.shape[-2:]:
+                raise FramePackError(
+                    f"Clean latents are {tuple(latents.shape[-2:])} but the noisy latents {(height, width)}: "
+                    "all latents of a section must share height and width.")
+            tokens.insert(0, patchify(getattr(self.clean_x_embedder, projection), latents.to(hidden_states.dtype)))
+            cos, sin = tables(indices, latents.shape[2])
+            if pooling is not None:
+                cos, sin = pooled_rope_tables(cos, sin, latents.shape[2], grid_height, grid_width, pooling)
+            cos_parts.insert(0, cos)
+            sin_parts.insert(0, sin)
+
+        # Rows of a rotary table are per sample only where some sample's indices differ; broadcast the rest.
+        rows = max(part.shape[0] for part in cos_parts)
+        cos = torch.cat([part.expand(rows, -1, -1) for part in cos_parts], dim=1)
+        sin = torch.cat([part.expand(rows, -1, -1) for part in sin_parts], dim=1)
+        return torch.cat(tokens, dim=1), cos, sin
+
+    def condition_tokens(self, encoder_hidden_states, encoder_attention_mask, timestep, image_embeddings):
+        """Refined prompt tokens behind the projected image tokens, cropped to the longest valid prompt.
+
+        Returns the tokens and each sample's count of valid condition tokens.
+        """
+        batch = encoder_hidden_states.shape[0]
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
+        text_lengths = encoder_attention_mask.sum(dim=1).long().clamp_min(1)
+        # Dropping the padding beyond the longest prompt changes nothing: padded tokens are never attended.
+        longest = int(text_lengths.max())
+        text = encoder_hidden_states[:, :longest]
+        text_mask = encoder_attention_mask[:, :longest]
+        refiner_lengths = text_lengths if batch > 1 and bool((text_lengths < longest).any()) else None
+        text = self.context_embedder(text, timestep, text_mask, refiner_lengths)
+
+        if self.image_projection is not None:
+            if image_embeddings is None:
+                raise FramePackError("This checkpoint is image-conditioned: pass `image_embeddings` (SigLIP features).")
+            image_tokens = self.image_projection(image_embeddings.to(text.dtype))
+            text = torch.cat([image_tokens, text], dim=1)
+            text_lengths = text_lengths + image_tokens.shape[1]
+        return text, text_lengths
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
+                guidance=None, latent_indices=None, clean_latents=None, clean_latent_indices=None,
+                clean_latents_2x=None, clean_latent_2x_indices=None, clean_latents_4x=None,
+                clean_latent_4x_indices=None, image_embeddings=None, attention_kwargs=None, return_dict=True):
+        config = self.config
+        batch, _, frames, height, width = hidden_states.shape
+        p, p_t = config.patch_size, config.patch_size_t
+        if height % p or width % p or frames % p_t:
+            raise FramePackError(
+                f"Latent size {(frames, height, width)} is not a multiple of the patch size {(p_t, p, p)}: "
+                "choose a resolution whose latents divide evenly (pixel sizes multiple of 16).")
+        hidden_states = hidden_states.to(self.x_embedder.proj.weight.dtype)
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=hidden_states.device).reshape(-1).expand(batch)
+
+        image, rope_cos, rope_sin = self.pack_latents(
+            hidden_states, latent_indices, clean_latents, clean_latent_indices, clean_latents_2x,
+            clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices)
+        conditioning = self.time_text_embed(timestep, pooled_projections.to(image.dtype), guidance)
+        text, condition_lengths = self.condition_tokens(
+            encoder_hidden_states.to(image.dtype), encoder_attention_mask, timestep, image_embeddings)
+
+        image_length = image.shape[1]
+        padded = bool((condition_lengths < text.shape[1]).any())
+        context = PackedContext(rope_cos, rope_sin, image_length,
+                                image_length + condition_lengths if padded else None, self._attention)
+
+        for block in self.transformer_blocks:
+            image, text = block(image, text, conditioning, context)
+        x = torch.cat([image, text], dim=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, conditioning, context)
+
+        noisy_tokens = (frames // p_t) * (height // p) * (width // p)
+        x = x[:, image_length - noisy_tokens:image_length]
+        if self.fp32_output:
+            x, conditioning = x.float(), conditioning.float()
+        x = self.norm_out(x, conditioning)
+        x = F.linear(x, self.proj_out.weight.to(x.dtype), self.proj_out.bias.to(x.dtype))
+
+        # Unpatchify: (batch, t * h * w, channels * p_t * p * p) -> (batch, channels, frames, height, width).
+        x = x.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
+        return DiTOutput(sample=x) if return_dict else (x,)
+
+
+def _config_from_state_dict(state_dict: dict) -> dict:
+    """A config for a single-file checkpoint (it carries none): sizes read off the tensors, official defaults else.
+
+    The rotary split of the head dim cannot be read off any tensor: the official (16, 56, 56) of head_dim 128 is
+    scaled to other head dims; pass `config=` to `from_pretrained` for a checkpoint that differs.
+    """
+    try:
+        hidden_size, in_channels, patch_t, patch, _ = state_dict["x_embedder.proj.weight"].shape
+        head_dim = int(state_dict["transformer_blocks.0.attn.norm_q.weight"].shape[0])
+        mlp_hidden_size = state_dict["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    except KeyError as missing:
+        raise ModelSourceError(
+            f"This file has no {missing.args[0]!r}: it is not a FramePack transformer checkpoint.") from None
+
+    def count(prefix):
+        numbers = {int(key[len(prefix):].split(".")[0]) for key in state_dict if key.startswith(prefix)}
+        return max(numbers) + 1 if numbers else 0
+
+    time_axis = 2 * round(head_dim / 16)
+    if (head_dim - time_axis) // 2 % 2:
+        time_axis += 2
+    space_axis = (head_dim - time_axis) // 2
+    image_projection = state_dict.get("image_projection.up.weight")
+    return {
+        "in_channels": int(in_channels),
+        "out_channels": int(state_dict["proj_out.weight"].shape[0] // (patch_t * patch * patch)),
+        "num_attention_heads": int(hidden_size // head_dim),
+        "attention_head_dim": head_dim,
+        "num_layers": count("transformer_blocks."),
+        "num_single_layers": count("single_transformer_blocks."),
+        "num_refiner_layers": count("context_embedder.token_refiner.refiner_blocks."),
+        "mlp_ratio": mlp_hidden_size / hidden_size,
+        "patch_size": int(patch),
+        "patch_size_t": int(patch_t),
+        "text_embed_dim": int(state_dict["context_embedder.proj_in.weight"].shape[1]),
+        "pooled_projection_dim": int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        "rope_axes_dim": (time_axis, space_axis, space_axis),
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in state_dict,
+        "has_image_proj": image_projection is not None,
+        "image_proj_dim": int(image_projection.shape[1]) if image_projection is not None else 1152,
+        "has_clean_x_embedder": "clean_x_embedder.proj.weight" in state_dict,
+    }
