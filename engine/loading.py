@@ -1,20 +1,254 @@
-"""Reading weights and configs from disk: safetensors only, memory-mapped.
+"""Finding and reading model weights: Hugging Face repo ids, local folders and single files; safetensors only.
+
+A source is one of
+  - a Hugging Face repo id ("lllyasviel/FramePackI2V_HY"): found in the local HF cache; downloaded only when the
+    network is allowed (no HF_HUB_OFFLINE, no `allow_download=False`), and then only the files the component needs;
+  - a local folder in the diffusers / transformers layout: component subfolders (transformer/, text_encoder/,
+    text_encoder_2/, tokenizer/, tokenizer_2/, vae/, feature_extractor/, image_encoder/) or, for the DiT, the model at
+    the folder root (lllyasviel/FramePackI2V_HY keeps it there, hunyuanvideo-community/HunyuanVideo in transformer/);
+  - a single `.safetensors` file for the DiT (ComfyUI-style): keys possibly prefixed (`model.diffusion_model.`,
+    `diffusion_model.`), weights possibly fp8 with per-layer scales, and no config (it is inferred from shapes).
 
 A model folder holds `config.json` and either one `*.safetensors` file or several shards listed by a
-`*.safetensors.index.json` (the diffusers / transformers layouts).
+`*.safetensors.index.json`. Pickle checkpoints are refused: loading them can run arbitrary code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from engine.errors import ModelSourceError
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# The folders of the diffusers / transformers layout, by component name.
+COMPONENTS = (
+    "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "feature_extractor",
+    "image_encoder",
+)
+
+# The official app's precisions: the DiT in bf16, the text encoders, the image encoder and the VAE in fp16.
+DEFAULT_DTYPES = {
+    "transformer": torch.bfloat16,
+    "text_encoder": torch.float16,
+    "text_encoder_2": torch.float16,
+    "image_encoder": torch.float16,
+    "vae": torch.float16,
+}
+
+# Prefixes single-file releases put before the DiT's own keys (ComfyUI's full-model and diffusion-model exports).
+_DIT_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Keys that describe a quantization rather than hold a weight.
+_SCALED_FP8_MARKER = "scaled_fp8"
+_WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+
+# Config entries a single file cannot show through its tensor shapes: the official FramePackI2V_HY values.
+OFFICIAL_DIT_DEFAULTS = {
+    "_class_name": "HunyuanVideoTransformer3DModelPacked",
+    "qk_norm": "rms_norm",
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+    "attention_head_dim": 128,
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _pickle_refusal(name: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{name!r} is a pickle checkpoint, which we refuse to load (it can run code): "
+        "convert it to .safetensors or use the safetensors release of the model.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resolving sources
+
+
+def downloads_allowed(allow_download: bool | None = None) -> bool:
+    """An explicit choice wins; otherwise downloads are allowed unless HF_HUB_OFFLINE is set."""
+    if allow_download is not None:
+        return allow_download
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    # huggingface_hub reads the variable once at import; honour that reading too.
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE
+
+
+def is_repo_id(source: str | Path) -> bool:
+    """'owner/name' that is not an existing path: how we tell a repo id from a folder."""
+    text = str(source)
+    return bool(_REPO_ID.match(text)) and not Path(text).expanduser().exists() and not text.endswith(".safetensors")
+
+
+def resolve_source(source: str | Path, subfolder: str | None = None, allow_download: bool | None = None,
+                   cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """The local path of `source` (a folder, a .safetensors file, or a repo id's snapshot), or `source/subfolder`.
+
+    Repo ids come from the Hugging Face cache; they are downloaded only when `downloads_allowed(allow_download)`.
+    """
+    display = str(source)
+    if is_repo_id(source):
+        root = _repo_snapshot(display, [subfolder] if subfolder else None, allow_download, cache_dir, revision)
+    else:
+        root = _existing_local_path(source)
+    if subfolder is None:
+        return root
+    if root.is_file():
+        raise ModelSourceError(
+            f"{display!r} is a single file, but its {subfolder!r} folder is needed: "
+            "point at a folder in the diffusers layout (or its Hugging Face repo id) instead.")
+    folder = root / subfolder
+    if not folder.is_dir():
+        raise ModelSourceError(
+            f"{display!r} has no {subfolder!r} folder: point at a folder in the diffusers layout that holds it, "
+            f"or at the Hugging Face repo id it was downloaded from.")
+    return folder
+
+
+def resolve_component(source: str | Path, component: str, allow_download: bool | None = None,
+                      cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """The folder (or, for the DiT, possibly the single file) that holds `component` of `source`.
+
+    The DiT is found in `transformer/` or, as lllyasviel/FramePackI2V_HY keeps it, at the root of the source.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    display = str(source)
+    if is_repo_id(source):
+        # The DiT may sit at the repo root; any other component lives in its own folder.
+        candidates = [component, ""] if component == "transformer" else [component]
+        root = _repo_snapshot(display, candidates, allow_download, cache_dir, revision)
+    else:
+        root = _existing_local_path(source)
+    if root.is_file():
+        if component != "transformer":
+            raise ModelSourceError(
+                f"{display!r} is a single file, but the {component} comes from a folder: "
+                "point at a folder in the diffusers layout (or its Hugging Face repo id) instead.")
+        return root
+    if (root / component).is_dir():
+        return root / component
+    if component == "transformer" and _is_model_folder(root):
+        return root
+    raise ModelSourceError(
+        f"{display!r} has no {component!r} folder: point at a folder in the diffusers layout that holds it "
+        f"(such as a download of hunyuanvideo-community/HunyuanVideo), or at its Hugging Face repo id.")
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _existing_local_path(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelSourceError(
+            f"{str(source)!r} does not exist: check the path, or give a Hugging Face repo id such as "
+            "'lllyasviel/FramePackI2V_HY'.")
+    if path.is_file():
+        _check_weights_file_name(path)
+    return path
+
+
+def _check_weights_file_name(path: Path) -> None:
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise _pickle_refusal(path.name)
+    if path.suffix == ".gguf":
+        raise ModelSourceError(
+            f"{path.name!r} is a GGUF file, which we do not read: use a .safetensors release of the model.")
+    if path.suffix not in (".safetensors", ".sft"):  # .sft: the short name some releases use
+        raise ModelSourceError(
+            f"{path.name!r} is not a .safetensors file: give a .safetensors file or a model folder.")
+
+
+def _not_cached(repo_id: str, folder: str) -> ModelSourceError:
+    include = f" --include '{folder}/*'" if folder else ""
+    wanted = f"{folder + '/' if folder else 'the model'} of {repo_id!r}"
+    return ModelSourceError(
+        f"{repo_id!r} is not a local path, and {wanted} is not in the local Hugging Face cache while downloads are "
+        f"off (HF_HUB_OFFLINE or allow_download=False): run `huggingface-cli download {repo_id}{include}` where the "
+        "network is reachable, or allow downloads.")
+
+
+def _cached_snapshot(repo_id: str, cache_dir, revision) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        return None
+
+
+def _has_folder(root: Path, folder: str) -> bool:
+    if folder == "":
+        return (root / "config.json").is_file()
+    return (root / folder).is_dir()
+
+
+def _repo_snapshot(repo_id: str, folders: list[str] | None, allow_download, cache_dir, revision) -> Path:
+    """The snapshot folder of `repo_id` holding the first of `folders` it has ("" = a model at the repo root);
+    with folders=None any snapshot will do, and a download fetches the files at the repo root."""
+    snapshot = _cached_snapshot(repo_id, cache_dir, revision)
+    if snapshot is not None and (folders is None or any(_has_folder(snapshot, folder) for folder in folders)):
+        return snapshot
+    if not downloads_allowed(allow_download):
+        raise _not_cached(repo_id, folders[0] if folders else "")
+    return _download(repo_id, folders or [""], cache_dir, revision)
+
+
+def files_to_fetch(repo_files: list[str], folder: str) -> list[str]:
+    """The files of one folder of a repo ("" = the root, without subfolders) worth downloading.
+
+    Pickle weights are left out: we never load them, and repos that ship both formats would double the download.
+    """
+    if folder:
+        chosen = [name for name in repo_files if name.startswith(folder.rstrip("/") + "/")]
+    else:
+        chosen = [name for name in repo_files if "/" not in name]
+    skipped = _PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".gguf", ".ot")
+    return [name for name in chosen if not name.endswith(skipped)]
+
+
+def _download(repo_id: str, folders: list[str], cache_dir, revision) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        repo_files = HfApi().list_repo_files(repo_id, revision=revision)
+        for folder in folders:
+            wanted = files_to_fetch(repo_files, folder)
+            if any(name.endswith((".json", ".safetensors", ".txt", ".model")) for name in wanted):
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=wanted))
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: catch it first
+        raise ModelSourceError(
+            f"{repo_id!r} is gated: accept its license on huggingface.co and log in with `huggingface-cli login`."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"Hugging Face has no repo {repo_id!r} (or it is private): check the repo id, or log in with "
+            "`huggingface-cli login` if it is private.") from None
+    except (HfHubHTTPError, OSError) as error:
+        raise ModelSourceError(
+            f"Downloading {repo_id!r} failed ({type(error).__name__}): check the network, or download it with "
+            f"`huggingface-cli download {repo_id}` and run offline.") from None
+    shown = folders[0] + "/" if folders[0] else "model files at its root"
+    raise ModelSourceError(
+        f"The repo {repo_id!r} has no {shown}: check that it is the repo this component comes from.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading safetensors
 
 
 def read_config(folder: str | Path) -> dict:
@@ -41,32 +275,337 @@ def safetensors_files(folder: str | Path) -> list[Path]:
         return files
     pickles = [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES] if folder.is_dir() else []
     if pickles:
-        raise ModelSourceError(
-            f"{pickles[0].name!r} is a pickle checkpoint, which we refuse to load (it can run code): "
-            "convert it to .safetensors or use the safetensors release of the model.")
+        raise _pickle_refusal(pickles[0].name)
     raise ModelSourceError(f"No .safetensors weights in {folder.name!r}: point at the model folder that holds them.")
 
 
-def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file or model folder, memory-mapped; cast to `dtype` when given."""
+def _weight_files(path: str | Path) -> list[Path]:
     path = Path(path)
-    if path.suffix in _PICKLE_SUFFIXES:
-        raise ModelSourceError(
-            f"{path.name!r} is a pickle checkpoint, which we refuse to load (it can run code): "
-            "convert it to .safetensors or use the safetensors release of the model.")
-    files = safetensors_files(path) if path.is_dir() else [path]
-    state_dict = {}
-    for file in files:
-        if not file.is_file():
-            raise ModelSourceError(f"Weights file {file.name!r} does not exist: check the path.")
+    if path.is_dir():
+        return safetensors_files(path)
+    _check_weights_file_name(path)
+    if not path.is_file():
+        raise ModelSourceError(f"Weights file {path.name!r} does not exist: check the path.")
+    return [path]
+
+
+def _unreadable(file: Path, error: Exception) -> ModelSourceError:
+    return ModelSourceError(f"{file.name!r} is not a readable safetensors file ({error}): download it again.")
+
+
+class _Checkpoint:
+    """The tensors of one or several safetensors files, read by key from memory-mapped handles."""
+
+    def __init__(self, files: list[Path]):
+        self._stack = contextlib.ExitStack()
+        self.handles = {}
+        self.metadata: dict[str, str] = {}
+        for file in files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+                self._stack.close()
+                raise _unreadable(file, error) from None
+            self.metadata.update(handle.metadata() or {})
+            for key in handle.keys():
+                self.handles[key] = (file, handle)
+
+    def keys(self) -> list[str]:
+        return list(self.handles)
+
+    def get(self, key: str) -> torch.Tensor:
+        file, handle = self.handles[key]
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    tensor = handle.get_tensor(key)
-                    state_dict[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        except (OSError, ValueError, RuntimeError) as error:
-            if isinstance(error, ModelSourceError):
-                raise
-            raise ModelSourceError(
-                f"{file.name!r} is not a readable safetensors file ({error}): download it again.") from None
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise _unreadable(file, error) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (or of all files of a model folder, merged)."""
+    with _Checkpoint(_weight_files(path)) as checkpoint:
+        return dict(checkpoint.metadata)
+
+
+def check_safetensors(path: str | Path) -> list[Path]:
+    """Open every weight file of a folder (or one file) far enough to read its header; return the files.
+
+    Run before handing a folder to transformers, so a truncated download gets our error and its fix.
+    """
+    files = _weight_files(path)
+    with _Checkpoint(files):
+        pass
+    return files
+
+
+def _is_scaled(keys) -> bool:
+    return any(key.endswith(_WEIGHT_SCALE_SUFFIXES) or key.rsplit(".", 1)[-1] == _SCALED_FP8_MARKER for key in keys)
+
+
+def _apply_scale(weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.Tensor:
+    """weight.float() * scale, with a per-tensor scale or one per output channel."""
+    scale = scale.float()
+    if scale.numel() == 1:
+        return weight.float() * scale.reshape(())
+    if scale.numel() == weight.shape[0]:
+        return weight.float() * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    raise ModelSourceError(
+        f"The fp8 scale of {key!r} has {scale.numel()} values for a weight of shape {tuple(weight.shape)}: "
+        "use a checkpoint with per-tensor or per-output-channel scales.")
+
+
+def _read(checkpoint: _Checkpoint, dtype: torch.dtype | None, rename=lambda key: key) -> dict[str, torch.Tensor]:
+    """All weights, renamed by `rename` (None drops a key), fp8 scales folded in when a dtype is asked for."""
+    keys = checkpoint.keys()
+    fold_scales = dtype is not None and _is_scaled(keys)
+    key_set = set(keys)
+    state_dict = {}
+    for key in keys:
+        if fold_scales and (key.endswith(_WEIGHT_SCALE_SUFFIXES + _DROPPED_SUFFIXES)
+                            or key.rsplit(".", 1)[-1] == _SCALED_FP8_MARKER):
+            continue
+        name = rename(key)
+        if name is None:
+            continue
+        tensor = checkpoint.get(key)
+        if fold_scales and key.endswith(".weight"):
+            layer = key[: -len(".weight")]
+            scale_key = next((layer + s for s in _WEIGHT_SCALE_SUFFIXES if layer + s in key_set), None)
+            if scale_key is not None:
+                tensor = _apply_scale(tensor, checkpoint.get(scale_key), key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state_dict[name] = tensor
     return state_dict
+
+
+def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file or model folder, memory-mapped; cast to `dtype` when given.
+
+    With a dtype, fp8 weights stored with per-layer scales (ComfyUI's scaled fp8) come back multiplied by their
+    scales and the scale keys are dropped; without one, every tensor is returned as stored.
+    """
+    with _Checkpoint(_weight_files(path)) as checkpoint:
+        return _read(checkpoint, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DiT
+
+
+def _dit_prefix(keys: list[str]) -> str:
+    for prefix in _DIT_KEY_PREFIXES:
+        if any(key.startswith(prefix) for key in keys):
+            return prefix
+    return ""
+
+
+def _check_dit_keys(keys: list[str], name: str) -> None:
+    if any(key.startswith("double_blocks.") for key in keys):
+        raise ModelSourceError(
+            f"{name!r} uses the original HunyuanVideo key names (double_blocks.*), not the FramePack DiT's: use a "
+            "FramePack checkpoint in the diffusers key layout (lllyasviel/FramePackI2V_HY or its single-file exports).")
+    if "x_embedder.proj.weight" not in keys or not any(key.startswith("transformer_blocks.") for key in keys):
+        raise ModelSourceError(
+            f"{name!r} does not hold a FramePack DiT (no x_embedder / transformer_blocks weights): "
+            "point at the FramePack transformer checkpoint.")
+
+
+def load_dit_state_dict(path: str | Path, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A DiT checkpoint (folder or single file) with the checkpoint's diffusers-style keys, cast to `dtype`.
+
+    Single-file prefixes (`model.diffusion_model.`, `diffusion_model.`) are stripped and keys outside them (a VAE or
+    text encoder bundled in the same file) left out; fp8 weights are multiplied by their scales before the cast.
+    """
+    files = _weight_files(path)
+    with _Checkpoint(files) as checkpoint:
+        prefix = _dit_prefix(checkpoint.keys())
+
+        def rename(key: str) -> str | None:
+            if not prefix:
+                return key
+            return key[len(prefix):] if key.startswith(prefix) else None
+
+        state_dict = _read(checkpoint, dtype if dtype is not None else torch.bfloat16, rename)
+    _check_dit_keys(list(state_dict), Path(path).name)
+    return state_dict
+
+
+def _block_count(keys, prefix: str) -> int:
+    indices = {int(key[len(prefix):].split(".", 1)[0]) for key in keys
+               if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_dit_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The packed DiT's config.json as far as tensor shapes tell it; the official values for the rest.
+
+    Heads come from the per-head q-norm width, layer counts from the block indices, the optional parts
+    (clean_x_embedder, image_projection, guidance embedder) from the keys present.
+    """
+    keys = list(state_dict)
+    _check_dit_keys(keys, "state dict")
+    patch_weight = state_dict["x_embedder.proj.weight"]  # (inner, in_channels, patch_t, patch, patch)
+    inner_dim, in_channels, patch_size_t, patch_size = (int(s) for s in patch_weight.shape[:4])
+    norm_key = "transformer_blocks.0.attn.norm_q.weight"
+    head_dim = int(state_dict[norm_key].shape[0]) if norm_key in state_dict else OFFICIAL_DIT_DEFAULTS[
+        "attention_head_dim"]
+    if inner_dim % head_dim:
+        raise ModelSourceError(
+            f"The DiT's width {inner_dim} is not a multiple of its head size {head_dim}: "
+            "pass the checkpoint's config.json explicitly.")
+    config = dict(OFFICIAL_DIT_DEFAULTS)
+    config.update(
+        in_channels=in_channels,
+        out_channels=int(state_dict["proj_out.weight"].shape[0]) // (patch_size_t * patch_size * patch_size),
+        num_attention_heads=inner_dim // head_dim,
+        attention_head_dim=head_dim,
+        num_layers=_block_count(keys, "transformer_blocks."),
+        num_single_layers=_block_count(keys, "single_transformer_blocks."),
+        num_refiner_layers=_block_count(keys, "context_embedder.token_refiner.refiner_blocks."),
+        mlp_ratio=float(state_dict["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]) / inner_dim,
+        patch_size=patch_size,
+        patch_size_t=patch_size_t,
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state_dict,
+        text_embed_dim=int(state_dict["context_embedder.proj_in.weight"].shape[1]),
+        pooled_projection_dim=int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        has_image_proj="image_projection.up.weight" in state_dict,
+        has_clean_x_embedder="clean_x_embedder.proj.weight" in state_dict,
+    )
+    if config["has_image_proj"]:
+        config["image_proj_dim"] = int(state_dict["image_projection.up.weight"].shape[1])
+    else:
+        config["image_proj_dim"] = 1152
+    if head_dim != OFFICIAL_DIT_DEFAULTS["attention_head_dim"]:
+        # Keep the official proportions (16, 56, 56) of 128: an eighth for time, 7/16 for each spatial axis.
+        time_dim, space_dim = head_dim // 8, head_dim * 7 // 16
+        if time_dim + 2 * space_dim != head_dim or time_dim % 2 or space_dim % 2:
+            raise ModelSourceError(
+                f"A single-file DiT with head size {head_dim} has no known rotary split: pass its config "
+                "(rope_axes_dim) explicitly.")
+        config["rope_axes_dim"] = [time_dim, space_dim, space_dim]
+    return config
+
+
+def load_dit_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["transformer"],
+                        config: dict | None = None, allow_download: bool | None = None,
+                        cache_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state_dict) of the FramePack DiT from a repo id, a folder or a single .safetensors file.
+
+    A folder's config.json is used as it is; a single file's config comes from `config`, else from a JSON "config"
+    entry in its metadata, else from `infer_dit_config`. The state dict has the checkpoint's diffusers-style keys.
+    """
+    path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
+    state_dict = load_dit_state_dict(path, dtype)
+    if config is None:
+        if path.is_dir():
+            config = read_config(path)
+        else:
+            embedded = read_safetensors_metadata(path).get("config")
+            config = json.loads(embedded) if embedded else infer_dit_config(state_dict)
+    return dict(config), state_dict
+
+
+def load_vae_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["vae"],
+                        allow_download: bool | None = None,
+                        cache_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state_dict) of the HunyuanVideo VAE in the vae/ folder of a repo id or local folder."""
+    folder = resolve_component(source, "vae", allow_download=allow_download, cache_dir=cache_dir)
+    return read_config(folder), load_state_dict(folder, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transformers models (text encoders, image encoder)
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    import transformers
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; older releases only know the first.
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _load_transformers_model(model_class, folder: Path, dtype: torch.dtype, device, what: str):
+    check_safetensors(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"No config.json in the {what} folder {folder.name!r}: download the complete folder.")
+    try:
+        model = model_class.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, **_dtype_argument(dtype))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelSourceError(
+            f"The {what} in {folder.name!r} could not be loaded ({type(error).__name__}: {error}): "
+            "download the complete folder again.") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_tokenizer(tokenizer_class, folder: Path, what: str):
+    try:
+        return tokenizer_class.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
+        raise ModelSourceError(
+            f"The {what} in {folder.name!r} could not be loaded ({type(error).__name__}: {error}): "
+            "download the complete folder again.") from None
+
+
+def load_llama_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["text_encoder"],
+                            device: str | torch.device = "cpu", allow_download: bool | None = None,
+                            cache_dir: str | Path | None = None):
+    """(LlamaModel, tokenizer) from the text_encoder/ and tokenizer/ folders of `source`.
+
+    The tokenizer is loaded exactly as its tokenizer.json defines it (PreTrainedTokenizerFast): transformers 5's
+    LlamaTokenizerFast rebuilds Llama 3's byte-level tokenizer as a sentencepiece-style one and would split words
+    differently than the official app did.
+    """
+    from transformers import LlamaModel, PreTrainedTokenizerFast
+
+    model_folder = resolve_component(source, "text_encoder", allow_download, cache_dir)
+    tokenizer_folder = resolve_component(source, "tokenizer", allow_download, cache_dir)
+    model = _load_transformers_model(LlamaModel, model_folder, dtype, device, "Llama text encoder")
+    if not (tokenizer_folder / "tokenizer.json").is_file():
+        raise ModelSourceError(
+            f"No tokenizer.json in {tokenizer_folder.name!r}: download the complete tokenizer folder.")
+    tokenizer = _load_tokenizer(PreTrainedTokenizerFast, tokenizer_folder, "Llama tokenizer")
+    return model, tokenizer
+
+
+def load_clip_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["text_encoder_2"],
+                           device: str | torch.device = "cpu", allow_download: bool | None = None,
+                           cache_dir: str | Path | None = None):
+    """(CLIPTextModel, CLIPTokenizer) from the text_encoder_2/ and tokenizer_2/ folders of `source`."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_folder = resolve_component(source, "text_encoder_2", allow_download, cache_dir)
+    tokenizer_folder = resolve_component(source, "tokenizer_2", allow_download, cache_dir)
+    model = _load_transformers_model(CLIPTextModel, model_folder, dtype, device, "CLIP text encoder")
+    tokenizer = _load_tokenizer(CLIPTokenizer, tokenizer_folder, "CLIP tokenizer")
+    return model, tokenizer
+
+
+def load_siglip_image_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["image_encoder"],
+                              device: str | torch.device = "cpu", allow_download: bool | None = None,
+                              cache_dir: str | Path | None = None):
+    """(SiglipImageProcessor, SiglipVisionModel) from the feature_extractor/ and image_encoder/ folders of `source`.
+
+    The PIL-backed processor is preferred where transformers has both: it is the one the official app ran.
+    """
+    import transformers
+    from transformers import SiglipVisionModel
+
+    processor_class = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    processor_folder = resolve_component(source, "feature_extractor", allow_download, cache_dir)
+    model_folder = resolve_component(source, "image_encoder", allow_download, cache_dir)
+    if not (processor_folder / "preprocessor_config.json").is_file():
+        raise ModelSourceError(
+            f"No preprocessor_config.json in {processor_folder.name!r}: "
+            "download the complete feature_extractor folder.")
+    processor = _load_tokenizer(processor_class, processor_folder, "SigLIP image processor")
+    model = _load_transformers_model(SiglipVisionModel, model_folder, dtype, device, "SigLIP image encoder")
+    return processor, model
