@@ -525,28 +525,25 @@ class FramePackDiT(nn.Module):
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu", config: dict | None = None
-                        ) -> "FramePackDiT":
-        """Loads a local model folder (config.json + safetensors, sharded or not) or a single .safetensors file
-        (whose config is read off its tensors unless `config` is given).
+    def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu", config: dict | None = None,
+                        allow_download: bool | None = None, cache_dir=None) -> "FramePackDiT":
+        """Loads a repo id, a model folder (config.json + safetensors, sharded or not) or a single .safetensors file
+        (ComfyUI-style too, fp8 with scales included; its config read off its tensors unless `config` is given).
 
         The model is built on the meta device and its parameters take the memory-mapped tensors as they are.
         """
-        from engine import loading
+        from engine.loading import load_dit_checkpoint
 
-        path = Path(path)
-        if not path.exists():
-            raise ModelSourceError(f"Transformer path {path.name!r} does not exist: check the path.")
-        state_dict = loading.load_state_dict(path, dtype=dtype)
-        if config is None:
-            config = loading.read_config(path) if path.is_dir() else _config_from_state_dict(state_dict)
+        config, state_dict = load_dit_checkpoint(source, dtype=dtype, config=config, allow_download=allow_download,
+                                                 cache_dir=cache_dir)
         with torch.device("meta"):
             model = cls(DiTConfig.from_dict(config))
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         if missing or unexpected:
             problem = f"missing keys such as {missing[0]!r}" if missing else f"unexpected keys such as {unexpected[0]!r}"
             raise ModelSourceError(
-                f"{path.name!r} does not hold a FramePack transformer ({problem}): point at the FramePack checkpoint.")
+                f"{Path(str(source)).name!r} does not hold a FramePack transformer matching its config ({problem}): "
+                "point at the FramePack checkpoint.")
         return model.to(device)
 
     def set_attention_backend(self, name: str) -> "FramePackDiT":
@@ -678,47 +675,3 @@ class FramePackDiT(nn.Module):
         x = x.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
         return DiTOutput(sample=x) if return_dict else (x,)
-
-
-def _config_from_state_dict(state_dict: dict) -> dict:
-    """A config for a single-file checkpoint (it carries none): sizes read off the tensors, official defaults else.
-
-    The rotary split of the head dim cannot be read off any tensor: the official (16, 56, 56) of head_dim 128 is
-    scaled to other head dims; pass `config=` to `from_pretrained` for a checkpoint that differs.
-    """
-    try:
-        hidden_size, in_channels, patch_t, patch, _ = state_dict["x_embedder.proj.weight"].shape
-        head_dim = int(state_dict["transformer_blocks.0.attn.norm_q.weight"].shape[0])
-        mlp_hidden_size = state_dict["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
-    except KeyError as missing:
-        raise ModelSourceError(
-            f"This file has no {missing.args[0]!r}: it is not a FramePack transformer checkpoint.") from None
-
-    def count(prefix):
-        numbers = {int(key[len(prefix):].split(".")[0]) for key in state_dict if key.startswith(prefix)}
-        return max(numbers) + 1 if numbers else 0
-
-    time_axis = 2 * round(head_dim / 16)
-    if (head_dim - time_axis) // 2 % 2:
-        time_axis += 2
-    space_axis = (head_dim - time_axis) // 2
-    image_projection = state_dict.get("image_projection.up.weight")
-    return {
-        "in_channels": int(in_channels),
-        "out_channels": int(state_dict["proj_out.weight"].shape[0] // (patch_t * patch * patch)),
-        "num_attention_heads": int(hidden_size // head_dim),
-        "attention_head_dim": head_dim,
-        "num_layers": count("transformer_blocks."),
-        "num_single_layers": count("single_transformer_blocks."),
-        "num_refiner_layers": count("context_embedder.token_refiner.refiner_blocks."),
-        "mlp_ratio": mlp_hidden_size / hidden_size,
-        "patch_size": int(patch),
-        "patch_size_t": int(patch_t),
-        "text_embed_dim": int(state_dict["context_embedder.proj_in.weight"].shape[1]),
-        "pooled_projection_dim": int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
-        "rope_axes_dim": (time_axis, space_axis, space_axis),
-        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in state_dict,
-        "has_image_proj": image_projection is not None,
-        "image_proj_dim": int(image_projection.shape[1]) if image_projection is not None else 1152,
-        "has_clean_x_embedder": "clean_x_embedder.proj.weight" in state_dict,
-    }

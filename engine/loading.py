@@ -483,9 +483,13 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor]) -> dict:
     else:
         config["image_proj_dim"] = 1152
     if head_dim != OFFICIAL_DIT_DEFAULTS["attention_head_dim"]:
-        # Keep the official proportions (16, 56, 56) of 128: an eighth for time, 7/16 for each spatial axis.
-        time_dim, space_dim = head_dim // 8, head_dim * 7 // 16
-        if time_dim + 2 * space_dim != head_dim or time_dim % 2 or space_dim % 2:
+        # No tensor holds the rotary split: keep the official proportions of (16, 56, 56) at 128 (an eighth for
+        # time), rounded so every axis is even.
+        time_dim = 2 * round(head_dim / 16)
+        if (head_dim - time_dim) // 2 % 2:
+            time_dim += 2
+        space_dim = (head_dim - time_dim) // 2
+        if time_dim + 2 * space_dim != head_dim or space_dim <= 0:
             raise ModelSourceError(
                 f"A single-file DiT with head size {head_dim} has no known rotary split: pass its config "
                 "(rope_axes_dim) explicitly.")

@@ -23,6 +23,8 @@ VIDEO_SUFFIXES = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "we
 DEFAULT_PIXEL_FORMAT = {"libx264": "yuv420p", "libx265": "yuv420p", "libvpx-vp9": "yuv420p", "libaom-av1": "yuv420p",
                         "h264_nvenc": "yuv420p", "hevc_nvenc": "yuv420p", "mpeg4": "yuv420p", "ffv1": "yuv444p",
                         "png": "rgb24"}
+# Software encoders people pick for video, listed before FFmpeg's long tail of others.
+COMMON_CODECS = ("libx264", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1", "ffv1", "mpeg4", "prores_ks")
 # Encoders that take a constant-rate-factor quality setting.
 CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1"}
 
@@ -40,7 +42,8 @@ def available_codecs() -> list[str]:
         if codec.type == "video":
             names.append(name)
     hardware = [n for n in names if any(tag in n for tag in ("nvenc", "qsv", "vaapi", "amf", "videotoolbox"))]
-    return hardware + [n for n in names if n not in hardware]
+    common = [n for n in COMMON_CODECS if n in names]
+    return hardware + common + [n for n in names if n not in hardware and n not in common]
 
 
 @contextmanager
@@ -79,6 +82,34 @@ def as_uint8_frames(frames) -> np.ndarray:
     return frames
 
 
+def check_codec(codec: str) -> None:
+    import av
+
+    try:
+        av.Codec(codec, "w")
+    except Exception:
+        raise FramePackError(
+            f"The video encoder {codec!r} is not available in this FFmpeg: choose one of "
+            f"{', '.join(available_codecs()[:12])}, ...") from None
+
+
+def check_output(path, codec: str = "libx264") -> None:
+    """Fail before any work is done if `path` could not be written with `codec`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        check_codec(codec)
+    elif suffix not in ("", ".png", ".safetensors"):
+        raise FramePackError(
+            f"Unknown video file type {suffix!r}: use one of {', '.join(VIDEO_SUFFIXES)}, .png (frames) or .safetensors.")
+    folder = path if suffix in ("", ".png") else path.parent
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise FramePackError(f"The output folder {existing.name!r} is a file: choose another --out path.")
+    if not os.access(existing, os.W_OK):
+        raise FramePackError(f"The output folder {existing.name!r} is not writable: choose a writable --out path.")
+
+
 def encode_video(frames, path, fps: float, codec: str = "libx264", crf: int | None = 16,
                  pixel_format: str | None = None, options: dict | None = None, metadata: dict | None = None) -> Path:
     import av
@@ -89,12 +120,7 @@ def encode_video(frames, path, fps: float, codec: str = "libx264", crf: int | No
     if container_format is None:
         raise FramePackError(
             f"Unknown video file type {path.suffix!r}: use one of {', '.join(VIDEO_SUFFIXES)}, .png (frames) or .safetensors.")
-    try:
-        av.Codec(codec, "w")
-    except Exception:
-        raise FramePackError(
-            f"The video encoder {codec!r} is not available in this FFmpeg: choose one of "
-            f"{', '.join(available_codecs()[:12])}, ...") from None
+    check_codec(codec)
     height, width = frames.shape[1:3]
     encoder_options = {str(k): str(v) for k, v in (options or {}).items()}
     if crf is not None and codec in CRF_CODECS:
