@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=command_generate)
     info = commands.add_parser("info", help="device, attention backends, versions")
     info.set_defaults(run=command_info)
+    from engine.benchmark import add_bench_command
+
+    add_bench_command(commands)
     return parser
 
 

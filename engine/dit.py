@@ -520,9 +520,15 @@ class FramePackDiT(nn.Module):
     @classmethod
     def from_config(cls, config: dict | DiTConfig, device=None, dtype=None) -> "FramePackDiT":
         config = config if isinstance(config, DiTConfig) else DiTConfig.from_dict(config)
-        with torch.device(device or "cpu"):
-            model = cls(config)
-        return model.to(dtype) if dtype is not None else model
+        default_dtype = torch.get_default_dtype()
+        # Built directly in the target dtype, so a 13B model never exists in float32 first.
+        torch.set_default_dtype(dtype or default_dtype)
+        try:
+            with torch.device(device or "cpu"):
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        return model
 
     @classmethod
     def from_pretrained(cls, source, dtype: torch.dtype = torch.bfloat16, device="cpu", config: dict | None = None,

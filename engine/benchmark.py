@@ -1,0 +1,803 @@
+"""`framepack bench`: time the DiT's section loop with random weights at real shapes, on any device.
+
+Random weights at the real shapes time exactly like the real model, so a benchmark needs no download. The model is
+built on the meta device and allocated straight on the target device (never 13B on the host), then filled with
+scaled random values there. Each section runs as the engine runs it: the section plan's clean-latent context,
+flux-shifted sigmas, UniPC through make_denoiser with the distilled guidance. Only the DiT is timed: the VAE and the
+text and image encoders are outside the loop (their outputs are random tensors of the real shapes).
+
+What is reported, per run (one setting variant x one plan length):
+- tokens per section, counted from the inputs each section actually builds (equal for every section: O(1) work);
+- analytic FLOPs per step (engine.flops), linear and attention apart;
+- seconds per step, per section and per output frame, after warm-up steps that are not recorded;
+- achieved TFLOP/s and MFU against a matmul peak measured on the same device in the same run;
+- peak device memory, host peak RSS, bytes streamed per step (0: weights stay resident) and cache steps skipped
+  (0: no step cache yet).
+On CUDA every interval is measured with CUDA events and read after a synchronize; on the CPU with perf_counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import flops as flop_counter
+from engine.buckets import find_nearest_bucket
+from engine.dit import FramePackDiT
+from engine.errors import FramePackError
+from engine.presets import DIT_PRESETS
+from engine.sampling import draw_noise, flux_sequence_length, flux_sigmas, make_denoiser, sample_unipc
+from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
+                             plan_sections)
+
+SCHEMA = "framepack-bench/1"
+VAE_SPATIAL_COMPRESSION = 8
+PIXEL_FRAMES_PER_LATENT_FRAME = 4  # each section adds 4 * latent_window_size pixel frames to the video
+PROMPT_PADDED_TOKENS = 512  # the official app pads the Llama hidden states to 512 tokens with a mask
+SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px: a 27 x 27 grid
+DISTILLED_GUIDANCE = 10.0  # the official default; the DiT sees 10 * 1000
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+ATTENTION_CHOICES = ("auto", "sdpa", "triton", "flash", "xformers", "sage")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark configuration; `--compare key=a,b` varies one of these fields."""
+
+    preset: str = "full"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    resolution: int = 640
+    latent_window_size: int = 9
+    steps: int = 25
+    sections: tuple[int, ...] = (1,)  # plan lengths to run, each a whole plan
+    warmup: int = 2
+    attention: str = "auto"
+    seed: int = 0
+    variant: str = "bidirectional"
+    prompt_tokens: int = 77  # valid tokens of a typical prompt; the rest of the 512 is padding
+    matmul_size: int | None = None  # side of the square peak matmul; None: 8192 on cuda, 1024 on cpu
+    threads: int | None = None  # CPU intra-op threads; None: torch's default
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise FramePackError(f"Unknown device {self.device!r}: pass cpu, cuda or cuda:N.") from None
+        if device.type not in ("cpu", "cuda"):
+            raise FramePackError(f"Device {self.device!r} is not supported by the benchmark: use cpu or cuda.")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise FramePackError(f"Device {self.device!r} asked for but this torch sees no CUDA device: use --device cpu.")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def validate(self) -> "BenchSettings":
+        if self.preset not in DIT_PRESETS:
+            raise FramePackError(f"Unknown preset {self.preset!r}: choose one of {', '.join(DIT_PRESETS)}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise FramePackError(f"Unknown dtype {self.dtype!r}: choose bfloat16, float16 or float32.")
+        if self.attention not in ATTENTION_CHOICES:
+            raise FramePackError(f"Unknown attention backend {self.attention!r}: choose one of "
+                                 f"{', '.join(ATTENTION_CHOICES)}.")
+        if self.variant not in VARIANTS:
+            raise FramePackError(f"Unknown variant {self.variant!r}: choose bidirectional or f1.")
+        for name, minimum in (("steps", 1), ("warmup", 0), ("latent_window_size", 1), ("prompt_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise FramePackError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+        if self.prompt_tokens > PROMPT_PADDED_TOKENS:
+            raise FramePackError(f"prompt_tokens must be at most {PROMPT_PADDED_TOKENS}, got {self.prompt_tokens}.")
+        if not self.sections or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sections):
+            raise FramePackError(f"sections must be positive integers, got {self.sections!r}; e.g. --sections 1,4,16.")
+        if self.matmul_size is not None and self.matmul_size < 16:
+            raise FramePackError(f"matmul_size must be at least 16, got {self.matmul_size}.")
+        if self.threads is not None and self.threads < 1:
+            raise FramePackError(f"threads must be at least 1, got {self.threads}.")
+        find_nearest_bucket(self.resolution, self.resolution, self.resolution)  # raises for a bad resolution
+        return self
+
+
+# The fields --compare may vary, with how each value is read from the command line.
+COMPARABLE = {"preset": str, "device": str, "dtype": str, "resolution": int, "latent_window_size": int, "steps": int,
+              "warmup": int, "attention": str, "seed": int, "variant": str, "prompt_tokens": int,
+              "threads": int}
+
+
+def parse_compare(text: str | None) -> tuple[str, list] | None:
+    """"attention=sdpa,triton" -> ("attention", ["sdpa", "triton"]); keys may use dashes."""
+    if not text:
+        return None
+    key, separator, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not separator or key not in COMPARABLE:
+        raise FramePackError(f"--compare takes KEY=V1,V2 with KEY one of {', '.join(COMPARABLE)}; got {text!r}.")
+    items = [value.strip() for value in values.split(",") if value.strip()]
+    if not items:
+        raise FramePackError(f"--compare {text!r} lists no values: write e.g. attention=sdpa,triton.")
+    try:
+        return key, [COMPARABLE[key](value) for value in items]
+    except ValueError:
+        raise FramePackError(f"--compare {key} takes {COMPARABLE[key].__name__} values, got {values!r}.") from None
+
+
+def parse_sections(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise FramePackError(f"--sections takes plan lengths like 1 or 1,4,16, got {text!r}.") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model and inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can use on `device`: free CUDA memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return _proc_kilobytes("/proc/meminfo", "MemAvailable")
+    return None
+
+
+def check_fits(preset: str, needed_bytes: int, available_bytes: int | None, device: torch.device, dtype) -> None:
+    """Refuse before allocating: a 13B model that cannot fit would swap or die half-built."""
+    if available_bytes is not None and needed_bytes > available_bytes:
+        raise FramePackError(
+            f"Preset {preset!r} needs {needed_bytes / 2**30:.1f} GiB for its {_dtype_name(dtype)} weights but {device} "
+            f"has {available_bytes / 2**30:.1f} GiB free: use a smaller --preset (small, tiny), --dtype bfloat16, "
+            "or a larger device.")
+
+
+def random_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               check_memory: bool = True, preset: str = "custom") -> FramePackDiT:
+    """A FramePackDiT of random weights allocated directly on `device` in `dtype`.
+
+    Built on the meta device (no memory, no init), then allocated empty on the device and filled in place there.
+    Each tensor is drawn in float32 from one seeded generator and then cast, so the same seed gives the same weights
+    (up to rounding) in every dtype. Scales follow engine.presets: weights N(0, 0.5^2 / fan_in) so activations keep
+    their size through 60 blocks, norm weights near 1, biases small but non-zero so every adaptive gate acts.
+    """
+    model = FramePackDiT.from_config(config, device="meta", dtype=dtype)
+    if check_memory:
+        check_fits(preset, weight_bytes(model), free_memory_bytes(device), device, dtype)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            values = torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32)
+            if parameter.ndim >= 2:
+                values *= 0.5 / math.sqrt(math.prod(parameter.shape[1:]))
+            elif "norm" in name and name.endswith("weight"):
+                values = values.mul_(0.1).add_(1.0)
+            else:
+                values *= 0.05
+            parameter.copy_(values)
+            del values
+    return model.eval()
+
+
+@dataclass
+class BenchInputs:
+    """What the encoders would hand the DiT loop, as random tensors of the real shapes."""
+
+    height: int
+    width: int
+    start_latent: torch.Tensor  # (1, channels, 1, h/8, w/8), float32: the VAE-encoded start image
+    positive: dict  # encoder_hidden_states (padded to 512), encoder_attention_mask, pooled_projections
+    image_embeddings: torch.Tensor | None  # (1, 729, image_proj_dim): SigLIP's last hidden state
+
+    @property
+    def text_tokens(self) -> int:
+        return int(self.positive["encoder_attention_mask"].sum())
+
+    @property
+    def image_tokens(self) -> int:
+        return 0 if self.image_embeddings is None else self.image_embeddings.shape[1]
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // VAE_SPATIAL_COMPRESSION
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // VAE_SPATIAL_COMPRESSION
+
+
+def random_inputs(model: FramePackDiT, settings: BenchSettings, device: torch.device, dtype: torch.dtype
+                  ) -> BenchInputs:
+    """Inputs drawn on the CPU from the seed, then moved: the same on every device and for every variant."""
+    config = model.config
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    height, width = find_nearest_bucket(settings.resolution, settings.resolution, settings.resolution)
+    latent_height, latent_width = height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION
+    start_latent = torch.randn(1, config.in_channels, 1, latent_height, latent_width, generator=generator)
+    text = torch.randn(1, PROMPT_PADDED_TOKENS, config.text_embed_dim, generator=generator)
+    mask = torch.zeros(1, PROMPT_PADDED_TOKENS, dtype=torch.int64)
+    mask[:, :settings.prompt_tokens] = 1
+    text = text * mask[..., None]  # the padding of real Llama states is zeroed too; it is cropped either way
+    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    image_embeddings = None
+    if config.has_image_proj:
+        image_embeddings = torch.randn(1, SIGLIP_TOKENS, config.image_proj_dim, generator=generator).to(device, dtype)
+    positive = {"encoder_hidden_states": text.to(device, dtype), "encoder_attention_mask": mask.to(device),
+                "pooled_projections": pooled.to(device, dtype)}
+    return BenchInputs(height, width, start_latent.to(device), positive, image_embeddings)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Clocks and measurements
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Timestamps on the device's timeline: CUDA events on a GPU (no sync while running), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        """Call after synchronize() for CUDA marks."""
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+
+
+def summary(values: list[float]) -> dict:
+    """mean, std (sample; 0 for one value), min, median, max and count."""
+    if not values:
+        return {"mean": None, "std": None, "min": None, "median": None, "max": None, "count": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "median": statistics.median(values), "max": max(values), "count": len(values)}
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> dict:
+    """The best TFLOP/s of a square matmul: in `dtype` (half types) or float32 on a GPU, float32 on the CPU.
+
+    The denominator of MFU, measured on this device in this run rather than read off a datasheet.
+    """
+    matmul_dtype = dtype if device.type == "cuda" else torch.float32
+    size = size or (8192 if device.type == "cuda" else 1024)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=generator, device=device, dtype=torch.float32).to(matmul_dtype)
+    b = torch.randn(size, size, generator=generator, device=device, dtype=torch.float32).to(matmul_dtype)
+    clock = Clock(device)
+    repeats = 10 if device.type == "cuda" else 3
+    for _ in range(3 if device.type == "cuda" else 1):
+        torch.matmul(a, b)
+    best = math.inf
+    for _ in range(3):
+        clock.synchronize()
+        start = clock.mark()
+        for _ in range(repeats):
+            torch.matmul(a, b)
+        end = clock.mark()
+        clock.synchronize()
+        best = min(best, clock.seconds(start, end) / repeats)
+    del a, b
+    flop = 2 * size ** 3
+    return {"dtype": _dtype_name(matmul_dtype), "size": size, "seconds": best, "tflops": flop / best / 1e12}
+
+
+def _proc_kilobytes(path: str, key: str) -> int | None:
+    """A `Key:   123 kB` line of a /proc file, in bytes; None where /proc is absent (not Linux)."""
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_memory() -> dict:
+    """The process's peak RSS (VmHWM, since it started) and current anonymous RSS (RssAnon), in bytes."""
+    return {"host_peak_rss_bytes": _proc_kilobytes("/proc/self/status", "VmHWM"),
+            "host_rss_anon_bytes": _proc_kilobytes("/proc/self/status", "RssAnon")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The timed loop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _section_tensors(section, history, inputs: BenchInputs, device, dtype) -> dict:
+    common = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+              for key, value in section.transformer_inputs(history, inputs.start_latent).items()}
+    if inputs.image_embeddings is not None:
+        common["image_embeddings"] = inputs.image_embeddings
+    return common
+
+
+def _denoiser(model, inputs: BenchInputs, common: dict, dtype):
+    guidance = DISTILLED_GUIDANCE if model.config.guidance_embeds else None
+    return make_denoiser(model, inputs.positive, common=common, distilled_guidance=guidance, dtype=dtype)
+
+
+def _sigmas(settings: BenchSettings, inputs: BenchInputs, steps: int) -> torch.Tensor:
+    return flux_sigmas(steps, flux_sequence_length(settings.latent_window_size, inputs.latent_height,
+                                                   inputs.latent_width))
+
+
+def warm_up(model, settings: BenchSettings, inputs: BenchInputs, device, dtype) -> None:
+    """`settings.warmup` untimed steps on a first section's inputs (kernel selection, autotuning, allocator)."""
+    if settings.warmup == 0:
+        return
+    section = plan_sections(settings.variant, 1, settings.latent_window_size)[0]
+    history = initial_history(settings.variant, inputs.start_latent)
+    denoise = _denoiser(model, inputs, _section_tensors(section, history, inputs, device, dtype), dtype)
+    noise = draw_noise(torch.Generator().manual_seed(settings.seed + 2), 1, model.config.in_channels,
+                       settings.latent_window_size, inputs.latent_height, inputs.latent_width, device=device)
+    sample_unipc(denoise, noise, _sigmas(settings, inputs, settings.warmup))
+    Clock(device).synchronize()
+
+
+def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: int, device, dtype
+             ) -> tuple[list[dict], torch.Tensor]:
+    """Every section of a plan of `plan_length` sections, timed. Returns one record per section and the last
+    section's generated latents."""
+    clock = Clock(device)
+    generator = torch.Generator().manual_seed(settings.seed)  # every plan draws the same noise
+    config = model.config
+    plan = plan_sections(settings.variant, plan_length, settings.latent_window_size)
+    history = initial_history(settings.variant, inputs.start_latent)
+    records, generated = [], None
+    for section in plan:
+        step_marks = []
+        clock.synchronize()
+        section_start = clock.mark()
+        common = _section_tensors(section, history, inputs, device, dtype)
+        noise = draw_noise(generator, 1, config.in_channels, settings.latent_window_size, inputs.latent_height,
+                           inputs.latent_width, device=device)
+        denoise = _denoiser(model, inputs, common, dtype)
+
+        def timed_denoise(x, sigma, denoise=denoise, step_marks=step_marks):
+            # A step runs from one model call to the next: the call plus the sampler's update after it.
+            step_marks.append(clock.mark())
+            return denoise(x, sigma)
+
+        generated = sample_unipc(timed_denoise, noise, _sigmas(settings, inputs, settings.steps))
+        history = section.add_to_history(history, generated, inputs.start_latent)
+        section_end = clock.mark()
+        clock.synchronize()
+
+        boundaries = step_marks + [section_end]
+        sequence = flop_counter.packed_sequence_of_inputs(config, noise.shape, common, inputs.text_tokens,
+                                                          inputs.image_tokens)
+        records.append({
+            "index": section.index, "padding": section.padding, "video_position": section.video_position,
+            "tokens": sequence.total_tokens, "latent_tokens": sequence.latent_tokens,
+            "condition_tokens": sequence.condition_tokens,
+            "seconds": clock.seconds(section_start, section_end),
+            "step_seconds": [clock.seconds(a, b) for a, b in zip(boundaries, boundaries[1:])],
+        })
+    return records, generated
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
+    if actual is None or expected is None or actual.shape != expected.shape:
+        return None
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tuple[list[dict], torch.Tensor]:
+    """Warm-up, then each plan length of `settings.sections`; one run record per plan length."""
+    model.set_attention_backend(settings.attention)
+    inputs = random_inputs(model, settings, device, dtype)
+    # The planned sequence: the noisy window, the start latent + one 1x history frame, the 2x and 4x history.
+    sequence = flop_counter.packed_sequence(
+        model.config, settings.latent_window_size, 1 + CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES,
+        inputs.latent_height, inputs.latent_width, inputs.text_tokens, inputs.image_tokens)
+    step = flop_counter.step_flops(model.config, sequence)
+    frames_per_section = PIXEL_FRAMES_PER_LATENT_FRAME * settings.latent_window_size
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+
+    runs, first_output = [], None
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warm_up(model, settings, inputs, device, dtype)
+        for plan_length in settings.sections:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            records, output = run_plan(model, settings, inputs, plan_length, device, dtype)
+            first_output = output if first_output is None else first_output
+            step_seconds = [seconds for record in records for seconds in record["step_seconds"]]
+            section_seconds = [record["seconds"] for record in records]
+            step_summary, section_summary = summary(step_seconds), summary(section_seconds)
+            achieved = step.total / step_summary["mean"] / 1e12
+            runs.append({
+                "settings": {**dataclasses.asdict(settings), "sections": list(settings.sections),
+                             "device": str(device), "dtype": _dtype_name(dtype),
+                             "attention": model.attention_backend},
+                "plan_sections": plan_length,
+                "height": inputs.height, "width": inputs.width,
+                "latent_height": inputs.latent_height, "latent_width": inputs.latent_width,
+                "torch_threads": torch.get_num_threads(),
+                "model": {"preset": settings.preset, "parameters": parameters, "weight_bytes": weight_bytes(model)},
+                "tokens": sequence.as_dict(),
+                "tokens_per_section": [record["tokens"] for record in records],
+                "flops_per_step": step.as_dict(),
+                "flops_per_section": step.total * settings.steps,
+                "flops_per_output_frame": step.total * settings.steps / frames_per_section,
+                "pixel_frames_per_section": frames_per_section,
+                "warmup_steps": settings.warmup,
+                "seconds_per_step": step_summary,
+                "seconds_per_section": section_summary,
+                "seconds_per_output_frame": {key: (value / frames_per_section if key != "count" and value is not None
+                                                   else value) for key, value in section_summary.items()},
+                "achieved_tflops": achieved,
+                "mfu": achieved / peak["tflops"],
+                "matmul_peak_tflops": peak["tflops"],
+                "memory": {
+                    "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                    "device_reserved_peak_bytes": (torch.cuda.max_memory_reserved(device)
+                                                   if device.type == "cuda" else None),
+                    **host_memory(),
+                },
+                "bytes_streamed_per_step": 0,  # weights stay resident: there is no offload yet
+                "cache_steps_skipped": 0,  # no step cache yet
+                "output_finite": bool(torch.isfinite(output).all()),
+                "sections": records,
+            })
+    return runs, first_output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> tuple[dict, dict]:
+    """(device description, versions)."""
+    from engine import __version__
+
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        described = {"type": "cuda", "name": properties.name, "index": device.index or torch.cuda.current_device(),
+                     "total_memory_bytes": properties.total_memory, "compute_capability": f"{properties.major}.{properties.minor}",
+                     "multiprocessors": properties.multi_processor_count}
+    else:
+        described = {"type": device.type, "name": _cpu_name(), "logical_cores": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads()}
+    versions = {"engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+                "triton": _package_version("triton"), "platform": platform.platform()}
+    return described, versions
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def variants_of(settings: BenchSettings, compare: tuple[str, list] | None) -> list[tuple[str, BenchSettings]]:
+    if compare is None:
+        return [("base", settings)]
+    key, values = compare
+    return [(f"{key}={value}", dataclasses.replace(settings, **{key: value}).validate()) for value in values]
+
+
+def run_benchmark(settings: BenchSettings, compare: tuple[str, list] | None = None, log=None) -> dict:
+    """Every variant (one per --compare value) at every plan length; returns the JSON-ready results."""
+    settings.validate()
+    variants = variants_of(settings, compare)
+    log = log or (lambda message: None)
+    results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": None,
+               "compare": None if compare is None else {"key": compare[0], "values": list(compare[1])},
+               "settings": {**dataclasses.asdict(settings), "sections": list(settings.sections)},
+               "devices": {}, "versions": None, "matmul_peak": {}, "runs": []}
+    outputs = []
+    default_threads = torch.get_num_threads()
+    try:
+        _run_variants(variants, results, outputs, log)
+    finally:
+        torch.set_num_threads(default_threads)
+    results["device"] = next(iter(results["devices"].values()))
+    results["comparisons"] = _comparisons(results["runs"], outputs, variants)
+    results["constant_work"] = _constant_work(results["runs"])
+    return results
+
+
+def _run_variants(variants, results: dict, outputs: list, log) -> None:
+    model, model_key = None, None
+    default_threads = torch.get_num_threads()
+    for label, variant in variants:
+        device = variant.resolved_device()
+        dtype = variant.resolved_dtype(device)
+        # On a shared or small CPU, fewer threads than cores avoids spinning workers; recorded per run.
+        torch.set_num_threads(variant.threads or default_threads)
+        if str(device) not in results["devices"]:
+            results["devices"][str(device)], results["versions"] = environment(device)
+        peak_key = f"{device}/{_dtype_name(dtype)}"
+        if device.type == "cpu":
+            peak_key += f"/{torch.get_num_threads()}threads"
+        with _on_device(device):
+            if peak_key not in results["matmul_peak"]:
+                log(f"measuring the matmul peak on {device} ({_dtype_name(dtype)})")
+                results["matmul_peak"][peak_key] = measure_matmul_peak(device, dtype, variant.matmul_size)
+            key = (variant.preset, str(device), dtype, variant.seed)
+            if key != model_key:
+                model = None  # free the previous model before building the next (two 13B models rarely fit)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log(f"building preset {variant.preset!r} with random weights on {device} ({_dtype_name(dtype)})")
+                model = random_dit(DIT_PRESETS[variant.preset], device, dtype, variant.seed, preset=variant.preset)
+                model_key = key
+            log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} steps")
+            runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key])
+        for run in runs:
+            run["label"] = label
+            run["matmul_peak_key"] = peak_key
+        outputs.append(output)
+        results["runs"].extend(runs)
+
+
+def _on_device(device: torch.device):
+    """Makes `device` the current CUDA device (events and streams follow it); a no-op elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _comparisons(runs: list[dict], outputs: list, variants) -> list[dict]:
+    """Each variant's first-plan run against the first variant's: time and memory ratios, output difference."""
+    if len(variants) < 2:
+        return []
+    labels = [label for label, _ in variants]
+    first_runs = [next(run for run in runs if run["label"] == label) for label in labels]
+    reference = first_runs[0]
+    comparisons = []
+    for run, output in zip(first_runs, outputs):
+        step, reference_step = run["seconds_per_step"]["mean"], reference["seconds_per_step"]["mean"]
+        memory, reference_memory = run["memory"]["device_peak_bytes"], reference["memory"]["device_peak_bytes"]
+        comparisons.append({
+            "label": run["label"], "reference": reference["label"],
+            "seconds_per_step_ratio": step / reference_step,
+            "speedup": reference_step / step,
+            "achieved_tflops_ratio": run["achieved_tflops"] / reference["achieved_tflops"],
+            "device_peak_bytes_ratio": memory / reference_memory if memory and reference_memory else None,
+            # Same seed, same inputs: how far this variant's last section is from the reference's.
+            "output_relative_error_vs_reference": _relative_error(output, outputs[0]),
+        })
+    return comparisons
+
+
+def _constant_work(runs: list[dict]) -> list[dict]:
+    """Per variant: tokens per section across every plan length (equal when the work is O(1)) and the mean
+    section time of each plan (flat when it is). Reported, not asserted: timings are the reader's call."""
+    by_label = {}
+    for run in runs:
+        by_label.setdefault(run["label"], []).append(run)
+    report = []
+    for label, label_runs in by_label.items():
+        tokens = sorted({count for run in label_runs for count in run["tokens_per_section"]})
+        means = {str(run["plan_sections"]): run["seconds_per_section"]["mean"] for run in label_runs}
+        report.append({
+            "label": label, "plan_sections": [run["plan_sections"] for run in label_runs],
+            "tokens_per_section": tokens, "tokens_equal": len(tokens) == 1,
+            "seconds_per_section_by_plan": means,
+            "seconds_per_section_max_over_min": max(means.values()) / min(means.values()),
+        })
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _si(value: float, unit: str) -> str:
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _gib(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3f} s"
+
+
+def format_results(results: dict) -> str:
+    """A readable summary of run_benchmark's results for the terminal."""
+    first = results["runs"][0]
+    device, versions = results["device"], results["versions"]
+    tokens = first["tokens"]
+    lines = [
+        f"framepack bench, random weights: preset {first['model']['preset']}, "
+        f"{first['model']['parameters'] / 1e6:,.1f} M parameters, {_gib(first['model']['weight_bytes'])} of weights",
+        f"device {device['name']} ({device['type']}); torch {versions['torch']}, cuda {versions['cuda']}, "
+        f"triton {versions['triton']}, engine {versions['engine']}",
+        f"{first['settings']['resolution']} -> {first['height']}x{first['width']} px (latents "
+        f"{first['latent_height']}x{first['latent_width']}), window {first['settings']['latent_window_size']}, "
+        f"{first['settings']['steps']} steps after {first['warmup_steps']} warm-up, "
+        f"{first['settings']['variant']}, seed {first['settings']['seed']}",
+        f"tokens per section {tokens['total_tokens']} = {tokens['latent_tokens']} latent (noisy {tokens['noisy_tokens']},"
+        f" clean 1x {tokens['clean_1x_tokens']}, 2x {tokens['clean_2x_tokens']}, 4x {tokens['clean_4x_tokens']}) + "
+        f"{tokens['condition_tokens']} condition (image {tokens['image_tokens']}, text {tokens['text_tokens']})",
+        f"FLOPs per step {_si(first['flops_per_step']['total'], 'FLOP')} (linear "
+        f"{_si(first['flops_per_step']['linear'], 'FLOP')}, attention {_si(first['flops_per_step']['attention'], 'FLOP')})",
+        "matmul peak: " + ", ".join(f"{key} {_si(peak['tflops'] * 1e12, 'FLOP/s')} ({peak['size']}^3)"
+                                    for key, peak in results["matmul_peak"].items()),
+        "",
+    ]
+    header = (f"{'run':<24}{'plan':>5}{'s/step mean':>13}{'± std':>11}{'s/section':>12}{'s/frame':>11}"
+              f"{'TFLOP/s':>10}{'MFU':>8}{'dev peak':>12}{'host peak':>12}")
+    lines += [header, "-" * len(header)]
+    for run in results["runs"]:
+        step = run["seconds_per_step"]
+        lines.append(
+            f"{run['label'][:23]:<24}{run['plan_sections']:>5}{_seconds(step['mean']):>13}{_seconds(step['std']):>11}"
+            f"{_seconds(run['seconds_per_section']['mean']):>12}{_seconds(run['seconds_per_output_frame']['mean']):>11}"
+            f"{run['achieved_tflops']:>10.3g}{run['mfu'] * 100:>7.1f}%{_gib(run['memory']['device_peak_bytes']):>12}"
+            f"{_gib(run['memory']['host_peak_rss_bytes']):>12}")
+    if results["comparisons"]:
+        lines += ["", f"ratios to {results['comparisons'][0]['reference']} (first plan length):"]
+        for item in results["comparisons"]:
+            error = item["output_relative_error_vs_reference"]
+            memory = item["device_peak_bytes_ratio"]
+            lines.append(f"  {item['label']:<24} time x{item['seconds_per_step_ratio']:.3f}  speedup "
+                         f"x{item['speedup']:.3f}  memory {'-' if memory is None else f'x{memory:.3f}'}  output "
+                         f"rel. error {'-' if error is None else f'{error:.2e}'}")
+    multi_plan = [item for item in results["constant_work"] if len(item["plan_sections"]) > 1]
+    if multi_plan:
+        lines += ["", "O(1) per section (tokens per section must be equal, time per section should be flat):"]
+        for item in multi_plan:
+            times = ", ".join(f"{plan}: {_seconds(seconds)}" for plan, seconds in item["seconds_per_section_by_plan"].items())
+            lines.append(f"  {item['label']:<24} tokens {item['tokens_per_section']} "
+                         f"({'equal' if item['tokens_equal'] else 'NOT equal'}); s/section by plan {times}; "
+                         f"max/min {item['seconds_per_section_max_over_min']:.3f}")
+    non_finite = [run["label"] for run in results["runs"] if not run["output_finite"]]
+    if non_finite:
+        lines.append(f"note: non-finite outputs in {', '.join(sorted(set(non_finite)))} (random weights; timing is valid)")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    """Written whole or not at all: to a temporary file, then renamed over the target."""
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="full", choices=list(DIT_PRESETS),
+                        help="model size: full (the real 13B config, default), small (real blocks, 8 heads), tiny")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--resolution", type=int, default=640, help="bucket resolution of a square image (default 640)")
+    parser.add_argument("--latent-window-size", type=int, default=9, help="latent frames per section (default 9)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps per section (default 25)")
+    parser.add_argument("--sections", default="1", help="plan lengths to run, e.g. 1,4,16 for the O(1) check")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each variant (default 2)")
+    parser.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES))
+    parser.add_argument("--variant", default="bidirectional", choices=list(VARIANTS), help="section plan")
+    parser.add_argument("--seed", type=int, default=0, help="weights and inputs")
+    parser.add_argument("--prompt-tokens", type=int, default=77, help="valid prompt tokens (default 77)")
+    parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 8192 on cuda, 1024 on cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadiest on a shared CPU)")
+    parser.add_argument("--compare", metavar="KEY=V1,V2",
+                        help=f"run each value on the same inputs and print ratios to the first; KEY: "
+                             f"{', '.join(COMPARABLE)}")
+    parser.add_argument("--json", metavar="PATH", help="write every result to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def add_bench_command(subparsers) -> argparse.ArgumentParser:
+    """Adds `bench` to the `framepack` sub-commands."""
+    parser = subparsers.add_parser(
+        "bench", help="time the DiT with random weights at real shapes (no download)",
+        description="Time FramePack's DiT section loop with random weights at the real shapes: FLOPs, MFU, memory.")
+    add_bench_arguments(parser)
+    parser.set_defaults(run=command_bench)
+    return parser
+
+
+def settings_from_args(args) -> BenchSettings:
+    return BenchSettings(
+        preset=args.preset, device=args.device, dtype=args.dtype, resolution=args.resolution,
+        latent_window_size=args.latent_window_size, steps=args.steps, sections=parse_sections(args.sections),
+        warmup=args.warmup, attention=args.attention, seed=args.seed, variant=args.variant,
+        prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads).validate()
+
+
+def command_bench(args) -> int:
+    settings = settings_from_args(args)
+    compare = parse_compare(args.compare)
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise FramePackError(f"The folder of --json {json_path.name!r} does not exist: create it or pick another path.")
+    log = (lambda message: None) if args.quiet else (lambda message: print(f"[bench] {message}", file=sys.stderr))
+    results = run_benchmark(settings, compare, log=log)
+    results["command"] = command_line(settings, args.compare, args.json)
+    print(format_results(results))
+    if json_path is not None:
+        write_json(results, json_path)
+        print(f"Wrote {json_path.name}")
+    return 0
+
+
+def command_line(settings: BenchSettings, compare: str | None = None, json_path: str | None = None) -> str:
+    """The `framepack bench` command that reproduces these settings, every option spelled out."""
+    words = ["framepack", "bench"]
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if value is None:
+            continue
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        words += [f"--{item.name.replace('_', '-')}", str(value)]
+    if compare:
+        words += ["--compare", compare]
+    if json_path:
+        words += ["--json", Path(json_path).name]
+    return " ".join(words)
