@@ -1,0 +1,43 @@
+"""Launch settings shared by the kernels: computed from the shape, and kept tiny when Triton is interpreting on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (tests set TRITON_INTERPRET=1 before importing)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def require_kernel_device(op_name: str, *tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors (or CPU tensors under the interpreter): say so before Triton fails obscurely."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{op_name}: all tensors must be on one device, got {sorted(map(str, devices))}; move them first.")
+    device = devices.pop()
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{op_name} is a Triton kernel and needs CUDA tensors (got {device.type}); "
+            "use the plain PyTorch path on this device, or set TRITON_INTERPRET=1 to run it slowly on CPU.")
+
+
+def row_launch_settings(columns: int) -> tuple[int, int]:
+    """Block size and warp count for a kernel that holds one whole row of `columns` elements in registers."""
+    block = triton.next_power_of_2(columns)
+    if block > 65536:
+        raise ValueError(f"rows of {columns} elements are too long for a one-row-per-program kernel (at most 65536).")
+    if block >= 32768:
+        warps = 32
+    elif block >= 8192:
+        warps = 16
+    elif block >= 2048:
+        warps = 8
+    else:
+        warps = 4
+    return block, warps
+
