@@ -53,7 +53,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "flash", "xformers", "sage"])
-    parser.add_argument("--vram-budget-gb", type=float)
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="run the DiT's norms, modulation and patchify as Triton kernels (CUDA)")
+    parser.add_argument("--vram-budget-gb", type=float, help="memory budget for VAE tiling (GB)")
     parser.add_argument("--quantize", help="weight quantization (not available yet)")
     parser.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov, .safetensors, or a folder for PNG frames")
     parser.add_argument("--codec", default="libx264", help="video encoder (default libx264; see framepack info)")
@@ -94,7 +96,7 @@ def command_generate(args) -> int:
         engine = Engine.from_pretrained(
             transformer=args.transformer, base=args.base, image_encoder=args.image_encoder, variant=variant,
             device=device, dtype=getattr(torch, DTYPES[args.dtype]), vram_budget_gb=args.vram_budget_gb,
-            attention=args.attention, allow_download=not args.offline)
+            attention=args.attention, allow_download=not args.offline, fused_kernels=args.fused_kernels)
 
     cancel = threading.Event()
     progress = _Progress(enabled=not args.quiet)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.attention import resolve_backend, sdpa_attention
-from engine.errors import FramePackError, ModelSourceError
+from engine.errors import BackendUnavailableError, FramePackError, ModelSourceError
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,6 +158,57 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             normed = normed.to(self.weight.dtype)
         return normed * self.weight
+
+
+class PlainOps:
+    """The memory-bound glue between the GEMMs, in plain PyTorch: the path the fused kernels are tested against."""
+
+    @staticmethod
+    def layer_norm_modulate(x, shift, scale):
+        return modulate(layer_norm(x), shift, scale)
+
+    @staticmethod
+    def gated_residual(x, gate, y):
+        return x + y * gate[:, None]
+
+    @classmethod
+    def gated_residual_layer_norm_modulate(cls, x, gate, y, shift, scale):
+        x = cls.gated_residual(x, gate, y)
+        return x, cls.layer_norm_modulate(x, shift, scale)
+
+    @staticmethod
+    def rms_norm(norm: RMSNorm, x):
+        return norm(x)
+
+
+class FusedOps:
+    """The same glue as Triton kernels (kernels/norm.py): one pass over each row instead of several."""
+
+    @staticmethod
+    def layer_norm_modulate(x, shift, scale):
+        from kernels.norm import layer_norm_modulate
+
+        return layer_norm_modulate(x, shift, scale)
+
+    @staticmethod
+    def gated_residual(x, gate, y):
+        from kernels.norm import gated_residual
+
+        return gated_residual(x, gate, y)
+
+    @staticmethod
+    def gated_residual_layer_norm_modulate(x, gate, y, shift, scale):
+        from kernels.norm import gated_residual_layer_norm_modulate
+
+        return gated_residual_layer_norm_modulate(x, gate, y, shift, scale)
+
+    @staticmethod
+    def rms_norm(norm: RMSNorm, x):
+        from kernels.norm import rms_norm_rotary
+
+        # The checkpoint's RMSNorm rounds to the weight's half precision before multiplying by it.
+        return rms_norm_rotary(x, norm.weight, norm.eps,
+                               round_before_weight=norm.weight.dtype in (torch.float16, torch.bfloat16))
 
 
 class GeluProjection(nn.Module):
@@ -350,6 +401,7 @@ class PackedContext:
     image_length: int  # latent tokens; they come first and are the rotated ones
     valid_lengths: torch.Tensor | None  # (batch,) latent + valid condition tokens; None when nothing is padded
     attention: callable  # the chosen attention backend
+    ops: type = PlainOps  # the glue: PlainOps or FusedOps
 
 
 def heads_of(x, heads):
@@ -376,9 +428,11 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, image, text, context: PackedContext):
-        h = self.heads
-        q = torch.cat([self.norm_q(heads_of(self.to_q(image), h)), self.norm_added_q(heads_of(self.add_q_proj(text), h))], 1)
-        k = torch.cat([self.norm_k(heads_of(self.to_k(image), h)), self.norm_added_k(heads_of(self.add_k_proj(text), h))], 1)
+        h, rms_norm = self.heads, context.ops.rms_norm
+        q = torch.cat([rms_norm(self.norm_q, heads_of(self.to_q(image), h)),
+                       rms_norm(self.norm_added_q, heads_of(self.add_q_proj(text), h))], 1)
+        k = torch.cat([rms_norm(self.norm_k, heads_of(self.to_k(image), h)),
+                       rms_norm(self.norm_added_k, heads_of(self.add_k_proj(text), h))], 1)
         v = torch.cat([heads_of(self.to_v(image), h), heads_of(self.add_v_proj(text), h)], 1)
         out = context.attention(q, k, v, context.rope_cos, context.rope_sin, context.image_length, context.valid_lengths)
         out = out.flatten(2).to(q.dtype)
@@ -400,15 +454,15 @@ class DoubleStreamBlock(nn.Module):
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.norm1(conditioning)
         t_shift_attn, t_scale_attn, t_gate_attn, t_shift_mlp, t_scale_mlp, t_gate_mlp = self.norm1_context(conditioning)
 
+        ops = context.ops
         image_attn, text_attn = self.attn(
-            modulate(layer_norm(image), shift_attn, scale_attn),
-            modulate(layer_norm(text), t_shift_attn, t_scale_attn),
+            ops.layer_norm_modulate(image, shift_attn, scale_attn),
+            ops.layer_norm_modulate(text, t_shift_attn, t_scale_attn),
             context)
-        image = image + image_attn * gate_attn[:, None]
-        text = text + text_attn * t_gate_attn[:, None]
-
-        image = image + self.ff(modulate(layer_norm(image), shift_mlp, scale_mlp)) * gate_mlp[:, None]
-        text = text + self.ff_context(modulate(layer_norm(text), t_shift_mlp, t_scale_mlp)) * t_gate_mlp[:, None]
+        image, image_normed = ops.gated_residual_layer_norm_modulate(image, gate_attn, image_attn, shift_mlp, scale_mlp)
+        text, text_normed = ops.gated_residual_layer_norm_modulate(text, t_gate_attn, text_attn, t_shift_mlp, t_scale_mlp)
+        image = ops.gated_residual(image, gate_mlp, self.ff(image_normed))
+        text = ops.gated_residual(text, t_gate_mlp, self.ff_context(text_normed))
         return image, text
 
 
@@ -425,8 +479,8 @@ class SingleStreamAttention(nn.Module):
         self.norm_k = RMSNorm(head_dim)
 
     def forward(self, x, context: PackedContext):
-        q = self.norm_q(heads_of(self.to_q(x), self.heads))
-        k = self.norm_k(heads_of(self.to_k(x), self.heads))
+        q = context.ops.rms_norm(self.norm_q, heads_of(self.to_q(x), self.heads))
+        k = context.ops.rms_norm(self.norm_k, heads_of(self.to_k(x), self.heads))
         v = heads_of(self.to_v(x), self.heads)
         out = context.attention(q, k, v, context.rope_cos, context.rope_sin, context.image_length, context.valid_lengths)
         return out.flatten(2).to(q.dtype)
@@ -444,10 +498,10 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, conditioning, context: PackedContext):
         """x: the whole packed sequence, image tokens then condition tokens."""
         shift, scale, gate = self.norm(conditioning)
-        normed = modulate(layer_norm(x), shift, scale)
+        normed = context.ops.layer_norm_modulate(x, shift, scale)
         mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
         attention = self.attn(normed, context)
-        return x + self.proj_out(torch.cat([attention, mlp], dim=2)) * gate[:, None]
+        return context.ops.gated_residual(x, gate, self.proj_out(torch.cat([attention, mlp], dim=2)))
 
 
 class OutputNorm(nn.Module):
@@ -457,10 +511,10 @@ class OutputNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 2 * hidden_size)
 
-    def forward(self, x, conditioning):
+    def forward(self, x, conditioning, ops=PlainOps):
         scale, shift = F.linear(F.silu(conditioning).to(x.dtype), self.linear.weight.to(x.dtype),
                                 self.linear.bias.to(x.dtype)).chunk(2, dim=1)
-        return modulate(layer_norm(x), shift, scale)
+        return ops.layer_norm_modulate(x, shift, scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -514,6 +568,7 @@ class FramePackDiT(nn.Module):
         self.fp32_output = False
         self.attention_backend = "sdpa"
         self._attention = sdpa_attention
+        self.fused_kernels = False
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -559,6 +614,25 @@ class FramePackDiT(nn.Module):
         self.attention_backend, self._attention = backend.name, backend.function
         return self
 
+    def set_fused_kernels(self, enabled: bool = True) -> "FramePackDiT":
+        """Run the glue (norms, modulation, gated residuals, QK RMSNorm, patchify) as the Triton kernels of kernels/.
+
+        They need a CUDA device (or, for tests, the Triton interpreter: TRITON_INTERPRET=1).
+        """
+        if enabled:
+            import importlib.util
+            import os
+
+            if importlib.util.find_spec("triton") is None:
+                raise BackendUnavailableError("Fused kernels need Triton: pip install triton, or leave them off.")
+            device = next(self.parameters()).device
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise BackendUnavailableError(
+                    f"Fused kernels run on CUDA devices, and this model is on {device.type}: move it to a GPU "
+                    "or leave them off.")
+        self.fused_kernels = bool(enabled)
+        return self
+
     # Drop-in name used by code written for the official class.
     @property
     def high_quality_fp32_output_for_inference(self) -> bool:
@@ -579,18 +653,12 @@ class FramePackDiT(nn.Module):
         grid_height, grid_width = height // p, width // p
         device = hidden_states.device
 
-        def tables(indices, count):
-            return rope_tables(_batched_indices(indices, batch, count, device), grid_height, grid_width,
-                               config.rope_axes_dim, config.rope_theta)
-
-        tokens = [patchify(self.x_embedder.proj, hidden_states)]
-        cos, sin = tables(latent_indices, frames)
-        cos_parts, sin_parts = [cos], [sin]
-
-        history = ((clean_latents, clean_latent_indices, "proj", None),
-                   (clean_latents_2x, clean_latent_2x_indices, "proj_2x", (2, 2, 2)),
-                   (clean_latents_4x, clean_latent_4x_indices, "proj_4x", (4, 4, 4)))
-        for latents, indices, projection, pooling in history:
+        # In packing order: (name, latents, frame indices, embedder, pooling of the rotary tables in patch units).
+        groups = []
+        history = (("clean_4x", clean_latents_4x, clean_latent_4x_indices, "proj_4x", (4, 4, 4)),
+                   ("clean_2x", clean_latents_2x, clean_latent_2x_indices, "proj_2x", (2, 2, 2)),
+                   ("clean", clean_latents, clean_latent_indices, "proj", None))
+        for name, latents, indices, projection, pooling in history:
             if latents is None:
                 continue
             if self.clean_x_embedder is None:
@@ -599,18 +667,41 @@ class FramePackDiT(nn.Module):
                 raise FramePackError(
                     f"Clean latents are {tuple(latents.shape[-2:])} but the noisy latents {(height, width)}: "
                     "all latents of a section must share height and width.")
-            tokens.insert(0, patchify(getattr(self.clean_x_embedder, projection), latents.to(hidden_states.dtype)))
-            cos, sin = tables(indices, latents.shape[2])
+            groups.append((name, latents.to(hidden_states.dtype), indices, getattr(self.clean_x_embedder, projection),
+                           pooling))
+        groups.append(("noisy", hidden_states, latent_indices, self.x_embedder.proj, None))
+
+        tables = []
+        for _, latents, indices, _, _ in groups:
+            indices = _batched_indices(indices, batch, latents.shape[2], device)
+            tables.append(rope_tables(indices, grid_height, grid_width, config.rope_axes_dim, config.rope_theta))
+        # Rows of a rotary table are per sample only where some sample's indices differ; broadcast the rest.
+        rows = max(cos.shape[0] for cos, _ in tables)
+        tables = [(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)) for cos, sin in tables]
+
+        if self.fused_kernels:
+            return self._pack_latents_fused(groups, tables, grid_height, grid_width)
+        tokens, cos_parts, sin_parts = [], [], []
+        for (_, latents, _, conv, pooling), (cos, sin) in zip(groups, tables):
+            tokens.append(patchify(conv, latents))
             if pooling is not None:
                 cos, sin = pooled_rope_tables(cos, sin, latents.shape[2], grid_height, grid_width, pooling)
-            cos_parts.insert(0, cos)
-            sin_parts.insert(0, sin)
+            cos_parts.append(cos)
+            sin_parts.append(sin)
+        return torch.cat(tokens, dim=1), torch.cat(cos_parts, dim=1), torch.cat(sin_parts, dim=1)
 
-        # Rows of a rotary table are per sample only where some sample's indices differ; broadcast the rest.
-        rows = max(part.shape[0] for part in cos_parts)
-        cos = torch.cat([part.expand(rows, -1, -1) for part in cos_parts], dim=1)
-        sin = torch.cat([part.expand(rows, -1, -1) for part in sin_parts], dim=1)
-        return torch.cat(tokens, dim=1), cos, sin
+    @staticmethod
+    def _pack_latents_fused(groups, tables, grid_height, grid_width):
+        """One gather-fused GEMM per group writing straight into the packed sequence, rotary tables pooled alongside."""
+        from kernels.patchify import PatchGroup, packed_patchify
+
+        patch_groups = {}
+        for (name, latents, _, conv, _), (cos, sin) in zip(groups, tables):
+            grid = (latents.shape[2], grid_height, grid_width)
+            patch_groups[name] = PatchGroup(latents, conv.weight, conv.bias, cos.unflatten(1, grid),
+                                            sin.unflatten(1, grid))
+        packed = packed_patchify(**patch_groups)
+        return packed.tokens, packed.rope_cos, packed.rope_sin
 
     def condition_tokens(self, encoder_hidden_states, encoder_attention_mask, timestep, image_embeddings):
         """Refined prompt tokens behind the projected image tokens, cropped to the longest valid prompt.
@@ -661,8 +752,9 @@ class FramePackDiT(nn.Module):
 
         image_length = image.shape[1]
         padded = bool((condition_lengths < text.shape[1]).any())
+        ops = FusedOps if self.fused_kernels else PlainOps
         context = PackedContext(rope_cos, rope_sin, image_length,
-                                image_length + condition_lengths if padded else None, self._attention)
+                                image_length + condition_lengths if padded else None, self._attention, ops)
 
         for block in self.transformer_blocks:
             image, text = block(image, text, conditioning, context)
@@ -674,7 +766,7 @@ class FramePackDiT(nn.Module):
         x = x[:, image_length - noisy_tokens:image_length]
         if self.fp32_output:
             x, conditioning = x.float(), conditioning.float()
-        x = self.norm_out(x, conditioning)
+        x = self.norm_out(x, conditioning, ops)
         x = F.linear(x, self.proj_out.weight.to(x.dtype), self.proj_out.bias.to(x.dtype))
 
         # Unpatchify: (batch, t * h * w, channels * p_t * p * p) -> (batch, channels, frames, height, width).

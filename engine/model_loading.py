@@ -17,7 +17,7 @@ def guess_variant(transformer_source) -> str:
 
 def load_engine_components(engine_class, *, transformer, base, image_encoder, variant="auto", device=None,
                            dtype=torch.bfloat16, vram_budget_gb=None, quantize=None, attention="auto",
-                           allow_download=True, cache_dir=None):
+                           allow_download=True, cache_dir=None, fused_kernels=False):
     from engine.conditioning import ImageEncoder, TextEncoder
     from engine.dit import FramePackDiT
     from engine.loading import DEFAULT_DTYPES, resolve_component
@@ -37,6 +37,7 @@ def load_engine_components(engine_class, *, transformer, base, image_encoder, va
                                        cache_dir=cache_dir).eval()
     dit.fp32_output = True  # the official app's high-quality float32 output projection
     dit.set_attention_backend(attention)
+    dit.set_fused_kernels(fused_kernels)
     vae = HunyuanVideoVAE.from_pretrained(
         resolve_component(base, "vae", allow_download=allow_download, cache_dir=cache_dir), dtype=vae_dtype,
         device=device)

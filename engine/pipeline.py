@@ -22,6 +22,7 @@ from engine.buckets import find_nearest_bucket
 from engine.conditioning import PromptEmbedding
 from engine.errors import FramePackError
 from engine.images import image_to_pixels, load_image, load_video_frames, resize_and_center_crop
+from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.video import Video
 
 VARIANTS = ("bidirectional", "f1")
@@ -159,16 +160,16 @@ class Engine:
     def from_pretrained(cls, transformer="lllyasviel/FramePackI2V_HY", base="hunyuanvideo-community/HunyuanVideo",
                         image_encoder="lllyasviel/flux_redux_bfl", variant="auto", device=None, dtype=torch.bfloat16,
                         vram_budget_gb=None, quantize=None, attention="auto", allow_download=True,
-                        cache_dir=None) -> "Engine":
+                        cache_dir=None, fused_kernels=False) -> "Engine":
         """Each source is a Hugging Face repo id (local cache first, downloaded when allowed), a local folder in
         the repo's layout, or (transformer only) a single .safetensors file. variant="auto" reads the transformer's
-        name: F1 checkpoints have "F1" in it."""
+        name: F1 checkpoints have "F1" in it. fused_kernels runs the DiT's glue as Triton kernels (CUDA only)."""
         from engine.model_loading import load_engine_components
 
         return load_engine_components(cls, transformer=transformer, base=base, image_encoder=image_encoder,
                                       variant=variant, device=device, dtype=dtype, vram_budget_gb=vram_budget_gb,
                                       quantize=quantize, attention=attention, allow_download=allow_download,
-                                      cache_dir=cache_dir)
+                                      cache_dir=cache_dir, fused_kernels=fused_kernels)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", variant: str = "bidirectional", device="cpu", seed: int = 0) -> "Engine":
@@ -319,7 +320,12 @@ class Engine:
                 if _is_cancelled(cancel):
                     raise GenerationCancelled()
                 if callback is not None:
-                    callback({**info, "section": section.index, "sections": count})
+                    extra = {"section": section.index, "sections": count}
+                    denoised = info.get("denoised")
+                    if denoised is not None and denoised.shape[1] == len(LATENT_RGB_FACTORS):
+                        # The cheap linear latent -> RGB projection of the current x0 estimate.
+                        extra["preview"] = latents_to_preview_rgb(denoised)
+                    callback({**info, **extra})
 
             inputs = section.transformer_inputs(history, start_latent, end_latent, end_strength)
             try:

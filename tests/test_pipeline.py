@@ -98,10 +98,12 @@ def test_cancel_stops_at_the_next_step_and_keeps_finished_sections(f1):
     assert seen[-1] == (1, 0)  # stopped at the first step of section 2
 
 
-def test_callback_sees_every_step(f1):
+def test_callback_sees_every_step_with_a_preview(f1):
     steps = []
     f1.generate("x", seconds=2, callback=steps.append, **FAST)
     assert [(s["section"], s["i"]) for s in steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    preview = steps[-1]["preview"]
+    assert preview.dtype == torch.uint8 and tuple(preview.shape) == (2, 8, 8, 3)  # window frames at latent size
 
 
 def test_section_prompts_are_encoded_once_each(f1):
