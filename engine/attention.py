@@ -19,24 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import BackendUnavailableError, FramePackError
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) of the last dim by the angles whose cos/sin are repeated per pair.
-
-    x: (batch, tokens, heads, head_dim); cos, sin: (batch or 1, tokens, head_dim). Computed in float32 as the
-    official model does, returned in x's dtype.
-    """
-    x_pairs = x.float().unflatten(-1, (-1, 2))
-    x_rotated = torch.stack([-x_pairs[..., 1], x_pairs[..., 0]], dim=-1).flatten(-2)
-    out = x.float() * cos.unsqueeze(2) + x_rotated * sin.unsqueeze(2)
-    return out.to(x.dtype)
-
-
-def rotate_image_tokens(x, rope_cos, rope_sin, rotary_length):
-    if rope_cos is None:
-        return x
-    return torch.cat([apply_rotary(x[:, :rotary_length], rope_cos, rope_sin), x[:, rotary_length:]], dim=1)
+from kernels.rotary import rotate_leading_tokens
 
 
 def key_padding_mask(valid_lengths: torch.Tensor | None, total_length: int, device) -> torch.Tensor | None:
@@ -48,8 +31,8 @@ def key_padding_mask(valid_lengths: torch.Tensor | None, total_length: int, devi
 
 
 def sdpa_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None):
-    q = rotate_image_tokens(q, rope_cos, rope_sin, rotary_length)
-    k = rotate_image_tokens(k, rope_cos, rope_sin, rotary_length)
+    q = rotate_leading_tokens(q, rope_cos, rope_sin, rotary_length)
+    k = rotate_leading_tokens(k, rope_cos, rope_sin, rotary_length)
     mask = key_padding_mask(valid_lengths, k.shape[1], q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

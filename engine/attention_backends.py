@@ -4,8 +4,8 @@ All share engine.attention's signature `(q, k, v, rope_cos=None, rope_sin=None, 
 valid_lengths=None) -> out` over packed `[image | text]` sequences (batch, tokens, heads, head_dim).
 
 - triton: kernels.attention.packed_attention rotates the image tokens as it loads its tiles and skips padded keys.
-- flash / sage / xformers: these libraries cannot rotate, so q and k are rotated first (engine.attention's
-  apply_rotary); padding is removed by packing each sample's valid tokens into one varlen sequence described by
+- flash / sage / xformers: these libraries cannot rotate, so q and k are rotated first (with
+  kernels/rotary.py); padding is removed by packing each sample's valid tokens into one varlen sequence described by
   cu_seqlens, and the outputs are scattered back, zeros at padded positions. They take half precision only:
   float32 inputs run in bfloat16 and come back as float32.
 """
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from engine.attention import rotate_image_tokens
+from kernels.rotary import rotate_leading_tokens
 from engine.errors import BackendUnavailableError
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -78,8 +78,8 @@ def unpack_valid_tokens(packed: torch.Tensor, layout: VarlenLayout) -> torch.Ten
 
 
 def _rotated_half_precision(q, k, v, rope_cos, rope_sin, rotary_length):
-    q = rotate_image_tokens(q, rope_cos, rope_sin, rotary_length)
-    k = rotate_image_tokens(k, rope_cos, rope_sin, rotary_length)
+    q = rotate_leading_tokens(q, rope_cos, rope_sin, rotary_length)
+    k = rotate_leading_tokens(k, rope_cos, rope_sin, rotary_length)
     dtype = q.dtype if q.dtype in HALF_DTYPES else torch.bfloat16
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
