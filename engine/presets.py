@@ -119,11 +119,14 @@ def tiny_text_encoder(generator: torch.Generator):
 
 
 def tiny_image_encoder(generator: torch.Generator):
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    import transformers
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from engine.conditioning import ImageEncoder
 
-    processor = SiglipImageProcessor(size={"height": 32, "width": 32}, do_normalize=True,
+    # The PIL processor (what the official app used) where transformers has one; it needs no torchvision.
+    processor_class = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    processor = processor_class(size={"height": 32, "width": 32}, do_normalize=True,
                                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     model = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=TINY_DIT_CONFIG["image_proj_dim"], intermediate_size=32, num_hidden_layers=2,

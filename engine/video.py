@@ -62,6 +62,10 @@ def atomic_path(destination: Path):
         raise FramePackError(f"The output folder {folder.name!r} is not writable: choose a writable --out path.")
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.stem}.", suffix=destination.suffix, dir=folder)
     os.close(handle)
+    # mkstemp makes the file private (0600); give the result the permissions a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield Path(temporary)
         os.replace(temporary, destination)

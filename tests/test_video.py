@@ -38,6 +38,16 @@ def test_encode_round_trip(tmp_path, suffix, codec):
     assert json.loads(comment) == {"seed": 31337, "prompt": "a cat"}
 
 
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = Video(smooth_frames(count=2), fps=30).save(tmp_path / "out.mp4")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
 def test_unknown_codec_is_a_clear_error_and_leaves_nothing(tmp_path):
     with pytest.raises(FramePackError, match="not available"):
         Video(smooth_frames(), fps=30).save(tmp_path / "out.mp4", codec="no-such-codec")
