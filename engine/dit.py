@@ -378,8 +378,11 @@ class TokenRefiner(nn.Module):
         self.token_refiner = TokenRefinerStack(hidden_size, heads, layers, mlp_ratio)
 
     def forward(self, text, timestep, text_mask, valid_lengths):
-        mask = text_mask.float().unsqueeze(-1)
-        mean_text = ((text * mask).sum(dim=1) / mask.sum(dim=1)).to(text.dtype)
+        if text_mask is None:
+            mean_text = text.float().mean(dim=1).to(text.dtype)
+        else:
+            mask = text_mask.float().unsqueeze(-1)
+            mean_text = ((text * mask).sum(dim=1) / mask.sum(dim=1)).to(text.dtype)
         conditioning = self.time_text_embed(timestep, mean_text)
         x = self.proj_in(text)
         for block in self.token_refiner.refiner_blocks:
@@ -706,25 +709,29 @@ class FramePackDiT(nn.Module):
     def condition_tokens(self, encoder_hidden_states, encoder_attention_mask, timestep, image_embeddings):
         """Refined prompt tokens behind the projected image tokens, cropped to the longest valid prompt.
 
-        Returns the tokens and each sample's count of valid condition tokens.
+        Returns the tokens and each sample's count of valid condition tokens (None when no sample has padding).
         """
-        batch = encoder_hidden_states.shape[0]
+        batch, tokens = encoder_hidden_states.shape[:2]
+        # The crop needs the lengths on the host: one small copy per call, none when there is no mask.
         if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=encoder_hidden_states.device)
-        text_lengths = encoder_attention_mask.sum(dim=1).long().clamp_min(1)
+            lengths = [tokens] * batch
+        else:
+            lengths = encoder_attention_mask.sum(dim=1).clamp_min(1).tolist()
+        longest = int(max(lengths))
+        padded = any(length < longest for length in lengths)
         # Dropping the padding beyond the longest prompt changes nothing: padded tokens are never attended.
-        longest = int(text_lengths.max())
         text = encoder_hidden_states[:, :longest]
-        text_mask = encoder_attention_mask[:, :longest]
-        refiner_lengths = text_lengths if batch > 1 and bool((text_lengths < longest).any()) else None
-        text = self.context_embedder(text, timestep, text_mask, refiner_lengths)
+        text_mask = encoder_attention_mask[:, :longest] if encoder_attention_mask is not None else None
+        text_lengths = torch.tensor(lengths, device=text.device, dtype=torch.long) if padded else None
+        text = self.context_embedder(text, timestep, text_mask, text_lengths)
 
         if self.image_projection is not None:
             if image_embeddings is None:
                 raise FramePackError("This checkpoint is image-conditioned: pass `image_embeddings` (SigLIP features).")
             image_tokens = self.image_projection(image_embeddings.to(text.dtype))
             text = torch.cat([image_tokens, text], dim=1)
-            text_lengths = text_lengths + image_tokens.shape[1]
+            if text_lengths is not None:
+                text_lengths = text_lengths + image_tokens.shape[1]
         return text, text_lengths
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
@@ -751,10 +758,10 @@ class FramePackDiT(nn.Module):
             encoder_hidden_states.to(image.dtype), encoder_attention_mask, timestep, image_embeddings)
 
         image_length = image.shape[1]
-        padded = bool((condition_lengths < text.shape[1]).any())
         ops = FusedOps if self.fused_kernels else PlainOps
         context = PackedContext(rope_cos, rope_sin, image_length,
-                                image_length + condition_lengths if padded else None, self._attention, ops)
+                                None if condition_lengths is None else image_length + condition_lengths,
+                                self._attention, ops)
 
         for block in self.transformer_blocks:
             image, text = block(image, text, conditioning, context)

@@ -378,9 +378,9 @@ class Engine:
                                       settings.shift).to(device)
 
         def conditioning(embedding: PromptEmbedding):
-            # Padded to 512 tokens with a mask, as the official app hands them over; the DiT crops the padding.
-            text, mask = embedding.padded()
-            return {"encoder_hidden_states": text.to(device, dtype), "encoder_attention_mask": mask.to(device),
+            # The prompt's tokens without the official 512-token padding: the DiT would crop it off anyway, and
+            # with no mask it needs no device-to-host copy of the lengths at each step.
+            return {"encoder_hidden_states": embedding.llama.to(device, dtype), "encoder_attention_mask": None,
                     "pooled_projections": embedding.clip_pooled.to(device, dtype)}
 
         common = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)

@@ -230,3 +230,10 @@ def test_return_types(pair):
     with torch.no_grad():
         output = ours(**inputs)
     assert output.sample.shape == inputs["hidden_states"].shape
+
+
+def test_no_mask_equals_the_prompt_cropped_to_its_mask(pair):
+    ours, _ = pair
+    inputs = section_inputs(TINY_CONFIG, "bidirectional", text_lengths=(6,), seed=14)
+    cropped = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :6], encoder_attention_mask=None)
+    assert_relative_error(run_ours(ours, cropped), run_ours(ours, inputs), TOLERANCE[torch.float32])
