@@ -37,7 +37,7 @@ from engine import flops as flop_counter
 from engine.buckets import find_nearest_bucket
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
-from engine.presets import DIT_PRESETS
+from engine.presets import DIT_PRESETS, randomize_weights_
 from engine.sampling import draw_noise, flux_sequence_length, flux_sigmas, make_denoiser, sample_unipc
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
@@ -183,26 +183,14 @@ def random_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     """A FramePackDiT of random weights allocated directly on `device` in `dtype`.
 
     Built on the meta device (no memory, no init), then allocated empty on the device and filled in place there.
-    Each tensor is drawn in float32 from one seeded generator and then cast, so the same seed gives the same weights
-    (up to rounding) in every dtype. Scales follow engine.presets: weights N(0, 0.5^2 / fan_in) so activations keep
-    their size through 60 blocks, norm weights near 1, biases small but non-zero so every adaptive gate acts.
+    Filled by engine.presets.randomize_weights_ (float32 draws from one seeded generator, cast on the device), so the
+    same seed gives the same weights (up to rounding) in every dtype.
     """
     model = FramePackDiT.from_config(config, device="meta", dtype=dtype)
     if check_memory:
         check_fits(preset, weight_bytes(model), free_memory_bytes(device), device, dtype)
     model = model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            values = torch.randn(parameter.shape, generator=generator, device=device, dtype=torch.float32)
-            if parameter.ndim >= 2:
-                values *= 0.5 / math.sqrt(math.prod(parameter.shape[1:]))
-            elif "norm" in name and name.endswith("weight"):
-                values = values.mul_(0.1).add_(1.0)
-            else:
-                values *= 0.05
-            parameter.copy_(values)
-            del values
+    randomize_weights_(model, torch.Generator(device=device).manual_seed(seed), scale=0.5)
     return model.eval()
 
 

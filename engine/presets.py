@@ -46,17 +46,22 @@ _LLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header
                          "<|eot_id|>", "<pad>"]
 
 
-def _randomize_(module: torch.nn.Module, generator: torch.Generator, scale: float = 1.0):
-    """Random weights that let every layer act (default inits leave adaptive gates near zero)."""
+def randomize_weights_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.5):
+    """Random weights that let every layer act (default inits leave adaptive gates near zero): matrices
+    N(0, scale^2 / fan_in), so activations keep their size through many blocks; norm weights near 1; small non-zero
+    biases. Each tensor is drawn in float32 on the parameter's device (the generator's) and cast there, so the same
+    seed gives the same weights in any dtype and a large model is never built on the host."""
     with torch.no_grad():
         for name, parameter in module.named_parameters():
+            values = torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=torch.float32)
             if parameter.ndim >= 2:
-                fan_in = math.prod(parameter.shape[1:])
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale / math.sqrt(fan_in))
+                values *= scale / math.sqrt(math.prod(parameter.shape[1:]))
             elif "norm" in name and name.endswith("weight"):
-                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+                values = values.mul_(0.1).add_(1.0)
             else:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+                values *= 0.05
+            parameter.copy_(values)
+            del values
     return module
 
 
@@ -113,8 +118,8 @@ def tiny_text_encoder(generator: torch.Generator):
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
         eos_token_id=clip_tokenizer.eos_token_id, bos_token_id=clip_tokenizer.bos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id))
-    _randomize_(llama, generator, 0.5)
-    _randomize_(clip, generator, 0.5)
+    randomize_weights_(llama, generator, 0.5)
+    randomize_weights_(clip, generator, 0.5)
     return TextEncoder(llama.eval(), llama_tokenizer, clip.eval(), clip_tokenizer)
 
 
@@ -131,7 +136,7 @@ def tiny_image_encoder(generator: torch.Generator):
     model = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=TINY_DIT_CONFIG["image_proj_dim"], intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, image_size=32, patch_size=8))
-    _randomize_(model, generator, 0.5)
+    randomize_weights_(model, generator, 0.5)
     return ImageEncoder(processor, model.eval())
 
 
@@ -139,13 +144,13 @@ def tiny_dit(generator: torch.Generator, config: dict | None = None):
     from engine.dit import FramePackDiT
 
     model = FramePackDiT.from_config(config or TINY_DIT_CONFIG)
-    return _randomize_(model, generator, 0.5).eval()
+    return randomize_weights_(model, generator, 0.5).eval()
 
 
 def tiny_vae(generator: torch.Generator):
     from engine.vae import HunyuanVideoVAE
 
-    return _randomize_(HunyuanVideoVAE.from_config(TINY_VAE_CONFIG, device="cpu"), generator, 1.0).eval()
+    return randomize_weights_(HunyuanVideoVAE.from_config(TINY_VAE_CONFIG, device="cpu"), generator, 1.0).eval()
 
 
 def build_preset_engine(engine_class, name: str = "tiny", variant: str = "bidirectional", device="cpu", seed: int = 0):
