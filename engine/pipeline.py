@@ -25,8 +25,6 @@ from engine.images import image_to_pixels, load_image, load_video_frames, resize
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.video import Video
 
-VARIANTS = ("bidirectional", "f1")
-SAMPLERS = ("unipc", "unipc_bh2", "euler")
 
 
 class GenerationCancelled(Exception):
@@ -72,8 +70,8 @@ class GenerationSettings:
             raise FramePackError(f"steps must be a positive integer, got {self.steps}: the official default is 25.")
         if not (isinstance(self.latent_window_size, int) and self.latent_window_size >= 1):
             raise FramePackError(f"latent_window_size must be a positive integer, got {self.latent_window_size}: the official value is 9.")
-        if self.sampler not in SAMPLERS:
-            raise FramePackError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}.")
+        if self.sampler not in sampling.SAMPLERS:
+            raise FramePackError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}.")
         if self.cfg < 1:
             raise FramePackError(f"cfg must be at least 1 (1 turns real guidance off), got {self.cfg}.")
         if not 0 < self.init_strength <= 1:
@@ -140,7 +138,7 @@ class Engine:
                  default_resolution: int = 640):
         """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: engine.conditioning.TextEncoder (or any
         object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder."""
-        if variant not in VARIANTS:
+        if variant not in sections.VARIANTS:
             raise FramePackError(f"Unknown variant {variant!r}: choose 'bidirectional' or 'f1'.")
         self.transformer = transformer
         self.vae = vae
@@ -395,10 +393,7 @@ class Engine:
             self.transformer, conditioning(positive), negative_conditioning, common=common, cfg_scale=settings.cfg,
             guidance_rescale=settings.guidance_rescale, distilled_guidance=guidance, dtype=dtype)
         with torch.no_grad():
-            if settings.sampler == "euler":
-                return sampling.sample_euler(denoise, noise, sigmas, callback=step_callback)
-            variant = "bh2" if settings.sampler == "unipc_bh2" else "bh1"
-            return sampling.sample_unipc(denoise, noise, sigmas, variant=variant, callback=step_callback)
+            return sampling.sample(settings.sampler, denoise, noise, sigmas, callback=step_callback)
 
 
 def _is_cancelled(cancel) -> bool:
