@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, require_kernel_device
+from kernels.launch import interpreting, require_kernel_device, rope_launch_tables
 from kernels.rotary import rotate_leading_tokens
 from kernels.triton_helpers import rounded_cast, tile_dot
 
@@ -308,15 +308,8 @@ def packed_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, val
         return out
 
     rotate = rope_cos is not None and rotary_length > 0
-    if rotate:
-        rope_cos = rope_cos.to(torch.float32).contiguous()
-        rope_sin = rope_sin.to(torch.float32).contiguous()
-        stride_rope_batch = rope_cos.stride(0) if rope_cos.shape[0] > 1 else 0
-        stride_rope_token = rope_cos.stride(1)
-    else:
-        rope_cos = rope_sin = q  # never read: ROTATE is off
-        stride_rope_batch = stride_rope_token = 0
-        rotary_length = 0
+    rope_cos, rope_sin, stride_rope_batch, stride_rope_token = rope_launch_tables(rope_cos, rope_sin, rotate, q)
+    rotary_length = rotary_length if rotate else 0
     if valid_lengths is not None:
         valid_lengths = valid_lengths.to(device=q.device, dtype=torch.int32).contiguous()
 

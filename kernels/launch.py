@@ -41,3 +41,16 @@ def row_launch_settings(columns: int) -> tuple[int, int]:
         warps = 4
     return block, warps
 
+
+
+def rope_launch_tables(rope_cos, rope_sin, rotate: bool, placeholder: torch.Tensor):
+    """(cos, sin, batch stride, token stride) for a kernel that rotates rows with per-pair cos/sin tables.
+
+    Tables become float32 and contiguous; a single row of tables (batch 1) is broadcast with a zero batch stride.
+    Without rotation the kernel never reads them: `placeholder` stands in so the launch still gets pointers.
+    """
+    if not rotate:
+        return placeholder, placeholder, 0, 0
+    rope_cos = rope_cos.to(torch.float32).contiguous()
+    rope_sin = rope_sin.to(torch.float32).contiguous()
+    return rope_cos, rope_sin, rope_cos.stride(0) if rope_cos.shape[0] > 1 else 0, rope_cos.stride(1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, require_kernel_device, row_launch_settings
+from kernels.launch import interpreting, require_kernel_device, rope_launch_tables, row_launch_settings
 from kernels.rotary import rotate_leading_tokens
 from kernels.triton_helpers import rounded_cast
 
@@ -291,15 +291,8 @@ def rms_norm_rotary(x, weight, eps=RMS_NORM_EPS, rope_cos=None, rope_sin=None, r
     out = torch.empty((batch, tokens, heads, head_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if rotate:
-        rope_cos = rope_cos.to(torch.float32).contiguous()
-        rope_sin = rope_sin.to(torch.float32).contiguous()
-        stride_rope_batch = rope_cos.stride(0) if rope_cos.shape[0] > 1 else 0
-        stride_rope_token = rope_cos.stride(1)
-    else:
-        rope_cos = rope_sin = weight  # never read
-        stride_rope_batch = stride_rope_token = 0
-        rotary_length = 0
+    rope_cos, rope_sin, stride_rope_batch, stride_rope_token = rope_launch_tables(rope_cos, rope_sin, rotate, weight)
+    rotary_length = rotary_length if rotate else 0
     total_rows = batch * tokens * heads
     # ~2K elements per program: enough work per program without spilling registers at head_dim 128.
     block_rows = max(1, min(triton.next_power_of_2(total_rows), 2048 // head_dim))

@@ -25,3 +25,16 @@ def test_device_checks(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         require_kernel_device("op", torch.ones(2))
+
+
+def test_rope_launch_tables_broadcast_one_row_and_stand_in_when_unused():
+    from kernels.launch import rope_launch_tables
+
+    cos, sin = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
+    out_cos, out_sin, batch_stride, token_stride = rope_launch_tables(cos, sin, True, torch.ones(1))
+    assert out_cos.dtype == torch.float32 and (batch_stride, token_stride) == (0, 8)
+    torch.testing.assert_close(out_sin, sin.float())
+    per_sample = torch.randn(3, 5, 8)
+    assert rope_launch_tables(per_sample, per_sample, True, torch.ones(1))[2] == 40
+    placeholder = torch.ones(1)
+    assert rope_launch_tables(None, None, False, placeholder) == (placeholder, placeholder, 0, 0)
