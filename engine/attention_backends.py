@@ -94,34 +94,38 @@ def _import(module: str, backend: str, hint: str):
 
 # --- library wrappers -------------------------------------------------------------------------------------------
 
+def _varlen_attention(q, k, v, rope_cos, rope_sin, rotary_length, valid_lengths, attend):
+    """Rotate, pack each sample's valid tokens into one varlen sequence, `attend(q, k, v, layout)`, unpack."""
+    out_dtype = q.dtype
+    q, k, v = _rotated_half_precision(q, k, v, rope_cos, rope_sin, rotary_length)
+    layout = varlen_layout(valid_lengths, q.shape[0], q.shape[1], q.device)
+    out = attend(*(pack_valid_tokens(t, layout).contiguous() for t in (q, k, v)), layout)
+    return unpack_valid_tokens(out, layout).to(out_dtype)
+
+
 def flash_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None):
     """FlashAttention 2's flash_attn_varlen_func over each sample's valid tokens."""
     flash_attn = _import("flash_attn", "flash", "pip install flash-attn --no-build-isolation")
-    out_dtype = q.dtype
-    q, k, v = _rotated_half_precision(q, k, v, rope_cos, rope_sin, rotary_length)
-    batch, tokens = q.shape[:2]
-    layout = varlen_layout(valid_lengths, batch, tokens, q.device)
-    packed = [pack_valid_tokens(t, layout).contiguous() for t in (q, k, v)]
-    out = flash_attn.flash_attn_varlen_func(
-        packed[0], packed[1], packed[2], layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
-        dropout_p=0.0, softmax_scale=None, causal=False)
-    if isinstance(out, tuple):  # some builds return (out, softmax_lse)
-        out = out[0]
-    return unpack_valid_tokens(out, layout).to(out_dtype)
+
+    def attend(q, k, v, layout):
+        out = flash_attn.flash_attn_varlen_func(
+            q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
+            dropout_p=0.0, softmax_scale=None, causal=False)
+        return out[0] if isinstance(out, tuple) else out  # some builds return (out, softmax_lse)
+
+    return _varlen_attention(q, k, v, rope_cos, rope_sin, rotary_length, valid_lengths, attend)
 
 
 def sage_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None):
     """SageAttention's sageattn_varlen (8-bit QK^T) over each sample's valid tokens."""
     sageattention = _import("sageattention", "sage", "pip install sageattention")
-    out_dtype = q.dtype
-    q, k, v = _rotated_half_precision(q, k, v, rope_cos, rope_sin, rotary_length)
-    batch, tokens = q.shape[:2]
-    layout = varlen_layout(valid_lengths, batch, tokens, q.device)
-    packed = [pack_valid_tokens(t, layout).contiguous() for t in (q, k, v)]
-    out = sageattention.sageattn_varlen(
-        packed[0], packed[1], packed[2], layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
-        is_causal=False, sm_scale=q.shape[-1] ** -0.5)
-    return unpack_valid_tokens(out, layout).to(out_dtype)
+
+    def attend(q, k, v, layout):
+        return sageattention.sageattn_varlen(
+            q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
+            is_causal=False, sm_scale=q.shape[-1] ** -0.5)
+
+    return _varlen_attention(q, k, v, rope_cos, rope_sin, rotary_length, valid_lengths, attend)
 
 
 def xformers_attention(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None):
