@@ -46,20 +46,30 @@ def available_codecs() -> list[str]:
     return hardware + common + [n for n in names if n not in hardware and n not in common]
 
 
+def _check_folder(folder: Path) -> None:
+    """An existing output folder must be a folder and writable."""
+    if not folder.is_dir():
+        raise FramePackError(f"The output folder {folder.name!r} is a file: choose another --out path.")
+    if not os.access(folder, os.W_OK):
+        raise FramePackError(f"The output folder {folder.name!r} is not writable: choose a writable --out path.")
+
+
+def _unknown_suffix(suffix: str) -> FramePackError:
+    return FramePackError(
+        f"Unknown video file type {suffix!r}: use one of {', '.join(VIDEO_SUFFIXES)}, .png (frames) or .safetensors.")
+
+
 @contextmanager
 def atomic_path(destination: Path):
     """A temporary path beside `destination`, renamed onto it when the block succeeds and removed when it fails."""
     destination = Path(destination)
     folder = destination.parent
-    if folder.exists() and not folder.is_dir():
-        raise FramePackError(f"The output folder {folder.name!r} is a file: choose another --out path.")
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             raise FramePackError(f"Cannot create the output folder {folder.name!r}: choose a writable --out path.") from None
-    if not os.access(folder, os.W_OK):
-        raise FramePackError(f"The output folder {folder.name!r} is not writable: choose a writable --out path.")
+    _check_folder(folder)
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.stem}.", suffix=destination.suffix, dir=folder)
     os.close(handle)
     # mkstemp makes the file private (0600); give the result the permissions a plain open() would have.
@@ -104,14 +114,9 @@ def check_output(path, codec: str = "libx264") -> None:
     if suffix in VIDEO_SUFFIXES:
         check_codec(codec)
     elif suffix not in ("", ".png", ".safetensors"):
-        raise FramePackError(
-            f"Unknown video file type {suffix!r}: use one of {', '.join(VIDEO_SUFFIXES)}, .png (frames) or .safetensors.")
+        raise _unknown_suffix(suffix)
     folder = path if suffix in ("", ".png") else path.parent
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise FramePackError(f"The output folder {existing.name!r} is a file: choose another --out path.")
-    if not os.access(existing, os.W_OK):
-        raise FramePackError(f"The output folder {existing.name!r} is not writable: choose a writable --out path.")
+    _check_folder(next((p for p in [folder, *folder.parents] if p.exists()), Path(".")))
 
 
 def encode_video(frames, path, fps: float, codec: str = "libx264", crf: int | None = 16,
@@ -122,8 +127,7 @@ def encode_video(frames, path, fps: float, codec: str = "libx264", crf: int | No
     path = Path(path)
     container_format = VIDEO_SUFFIXES.get(path.suffix.lower())
     if container_format is None:
-        raise FramePackError(
-            f"Unknown video file type {path.suffix!r}: use one of {', '.join(VIDEO_SUFFIXES)}, .png (frames) or .safetensors.")
+        raise _unknown_suffix(path.suffix)
     check_codec(codec)
     height, width = frames.shape[1:3]
     encoder_options = {str(k): str(v) for k, v in (options or {}).items()}
