@@ -4,6 +4,7 @@ attention.py  packed_attention: flash-attention forward over packed [image | tex
 norm.py       layer_norm_modulate, gated_residual, gated_residual_layer_norm_modulate, rms_norm_rotary
 patchify.py   packed_patchify: the four FramePack patch embeddings as gather-fused GEMMs into one packed sequence
 cuda_ops.py   loader of the optional CUDA C++ glue ops (csrc/), with the Triton/PyTorch twins as fallback
+reference.py  the eager PyTorch reference of every kernel (no Triton import): the DiT's plain path and the oracle
 rotary.py     the interleaved-pair rotation in PyTorch (shared by the references)
 launch.py, triton_helpers.py  launch settings and small jit helpers (interpreter-faithful bfloat16 rounding)
 """

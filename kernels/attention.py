@@ -20,26 +20,11 @@ import triton
 import triton.language as tl
 
 from kernels.launch import interpreting, require_kernel_device, rope_launch_tables
-from kernels.rotary import rotate_leading_tokens
+from kernels.reference import packed_attention_reference  # noqa: F401 (re-exported beside the kernel)
 from kernels.triton_helpers import rounded_cast, tile_dot
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def packed_attention_reference(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None,
-                               softmax_scale=None):
-    """Plain PyTorch: rotate the image tokens of q and k, mask padded keys, softmax in float32; out in q's dtype."""
-    q = rotate_leading_tokens(q, rope_cos, rope_sin, rotary_length)
-    k = rotate_leading_tokens(k, rope_cos, rope_sin, rotary_length)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    if valid_lengths is not None:
-        key_positions = torch.arange(k.shape[1], device=k.device)
-        key_is_valid = key_positions[None, :] < valid_lengths.to(k.device)[:, None]
-        scores = scores.masked_fill(~key_is_valid[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()).to(q.dtype)
 
 
 # --- autotuning -------------------------------------------------------------------------------------------------

@@ -11,50 +11,13 @@ Shapes follow the DiT: hidden states x (batch, tokens, channels), per-sample mod
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.launch import interpreting, require_kernel_device, rope_launch_tables, row_launch_settings
-from kernels.rotary import rotate_leading_tokens
+from kernels.reference import (LAYER_NORM_EPS, RMS_NORM_EPS, gated_residual_layer_norm_modulate_reference,  # noqa: F401
+                               gated_residual_reference, layer_norm_modulate_reference, rms_norm_rotary_reference)
 from kernels.triton_helpers import rounded_cast
-
-LAYER_NORM_EPS = 1e-6
-RMS_NORM_EPS = 1e-6
-
-
-# --- references -------------------------------------------------------------------------------------------------
-
-def layer_norm_modulate_reference(x, shift, scale, eps=LAYER_NORM_EPS):
-    """LayerNorm without affine over channels, then x * (1 + scale) + shift per sample, in x's dtype."""
-    normalized = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return (normalized * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
-
-
-def gated_residual_reference(x, gate, y):
-    """x + gate * y with the gate broadcast over tokens, in x's dtype."""
-    return (x + gate[:, None] * y).to(x.dtype)
-
-
-def gated_residual_layer_norm_modulate_reference(x, gate, y, shift, scale, eps=LAYER_NORM_EPS):
-    """The residual update and the next sub-block's modulated norm: returns (x + gate * y, its modulated norm)."""
-    residual = gated_residual_reference(x, gate, y)
-    return residual, layer_norm_modulate_reference(residual, shift, scale, eps)
-
-
-def rms_norm_rotary_reference(x, weight, eps=RMS_NORM_EPS, rope_cos=None, rope_sin=None, rotary_length=0,
-                              round_before_weight=False):
-    """Per-head RMSNorm (float32, cast back to x's dtype as torch's RMSNorm does), then RoPE on the image tokens.
-
-    round_before_weight: round the normalized value to x's dtype before multiplying by the weight (and round the
-    product again), as diffusers' and the official HunyuanVideo RMSNorm do with half-precision weights.
-    """
-    if round_before_weight:
-        normalized = (F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight).to(x.dtype)
-    else:
-        normalized = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
-    return rotate_leading_tokens(normalized, rope_cos, rope_sin, rotary_length)
-
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 

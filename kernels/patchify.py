@@ -14,96 +14,16 @@ cos/sin row the same way. Nothing is padded, concatenated or copied in memory.
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.launch import interpreting, require_kernel_device
+from kernels.reference import (BASE_PATCH_SIZE, GROUP_NAMES, PackedPatches, PatchGroup,  # noqa: F401 (re-exported)
+                               check_patch_groups, packed_patchify_reference, patch_kernel_size, patch_output_dtype,
+                               rope_pool, token_grid)
 from kernels.triton_helpers import rounded_cast, tile_dot
-
-# The noisy latents' patch size; RoPE tables are given on this grid and pooled by (group kernel / this) per group.
-BASE_PATCH_SIZE = (1, 2, 2)
-GROUP_NAMES = ("clean_4x", "clean_2x", "clean", "noisy")  # packing order
-
-
-class PatchGroup(NamedTuple):
-    """One latent group and its patch embedding.
-
-    latents: (batch, channels, frames, height, width). weight: Conv3d weight (inner, channels, kt, kh, kw), the
-    kernel also being the stride; bias: (inner,) or None. rope_cos/rope_sin (optional): the group's RoPE table on
-    the base patch grid, (batch or 1, frames // 1, height // 2, width // 2, head_dim), cos/sin repeated per pair.
-    """
-    latents: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    rope_cos: torch.Tensor | None = None
-    rope_sin: torch.Tensor | None = None
-
-
-class PackedPatches(NamedTuple):
-    """tokens (batch, total, inner); rope_cos/rope_sin (batch or 1, total, head_dim) float32 or None;
-    group_lengths: tokens per sample of each group in packing order (clean_4x, clean_2x, clean, noisy), 0 if absent."""
-    tokens: torch.Tensor
-    rope_cos: torch.Tensor | None
-    rope_sin: torch.Tensor | None
-    group_lengths: tuple[int, int, int, int]
-
-
-def _kernel_size(weight):
-    return tuple(weight.shape[2:])
-
-
-def _token_grid(latents, kernel):
-    # Replicate padding up to a multiple of the kernel: a partial patch at the end becomes one more token.
-    return tuple(-(-size // k) for size, k in zip(latents.shape[2:], kernel))
-
-
-def _rope_pool(kernel):
-    return tuple(k // base for k, base in zip(kernel, BASE_PATCH_SIZE))
-
-
-def _replicate_pad_to_multiple(x, kernel):
-    """Pad the last three dims of a 5-D tensor at their end, repeating the edge, up to a multiple of `kernel`."""
-    pad_t, pad_h, pad_w = ((-size) % k for size, k in zip(x.shape[2:], kernel))
-    if pad_t or pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h, 0, pad_t), mode="replicate")
-    return x
-
-
-# --- reference --------------------------------------------------------------------------------------------------
-
-def _reference_group(group: PatchGroup, dtype):
-    kernel = _kernel_size(group.weight)
-    latents = _replicate_pad_to_multiple(group.latents.to(dtype), kernel)
-    bias = group.bias.to(dtype) if group.bias is not None else None
-    tokens = F.conv3d(latents, group.weight.to(dtype), bias, stride=kernel).flatten(2).transpose(1, 2)
-    if group.rope_cos is None:
-        return tokens, None, None
-    pool = _rope_pool(kernel)
-    pooled = []
-    for table in (group.rope_cos, group.rope_sin):
-        grid = _replicate_pad_to_multiple(table.float().permute(0, 4, 1, 2, 3), pool)
-        pooled.append(F.avg_pool3d(grid, pool, stride=pool).flatten(2).transpose(1, 2))
-    return tokens, pooled[0], pooled[1]
-
-
-def packed_patchify_reference(noisy=None, clean=None, clean_2x=None, clean_4x=None) -> PackedPatches:
-    """Plain PyTorch: per group pad + conv3d + flatten (+ pad + avg_pool3d of its RoPE table), then cat."""
-    groups = _check_groups(noisy, clean, clean_2x, clean_4x)
-    dtype = _output_dtype(groups)
-    pieces = [_reference_group(g, dtype) if g is not None else None for g in groups]
-    present = [p for p in pieces if p is not None]
-    tokens = torch.cat([p[0] for p in present], dim=1)
-    lengths = tuple(p[0].shape[1] if p is not None else 0 for p in pieces)
-    if present[0][1] is None:
-        return PackedPatches(tokens, None, None, lengths)
-    batch = max(p[1].shape[0] for p in present)
-    rope_cos = torch.cat([p[1].expand(batch, -1, -1) for p in present], dim=1)
-    rope_sin = torch.cat([p[2].expand(batch, -1, -1) for p in present], dim=1)
-    return PackedPatches(tokens, rope_cos, rope_sin, lengths)
 
 
 # --- kernels ----------------------------------------------------------------------------------------------------
@@ -233,61 +153,6 @@ def _pooled_rope_kernel(
 
 # --- wrapper ----------------------------------------------------------------------------------------------------
 
-def _output_dtype(groups):
-    dtypes = {g.weight.dtype for g in groups if g is not None}
-    if len(dtypes) != 1:
-        raise ValueError(
-            f"packed_patchify: all patch-embedding weights must share one dtype, got {sorted(map(str, dtypes))}.")
-    return dtypes.pop()
-
-
-def _check_groups(noisy, clean, clean_2x, clean_4x):
-    groups = (clean_4x, clean_2x, clean, noisy)  # packing order
-    present = [(name, g) for name, g in zip(GROUP_NAMES, groups) if g is not None]
-    if not present:
-        raise ValueError("packed_patchify: every latent group is None; pass at least the noisy latents.")
-    batch = present[0][1].latents.shape[0]
-    with_rope = [g.rope_cos is not None for _, g in present]
-    if any(with_rope) and not all(with_rope):
-        raise ValueError("packed_patchify: give RoPE tables for every present group or for none of them.")
-    inner = present[0][1].weight.shape[0]
-    for name, group in present:
-        latents, weight = group.latents, group.weight
-        if latents.dim() != 5 or weight.dim() != 5 or latents.shape[1] != weight.shape[1]:
-            raise ValueError(
-                f"packed_patchify: {name} latents (batch, channels, frames, height, width) and Conv3d weight "
-                f"(inner, channels, kt, kh, kw) disagree: {tuple(latents.shape)} vs {tuple(weight.shape)}.")
-        if latents.shape[0] != batch or weight.shape[0] != inner:
-            raise ValueError(
-                f"packed_patchify: {name} has batch {latents.shape[0]} and inner {weight.shape[0]}, but the first "
-                f"group has {batch} and {inner}; all groups must share them.")
-        if group.bias is not None and group.bias.shape != (inner,):
-            raise ValueError(f"packed_patchify: {name} bias must be ({inner},), got {tuple(group.bias.shape)}.")
-        kernel = _kernel_size(weight)
-        if any(k % base for k, base in zip(kernel, BASE_PATCH_SIZE)):
-            raise ValueError(
-                f"packed_patchify: {name} kernel {kernel} is not a multiple of the base patch {BASE_PATCH_SIZE}.")
-        if group.rope_cos is not None:
-            fine_grid = tuple(size // base for size, base in zip(latents.shape[2:], BASE_PATCH_SIZE))
-            for table_name, table in (("rope_cos", group.rope_cos), ("rope_sin", group.rope_sin)):
-                if (table is None or table.dim() != 5 or tuple(table.shape[1:4]) != fine_grid
-                        or table.shape[0] not in (1, batch) or table.shape != group.rope_cos.shape):
-                    raise ValueError(
-                        f"packed_patchify: {name} {table_name} must be (batch or 1, {fine_grid[0]}, {fine_grid[1]}, "
-                        f"{fine_grid[2]}, head_dim) on the base patch grid, got "
-                        f"{None if table is None else tuple(table.shape)}.")
-            pooled_grid = tuple(-(-size // p) for size, p in zip(fine_grid, _rope_pool(kernel)))
-            if pooled_grid != _token_grid(latents, kernel):
-                raise ValueError(
-                    f"packed_patchify: {name} latents of size {tuple(latents.shape[2:])} give a token grid "
-                    f"{_token_grid(latents, kernel)} but a RoPE grid {pooled_grid}; use heights and widths "
-                    f"divisible by {BASE_PATCH_SIZE[1]}.")
-    head_dims = {g.rope_cos.shape[-1] for _, g in present if g.rope_cos is not None}
-    if len(head_dims) > 1:
-        raise ValueError(f"packed_patchify: RoPE tables disagree on head_dim: {sorted(head_dims)}.")
-    return groups
-
-
 def packed_patchify(noisy: PatchGroup | None = None, clean: PatchGroup | None = None,
                     clean_2x: PatchGroup | None = None, clean_4x: PatchGroup | None = None) -> PackedPatches:
     """Patch-embed the present groups into one packed (batch, total, inner) sequence: clean_4x, clean_2x, clean, noisy.
@@ -297,11 +162,11 @@ def packed_patchify(noisy: PatchGroup | None = None, clean: PatchGroup | None = 
     cos/sin row (2x/4x groups: the base-grid table replicate-padded and average-pooled to the group's grid).
     Output dtype: the weights'; latents of another dtype are cast as they are loaded.
     """
-    groups = _check_groups(noisy, clean, clean_2x, clean_4x)
+    groups = check_patch_groups(noisy, clean, clean_2x, clean_4x)
     present = [g for g in groups if g is not None]
     tensors = [t for g in present for t in g if t is not None]
     require_kernel_device("packed_patchify", *tensors)
-    dtype = _output_dtype(groups)
+    dtype = patch_output_dtype(groups)
     batch = present[0].latents.shape[0]
     inner = present[0].weight.shape[0]
     device = present[0].latents.device
@@ -333,14 +198,14 @@ def packed_patchify(noisy: PatchGroup | None = None, clean: PatchGroup | None = 
 
 
 def _grid_size(group):
-    grid_t, grid_h, grid_w = _token_grid(group.latents, _kernel_size(group.weight))
+    grid_t, grid_h, grid_w = token_grid(group.latents, patch_kernel_size(group.weight))
     return grid_t * grid_h * grid_w
 
 
 def _launch_patch_embed(group, tokens, token_offset, length, emulate_bf16):
     latents, weight = group.latents, group.weight
-    kernel = _kernel_size(weight)
-    _, grid_h, grid_w = _token_grid(latents, kernel)
+    kernel = patch_kernel_size(weight)
+    _, grid_h, grid_w = token_grid(latents, kernel)
     batch, _, frames, height, width = latents.shape
     inner = weight.shape[0]
     # (inner, channels, kt, kh, kw) -> (inner, channels * kt * kh * kw): a view for the usual contiguous weight.
@@ -365,9 +230,9 @@ def _launch_patch_embed(group, tokens, token_offset, length, emulate_bf16):
 
 
 def _launch_pooled_rope(group, rope_cos, rope_sin, token_offset, length):
-    kernel = _kernel_size(group.weight)
-    pool = _rope_pool(kernel)
-    _, grid_h, grid_w = _token_grid(group.latents, kernel)
+    kernel = patch_kernel_size(group.weight)
+    pool = rope_pool(kernel)
+    _, grid_h, grid_w = token_grid(group.latents, kernel)
     cos = group.rope_cos.to(torch.float32)
     sin = group.rope_sin.to(torch.float32)
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:

@@ -1,0 +1,205 @@
+"""The eager PyTorch references of every kernel in kernels/: the DiT's plain path and the kernels' test oracle.
+
+This module never imports Triton, so the engine runs its plain path (and the tests check the kernels against it) on
+machines where Triton is absent. Each kernel module re-exports the reference beside its kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels.rotary import rotate_leading_tokens
+
+
+
+# --- norms and modulation -----------------------------------------------------------------------------------------
+
+LAYER_NORM_EPS = 1e-6
+RMS_NORM_EPS = 1e-6
+
+
+def layer_norm_modulate_reference(x, shift, scale, eps=LAYER_NORM_EPS):
+    """LayerNorm without affine over channels, then x * (1 + scale) + shift per sample, in x's dtype."""
+    normalized = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return (normalized * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+
+
+def gated_residual_reference(x, gate, y):
+    """x + gate * y with the gate broadcast over tokens, in x's dtype."""
+    return (x + gate[:, None] * y).to(x.dtype)
+
+
+def gated_residual_layer_norm_modulate_reference(x, gate, y, shift, scale, eps=LAYER_NORM_EPS):
+    """The residual update and the next sub-block's modulated norm: returns (x + gate * y, its modulated norm)."""
+    residual = gated_residual_reference(x, gate, y)
+    return residual, layer_norm_modulate_reference(residual, shift, scale, eps)
+
+
+def rms_norm_rotary_reference(x, weight, eps=RMS_NORM_EPS, rope_cos=None, rope_sin=None, rotary_length=0,
+                              round_before_weight=False):
+    """Per-head RMSNorm (float32, cast back to x's dtype as torch's RMSNorm does), then RoPE on the image tokens.
+
+    round_before_weight: round the normalized value to x's dtype before multiplying by the weight (and round the
+    product again), as diffusers' and the official HunyuanVideo RMSNorm do with half-precision weights.
+    """
+    if round_before_weight:
+        normalized = (F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight).to(x.dtype)
+    else:
+        normalized = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return rotate_leading_tokens(normalized, rope_cos, rope_sin, rotary_length)
+
+# --- packed attention ---------------------------------------------------------------------------------------------
+
+def packed_attention_reference(q, k, v, rope_cos=None, rope_sin=None, rotary_length=0, valid_lengths=None,
+                               softmax_scale=None):
+    """Plain PyTorch: rotate the image tokens of q and k, mask padded keys, softmax in float32; out in q's dtype."""
+    q = rotate_leading_tokens(q, rope_cos, rope_sin, rotary_length)
+    k = rotate_leading_tokens(k, rope_cos, rope_sin, rotary_length)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if valid_lengths is not None:
+        key_positions = torch.arange(k.shape[1], device=k.device)
+        key_is_valid = key_positions[None, :] < valid_lengths.to(k.device)[:, None]
+        scores = scores.masked_fill(~key_is_valid[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()).to(q.dtype)
+
+# --- packed patchify ----------------------------------------------------------------------------------------------
+
+# The noisy latents' patch size; RoPE tables are given on this grid and pooled by (group kernel / this) per group.
+BASE_PATCH_SIZE = (1, 2, 2)
+GROUP_NAMES = ("clean_4x", "clean_2x", "clean", "noisy")  # packing order
+
+
+class PatchGroup(NamedTuple):
+    """One latent group and its patch embedding.
+
+    latents: (batch, channels, frames, height, width). weight: Conv3d weight (inner, channels, kt, kh, kw), the
+    kernel also being the stride; bias: (inner,) or None. rope_cos/rope_sin (optional): the group's RoPE table on
+    the base patch grid, (batch or 1, frames // 1, height // 2, width // 2, head_dim), cos/sin repeated per pair.
+    """
+    latents: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
+
+
+class PackedPatches(NamedTuple):
+    """tokens (batch, total, inner); rope_cos/rope_sin (batch or 1, total, head_dim) float32 or None;
+    group_lengths: tokens per sample of each group in packing order (clean_4x, clean_2x, clean, noisy), 0 if absent."""
+    tokens: torch.Tensor
+    rope_cos: torch.Tensor | None
+    rope_sin: torch.Tensor | None
+    group_lengths: tuple[int, int, int, int]
+
+
+def patch_kernel_size(weight):
+    return tuple(weight.shape[2:])
+
+
+def token_grid(latents, kernel):
+    # Replicate padding up to a multiple of the kernel: a partial patch at the end becomes one more token.
+    return tuple(-(-size // k) for size, k in zip(latents.shape[2:], kernel))
+
+
+def rope_pool(kernel):
+    return tuple(k // base for k, base in zip(kernel, BASE_PATCH_SIZE))
+
+
+def replicate_pad_to_multiple(x, kernel):
+    """Pad the last three dims of a 5-D tensor at their end, repeating the edge, up to a multiple of `kernel`."""
+    pad_t, pad_h, pad_w = ((-size) % k for size, k in zip(x.shape[2:], kernel))
+    if pad_t or pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h, 0, pad_t), mode="replicate")
+    return x
+
+
+def _reference_group(group: PatchGroup, dtype):
+    kernel = patch_kernel_size(group.weight)
+    latents = replicate_pad_to_multiple(group.latents.to(dtype), kernel)
+    bias = group.bias.to(dtype) if group.bias is not None else None
+    tokens = F.conv3d(latents, group.weight.to(dtype), bias, stride=kernel).flatten(2).transpose(1, 2)
+    if group.rope_cos is None:
+        return tokens, None, None
+    pool = rope_pool(kernel)
+    pooled = []
+    for table in (group.rope_cos, group.rope_sin):
+        grid = replicate_pad_to_multiple(table.float().permute(0, 4, 1, 2, 3), pool)
+        pooled.append(F.avg_pool3d(grid, pool, stride=pool).flatten(2).transpose(1, 2))
+    return tokens, pooled[0], pooled[1]
+
+
+def packed_patchify_reference(noisy=None, clean=None, clean_2x=None, clean_4x=None) -> PackedPatches:
+    """Plain PyTorch: per group pad + conv3d + flatten (+ pad + avg_pool3d of its RoPE table), then cat."""
+    groups = check_patch_groups(noisy, clean, clean_2x, clean_4x)
+    dtype = patch_output_dtype(groups)
+    pieces = [_reference_group(g, dtype) if g is not None else None for g in groups]
+    present = [p for p in pieces if p is not None]
+    tokens = torch.cat([p[0] for p in present], dim=1)
+    lengths = tuple(p[0].shape[1] if p is not None else 0 for p in pieces)
+    if present[0][1] is None:
+        return PackedPatches(tokens, None, None, lengths)
+    batch = max(p[1].shape[0] for p in present)
+    rope_cos = torch.cat([p[1].expand(batch, -1, -1) for p in present], dim=1)
+    rope_sin = torch.cat([p[2].expand(batch, -1, -1) for p in present], dim=1)
+    return PackedPatches(tokens, rope_cos, rope_sin, lengths)
+
+
+def patch_output_dtype(groups):
+    dtypes = {g.weight.dtype for g in groups if g is not None}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"packed_patchify: all patch-embedding weights must share one dtype, got {sorted(map(str, dtypes))}.")
+    return dtypes.pop()
+
+
+def check_patch_groups(noisy, clean, clean_2x, clean_4x):
+    groups = (clean_4x, clean_2x, clean, noisy)  # packing order
+    present = [(name, g) for name, g in zip(GROUP_NAMES, groups) if g is not None]
+    if not present:
+        raise ValueError("packed_patchify: every latent group is None; pass at least the noisy latents.")
+    batch = present[0][1].latents.shape[0]
+    with_rope = [g.rope_cos is not None for _, g in present]
+    if any(with_rope) and not all(with_rope):
+        raise ValueError("packed_patchify: give RoPE tables for every present group or for none of them.")
+    inner = present[0][1].weight.shape[0]
+    for name, group in present:
+        latents, weight = group.latents, group.weight
+        if latents.dim() != 5 or weight.dim() != 5 or latents.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"packed_patchify: {name} latents (batch, channels, frames, height, width) and Conv3d weight "
+                f"(inner, channels, kt, kh, kw) disagree: {tuple(latents.shape)} vs {tuple(weight.shape)}.")
+        if latents.shape[0] != batch or weight.shape[0] != inner:
+            raise ValueError(
+                f"packed_patchify: {name} has batch {latents.shape[0]} and inner {weight.shape[0]}, but the first "
+                f"group has {batch} and {inner}; all groups must share them.")
+        if group.bias is not None and group.bias.shape != (inner,):
+            raise ValueError(f"packed_patchify: {name} bias must be ({inner},), got {tuple(group.bias.shape)}.")
+        kernel = patch_kernel_size(weight)
+        if any(k % base for k, base in zip(kernel, BASE_PATCH_SIZE)):
+            raise ValueError(
+                f"packed_patchify: {name} kernel {kernel} is not a multiple of the base patch {BASE_PATCH_SIZE}.")
+        if group.rope_cos is not None:
+            fine_grid = tuple(size // base for size, base in zip(latents.shape[2:], BASE_PATCH_SIZE))
+            for table_name, table in (("rope_cos", group.rope_cos), ("rope_sin", group.rope_sin)):
+                if (table is None or table.dim() != 5 or tuple(table.shape[1:4]) != fine_grid
+                        or table.shape[0] not in (1, batch) or table.shape != group.rope_cos.shape):
+                    raise ValueError(
+                        f"packed_patchify: {name} {table_name} must be (batch or 1, {fine_grid[0]}, {fine_grid[1]}, "
+                        f"{fine_grid[2]}, head_dim) on the base patch grid, got "
+                        f"{None if table is None else tuple(table.shape)}.")
+            pooled_grid = tuple(-(-size // p) for size, p in zip(fine_grid, rope_pool(kernel)))
+            if pooled_grid != token_grid(latents, kernel):
+                raise ValueError(
+                    f"packed_patchify: {name} latents of size {tuple(latents.shape[2:])} give a token grid "
+                    f"{token_grid(latents, kernel)} but a RoPE grid {pooled_grid}; use heights and widths "
+                    f"divisible by {BASE_PATCH_SIZE[1]}.")
+    head_dims = {g.rope_cos.shape[-1] for _, g in present if g.rope_cos is not None}
+    if len(head_dims) > 1:
+        raise ValueError(f"packed_patchify: RoPE tables disagree on head_dim: {sorted(head_dims)}.")
+    return groups
