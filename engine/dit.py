@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.attention import resolve_backend, sdpa_attention
+from engine.history import HISTORY_SCALES, HistoryContext
+from kernels import reference
 from engine.errors import BackendUnavailableError, FramePackError, ModelSourceError
 
 
@@ -137,44 +140,50 @@ class AdaptiveModulation(nn.Module):
         return self.linear(F.silu(conditioning)).chunk(self.chunks, dim=1)
 
 
-def layer_norm(x, eps: float = 1e-6):
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
-def modulate(normed, shift, scale):
-    return normed * (1 + scale[:, None]) + shift[:, None]
-
-
 class RMSNorm(nn.Module):
-    """RMSNorm over head_dim, computed in float32; the result takes the weight's dtype as the checkpoint's model."""
+    """RMSNorm over head_dim, computed in float32; with a half-precision weight the normalized value is rounded to
+    it before the multiply, as the checkpoint's model does."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @property
+    def rounds_before_weight(self) -> bool:
+        return self.weight.dtype in (torch.float16, torch.bfloat16)
+
     def forward(self, x):
-        normed = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            normed = normed.to(self.weight.dtype)
-        return normed * self.weight
+        return reference.rms_norm_rotary_reference(x, self.weight, self.eps,
+                                                   round_before_weight=self.rounds_before_weight)
+
+
+class PatchInputs(NamedTuple):
+    """One latent group of the packed sequence: its latents, its Conv3d patch embedder and its RoPE tables on the
+    base patch grid (batch or 1, frames, rows, columns, head_dim)."""
+
+    latents: torch.Tensor
+    embedder: nn.Conv3d
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
 
 class PlainOps:
-    """The memory-bound glue between the GEMMs, in plain PyTorch: the path the fused kernels are tested against."""
+    """The memory-bound glue between the GEMMs as the eager references of kernels/reference.py (no Triton)."""
+
+    layer_norm_modulate = staticmethod(reference.layer_norm_modulate_reference)
+    gated_residual = staticmethod(reference.gated_residual_reference)
+    gated_residual_layer_norm_modulate = staticmethod(reference.gated_residual_layer_norm_modulate_reference)
 
     @staticmethod
-    def layer_norm_modulate(x, shift, scale):
-        return modulate(layer_norm(x), shift, scale)
-
-    @staticmethod
-    def gated_residual(x, gate, y):
-        return x + y * gate[:, None]
-
-    @classmethod
-    def gated_residual_layer_norm_modulate(cls, x, gate, y, shift, scale):
-        x = cls.gated_residual(x, gate, y)
-        return x, cls.layer_norm_modulate(x, shift, scale)
+    def packed_patchify(groups: dict[str, PatchInputs]):
+        """Each group through its Conv3d module (so the module can be swapped), packed in the dict's order."""
+        tokens, cos, sin = [], [], []
+        for group in groups.values():
+            tokens.append(reference.patch_tokens(group.latents, group.embedder.kernel_size, group.embedder))
+            cos.append(reference.pooled_rope_table(group.rope_cos, group.embedder.kernel_size))
+            sin.append(reference.pooled_rope_table(group.rope_sin, group.embedder.kernel_size))
+        return torch.cat(tokens, dim=1), torch.cat(cos, dim=1), torch.cat(sin, dim=1)
 
     @staticmethod
     def rms_norm(norm: RMSNorm, x):
@@ -182,7 +191,7 @@ class PlainOps:
 
 
 class FusedOps:
-    """The same glue as Triton kernels (kernels/norm.py): one pass over each row instead of several."""
+    """The same glue as Triton kernels (kernels/norm.py, kernels/patchify.py): one pass over each row."""
 
     @staticmethod
     def layer_norm_modulate(x, shift, scale):
@@ -203,12 +212,20 @@ class FusedOps:
         return gated_residual_layer_norm_modulate(x, gate, y, shift, scale)
 
     @staticmethod
+    def packed_patchify(groups: dict[str, PatchInputs]):
+        """One gather-fused GEMM per group writing straight into the packed sequence, rotary tables pooled alongside."""
+        from kernels.patchify import PatchGroup, packed_patchify
+
+        packed = packed_patchify(**{name: PatchGroup(group.latents, group.embedder.weight, group.embedder.bias,
+                                                     group.rope_cos, group.rope_sin)
+                                    for name, group in groups.items()})
+        return packed.tokens, packed.rope_cos, packed.rope_sin
+
+    @staticmethod
     def rms_norm(norm: RMSNorm, x):
         from kernels.norm import rms_norm_rotary
 
-        # The checkpoint's RMSNorm rounds to the weight's half precision before multiplying by it.
-        return rms_norm_rotary(x, norm.weight, norm.eps,
-                               round_before_weight=norm.weight.dtype in (torch.float16, torch.bfloat16))
+        return rms_norm_rotary(x, norm.weight, norm.eps, round_before_weight=norm.rounds_before_weight)
 
 
 class GeluProjection(nn.Module):
@@ -269,33 +286,9 @@ def rope_tables(frame_indices: torch.Tensor, height: int, width: int, axes_dim, 
     return angles.cos(), angles.sin()
 
 
-def pad_to_multiple(x: torch.Tensor, kernel) -> torch.Tensor:
-    """Replicate-pad (batch, channels, t, h, w) at the end of each axis up to a multiple of the kernel."""
-    pads = []
-    for size, k in zip(reversed(x.shape[2:]), reversed(kernel)):
-        pads += [0, (k - size % k) % k]
-    return F.pad(x, pads, mode="replicate") if any(pads) else x
-
-
-def pooled_rope_tables(cos, sin, frames: int, height: int, width: int, kernel):
-    """The rotary tables of a coarse (2x/4x) grid: the fine tables replicate-padded and averaged over each kernel."""
-
-    def pool(table):
-        grid = table.transpose(1, 2).unflatten(2, (frames, height, width))  # (batch, head_dim, t, h, w)
-        pooled = F.avg_pool3d(pad_to_multiple(grid, kernel), kernel, stride=kernel)
-        return pooled.flatten(2).transpose(1, 2)
-
-    return pool(cos), pool(sin)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Patch embeddings
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def patchify(conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (batch, channels, t, h, w) -> tokens (batch, tokens, hidden), replicate-padded to the kernel."""
-    return conv(pad_to_multiple(latents, conv.kernel_size)).flatten(2).transpose(1, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -305,13 +298,20 @@ class PatchEmbed(nn.Module):
 
 
 class CleanLatentEmbed(nn.Module):
-    """The history embedders: 1x (1, 2, 2), 2x (2, 4, 4) and 4x (4, 8, 8) kernels, so older frames cost fewer tokens."""
+    """The history embedders, one per scale of engine.history.HISTORY_SCALES, so older frames cost fewer tokens."""
+
+    # The checkpoint's names of the history scales' embedders.
+    MODULE_NAMES = {"clean": "proj", "clean_2x": "proj_2x", "clean_4x": "proj_4x"}
 
     def __init__(self, in_channels, hidden_size):
         super().__init__()
-        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.proj_2x = nn.Conv3d(in_channels, hidden_size, kernel_size=(2, 4, 4), stride=(2, 4, 4))
-        self.proj_4x = nn.Conv3d(in_channels, hidden_size, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+        # Registered 1x, 2x, 4x as the checkpoint lists them (parameter order decides seeded random weights).
+        for scale in reversed(HISTORY_SCALES):
+            self.add_module(self.MODULE_NAMES[scale.name],
+                            nn.Conv3d(in_channels, hidden_size, kernel_size=scale.kernel, stride=scale.kernel))
+
+    def embedder(self, scale_name: str) -> nn.Conv3d:
+        return getattr(self, self.MODULE_NAMES[scale_name])
 
 
 class ImageProjection(nn.Module):
@@ -515,8 +515,7 @@ class OutputNorm(nn.Module):
         self.linear = nn.Linear(hidden_size, 2 * hidden_size)
 
     def forward(self, x, conditioning, ops=PlainOps):
-        scale, shift = F.linear(F.silu(conditioning).to(x.dtype), self.linear.weight.to(x.dtype),
-                                self.linear.bias.to(x.dtype)).chunk(2, dim=1)
+        scale, shift = self.linear(F.silu(conditioning)).chunk(2, dim=1)
         return ops.layer_norm_modulate(x, shift, scale)
 
 
@@ -528,6 +527,18 @@ class OutputNorm(nn.Module):
 @dataclass
 class DiTOutput:
     sample: torch.Tensor
+
+
+@dataclass
+class StepTokens:
+    """What `embed` hands to `run_blocks` and `head` for one model call."""
+
+    image: torch.Tensor  # (batch, latent tokens, hidden): packed [4x | 2x | 1x | noisy]
+    text: torch.Tensor  # (batch, condition tokens, hidden): [image embedding | refined prompt]
+    conditioning: torch.Tensor  # (batch, hidden): timestep + guidance + pooled prompt
+    context: PackedContext  # rotary tables, lengths, attention backend, glue ops
+    latent_shape: tuple[int, int, int, int]  # (batch, frames, height, width) of the noisy latents
+    noisy_tokens: int  # the last `noisy_tokens` image tokens are the noisy latents'
 
 
 def _batched_indices(indices, batch_size, frames, device):
@@ -567,11 +578,10 @@ class FramePackDiT(nn.Module):
         self.norm_out = OutputNorm(hidden)
         self.proj_out = nn.Linear(hidden, config.patch_size_t * config.patch_size**2 * config.out_channels)
 
-        # The official app runs the final norm and projection in float32 for a cleaner output.
-        self.fp32_output = False
         self.attention_backend = "sdpa"
         self._attention = sdpa_attention
         self.fused_kernels = False
+        self._block_stream = iter  # how run_blocks receives each block: as it is, or from a weight streamer
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -636,6 +646,16 @@ class FramePackDiT(nn.Module):
         self.fused_kernels = bool(enabled)
         return self
 
+    def set_output_precision(self, float32: bool = True) -> "FramePackDiT":
+        """float32=True: the final projection runs in float32 (its weights converted once, losslessly), as the
+        official app's `high_quality_fp32_output_for_inference`; the final norm stays in the model's dtype."""
+        self.proj_out.to(torch.float32 if float32 else self.compute_dtype)
+        return self
+
+    @property
+    def fp32_output(self) -> bool:
+        return self.proj_out.weight.dtype == torch.float32
+
     # Drop-in name used by code written for the official class.
     @property
     def high_quality_fp32_output_for_inference(self) -> bool:
@@ -643,70 +663,166 @@ class FramePackDiT(nn.Module):
 
     @high_quality_fp32_output_for_inference.setter
     def high_quality_fp32_output_for_inference(self, value: bool):
-        self.fp32_output = bool(value)
+        self.set_output_precision(bool(value))
 
-    # ---- forward --------------------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block in the order run_blocks runs them: double-stream, then single-stream."""
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
 
-    def pack_latents(self, hidden_states, latent_indices, clean_latents, clean_latent_indices, clean_latents_2x,
-                     clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices):
-        """Embeds the noisy and clean latents into one token sequence (4x, 2x, 1x, noisy) with its rotary tables."""
+    def set_block_stream(self, stream=None) -> "FramePackDiT":
+        """stream(blocks) -> an iterator handing run_blocks each block once its weights are where it computes
+        (engine.offload's streamer); None: the blocks as they are."""
+        self._block_stream = stream or iter
+        return self
+
+    # ---- the three seams of a model call: embed -> run_blocks -> head ------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in: the patch embedder's weights'."""
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def takes_image_embeddings(self) -> bool:
+        """Whether this checkpoint is conditioned on SigLIP image tokens (FramePack's are)."""
+        return self.image_projection is not None
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether this checkpoint is guidance-distilled (it then needs the `guidance` input)."""
+        return self.config.guidance_embeds
+
+    def embed(self, latents, timestep, text, text_mask=None, pooled_text=None, guidance=None, latent_indices=None,
+              history: HistoryContext | None = None, image_embeddings=None) -> StepTokens:
+        """Everything before the blocks: the noisy and clean latents patch-embedded and packed with their rotary
+        tables, the conditioning vector, and the refined prompt tokens behind the projected image tokens.
+
+        latents (batch, channels, frames, height, width); timestep (batch,) or a scalar, in [0, 1000]; text
+        (batch, tokens, text_embed_dim) with text_mask (batch, tokens) or None when no sample is padded;
+        pooled_text (batch, pooled_projection_dim); guidance as timestep, for guidance-distilled checkpoints.
+        """
         config = self.config
-        batch, _, frames, height, width = hidden_states.shape
-        p = config.patch_size
-        grid_height, grid_width = height // p, width // p
-        device = hidden_states.device
+        batch, _, frames, height, width = latents.shape
+        p, p_t = config.patch_size, config.patch_size_t
+        if height % p or width % p or frames % p_t:
+            raise FramePackError(
+                f"Latent size {(frames, height, width)} is not a multiple of the patch size {(p_t, p, p)}: "
+                "choose a resolution whose latents divide evenly (pixel sizes multiple of 16).")
+        latents = latents.to(self.compute_dtype)
+        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch)
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=latents.device).reshape(-1).expand(batch)
 
-        # In packing order: (name, latents, frame indices, embedder, pooling of the rotary tables in patch units).
+        image, rope_cos, rope_sin = self._pack_latents(latents, latent_indices, history or HistoryContext())
+        conditioning = self.time_text_embed(timestep, pooled_text.to(image.dtype), guidance)
+        text, condition_lengths = self._condition_tokens(text.to(image.dtype), text_mask, timestep, image_embeddings)
+
+        image_length = image.shape[1]
+        context = PackedContext(rope_cos, rope_sin, image_length,
+                                None if condition_lengths is None else image_length + condition_lengths,
+                                self._attention, self._ops)
+        noisy_tokens = (frames // p_t) * (height // p) * (width // p)
+        return StepTokens(image, text, conditioning, context, (batch, frames, height, width), noisy_tokens)
+
+    def run_blocks(self, tokens: StepTokens) -> torch.Tensor:
+        """The 20 double-stream and 40 single-stream blocks; returns the image tokens after the last block.
+
+        The place a step cache skips (it calls this or adds a cached residual instead) and a weight streamer feeds
+        (`set_block_stream`: each block is handed over when its weights are on the device).
+        """
+        image, text, conditioning, context = tokens.image, tokens.text, tokens.conditioning, tokens.context
+        packed = None
+        for block in self._block_stream(self.blocks):
+            if isinstance(block, DoubleStreamBlock):
+                image, text = block(image, text, conditioning, context)
+            else:
+                if packed is None:
+                    packed = torch.cat([image, text], dim=1)
+                packed = block(packed, conditioning, context)
+        return image if packed is None else packed[:, :context.image_length]
+
+    def head(self, image: torch.Tensor, tokens: StepTokens) -> torch.Tensor:
+        """The final adaptive norm and projection of the noisy tokens, unpatchified to the velocity
+        (batch, channels, frames, height, width). The norm runs in the model's dtype; with float32 output
+        (`set_output_precision`) the projection runs in float32, as the official app's high-quality output does."""
+        config = self.config
+        batch, frames, height, width = tokens.latent_shape
+        p, p_t = config.patch_size, config.patch_size_t
+        x = self.norm_out(image[:, image.shape[1] - tokens.noisy_tokens:], tokens.conditioning, self._ops)
+        x = self.proj_out(x.to(self.proj_out.weight.dtype))
+        # Unpatchify: (batch, t * h * w, channels * p_t * p * p) -> (batch, channels, frames, height, width).
+        x = x.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
+        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
+
+    def first_block_modulated_input(self, tokens: StepTokens) -> torch.Tensor:
+        """The image tokens as the first double block's attention sees them (after its norm1 modulation): the
+        signal TeaCache compares between steps."""
+        shift, scale = self.transformer_blocks[0].norm1(tokens.conditioning)[:2]
+        return self._ops.layer_norm_modulate(tokens.image, shift, scale)
+
+    def velocity(self, latents, timestep, text, text_mask=None, pooled_text=None, guidance=None, latent_indices=None,
+                 history: HistoryContext | None = None, image_embeddings=None, step_cache=None) -> torch.Tensor:
+        """One model call: embed -> run_blocks (or what `step_cache` decides instead) -> head."""
+        tokens = self.embed(latents, timestep, text, text_mask, pooled_text, guidance, latent_indices, history,
+                            image_embeddings)
+        image = self.run_blocks(tokens) if step_cache is None else step_cache.run_blocks(self, tokens)
+        return self.head(image, tokens)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
+                guidance=None, latent_indices=None, clean_latents=None, clean_latent_indices=None,
+                clean_latents_2x=None, clean_latent_2x_indices=None, clean_latents_4x=None,
+                clean_latent_4x_indices=None, image_embeddings=None, attention_kwargs=None, return_dict=True):
+        """The official class's signature and results, for code written against it."""
+        history = HistoryContext.of(clean=(clean_latents, clean_latent_indices),
+                                    clean_2x=(clean_latents_2x, clean_latent_2x_indices),
+                                    clean_4x=(clean_latents_4x, clean_latent_4x_indices))
+        sample = self.velocity(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                               pooled_projections, guidance, latent_indices, history, image_embeddings)
+        return DiTOutput(sample=sample) if return_dict else (sample,)
+
+    # ---- inside embed --------------------------------------------------------------------------------------------
+
+    @property
+    def _ops(self):
+        return FusedOps if self.fused_kernels else PlainOps
+
+    def _pack_latents(self, latents, latent_indices, history: HistoryContext):
+        """Embeds the clean and noisy latents into one token sequence (4x, 2x, 1x, noisy) with its rotary tables."""
+        config = self.config
+        batch, _, _, height, width = latents.shape
+        grid_height, grid_width = height // config.patch_size, width // config.patch_size
+        if history.scales and self.clean_x_embedder is None:
+            raise FramePackError("This checkpoint has no clean-latent embedder: it cannot take clean latents.")
+        # In packing order: (group name, latents, frame indices, embedder).
         groups = []
-        history = (("clean_4x", clean_latents_4x, clean_latent_4x_indices, "proj_4x", (4, 4, 4)),
-                   ("clean_2x", clean_latents_2x, clean_latent_2x_indices, "proj_2x", (2, 2, 2)),
-                   ("clean", clean_latents, clean_latent_indices, "proj", None))
-        for name, latents, indices, projection, pooling in history:
-            if latents is None:
-                continue
-            if self.clean_x_embedder is None:
-                raise FramePackError("This checkpoint has no clean-latent embedder: it cannot take clean latents.")
-            if latents.shape[-2:] != hidden_states.shape[-2:]:
+        for item in history.scales:
+            if item.latents.shape[-2:] != latents.shape[-2:]:
                 raise FramePackError(
-                    f"Clean latents are {tuple(latents.shape[-2:])} but the noisy latents {(height, width)}: "
+                    f"Clean latents are {tuple(item.latents.shape[-2:])} but the noisy latents {(height, width)}: "
                     "all latents of a section must share height and width.")
-            groups.append((name, latents.to(hidden_states.dtype), indices, getattr(self.clean_x_embedder, projection),
-                           pooling))
-        groups.append(("noisy", hidden_states, latent_indices, self.x_embedder.proj, None))
+            groups.append((item.scale.name, item.latents.to(latents.dtype), item.indices,
+                           self.clean_x_embedder.embedder(item.scale.name)))
+        groups.append(("noisy", latents, latent_indices, self.x_embedder.proj))
 
         tables = []
-        for _, latents, indices, _, _ in groups:
-            indices = _batched_indices(indices, batch, latents.shape[2], device)
+        for _, group_latents, indices, _ in groups:
+            indices = _batched_indices(indices, batch, group_latents.shape[2], latents.device)
             tables.append(rope_tables(indices, grid_height, grid_width, config.rope_axes_dim, config.rope_theta))
         # Rows of a rotary table are per sample only where some sample's indices differ; broadcast the rest.
         rows = max(cos.shape[0] for cos, _ in tables)
-        tables = [(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)) for cos, sin in tables]
+        patch_inputs = {}
+        for (name, group_latents, _, conv), (cos, sin) in zip(groups, tables):
+            grid = (group_latents.shape[2], grid_height, grid_width)
+            patch_inputs[name] = PatchInputs(group_latents, conv, cos.expand(rows, -1, -1).unflatten(1, grid),
+                                             sin.expand(rows, -1, -1).unflatten(1, grid))
+        return self._ops.packed_patchify(patch_inputs)
 
-        if self.fused_kernels:
-            return self._pack_latents_fused(groups, tables, grid_height, grid_width)
-        tokens, cos_parts, sin_parts = [], [], []
-        for (_, latents, _, conv, pooling), (cos, sin) in zip(groups, tables):
-            tokens.append(patchify(conv, latents))
-            if pooling is not None:
-                cos, sin = pooled_rope_tables(cos, sin, latents.shape[2], grid_height, grid_width, pooling)
-            cos_parts.append(cos)
-            sin_parts.append(sin)
-        return torch.cat(tokens, dim=1), torch.cat(cos_parts, dim=1), torch.cat(sin_parts, dim=1)
-
-    @staticmethod
-    def _pack_latents_fused(groups, tables, grid_height, grid_width):
-        """One gather-fused GEMM per group writing straight into the packed sequence, rotary tables pooled alongside."""
-        from kernels.patchify import PatchGroup, packed_patchify
-
-        patch_groups = {}
-        for (name, latents, _, conv, _), (cos, sin) in zip(groups, tables):
-            grid = (latents.shape[2], grid_height, grid_width)
-            patch_groups[name] = PatchGroup(latents, conv.weight, conv.bias, cos.unflatten(1, grid),
-                                            sin.unflatten(1, grid))
-        packed = packed_patchify(**patch_groups)
-        return packed.tokens, packed.rope_cos, packed.rope_sin
-
-    def condition_tokens(self, encoder_hidden_states, encoder_attention_mask, timestep, image_embeddings):
+    def _condition_tokens(self, encoder_hidden_states, encoder_attention_mask, timestep, image_embeddings):
         """Refined prompt tokens behind the projected image tokens, cropped to the longest valid prompt.
 
         Returns the tokens and each sample's count of valid condition tokens (None when no sample has padding).
@@ -733,50 +849,3 @@ class FramePackDiT(nn.Module):
             if text_lengths is not None:
                 text_lengths = text_lengths + image_tokens.shape[1]
         return text, text_lengths
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
-                guidance=None, latent_indices=None, clean_latents=None, clean_latent_indices=None,
-                clean_latents_2x=None, clean_latent_2x_indices=None, clean_latents_4x=None,
-                clean_latent_4x_indices=None, image_embeddings=None, attention_kwargs=None, return_dict=True):
-        config = self.config
-        batch, _, frames, height, width = hidden_states.shape
-        p, p_t = config.patch_size, config.patch_size_t
-        if height % p or width % p or frames % p_t:
-            raise FramePackError(
-                f"Latent size {(frames, height, width)} is not a multiple of the patch size {(p_t, p, p)}: "
-                "choose a resolution whose latents divide evenly (pixel sizes multiple of 16).")
-        hidden_states = hidden_states.to(self.x_embedder.proj.weight.dtype)
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-        if guidance is not None:
-            guidance = torch.as_tensor(guidance, device=hidden_states.device).reshape(-1).expand(batch)
-
-        image, rope_cos, rope_sin = self.pack_latents(
-            hidden_states, latent_indices, clean_latents, clean_latent_indices, clean_latents_2x,
-            clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices)
-        conditioning = self.time_text_embed(timestep, pooled_projections.to(image.dtype), guidance)
-        text, condition_lengths = self.condition_tokens(
-            encoder_hidden_states.to(image.dtype), encoder_attention_mask, timestep, image_embeddings)
-
-        image_length = image.shape[1]
-        ops = FusedOps if self.fused_kernels else PlainOps
-        context = PackedContext(rope_cos, rope_sin, image_length,
-                                None if condition_lengths is None else image_length + condition_lengths,
-                                self._attention, ops)
-
-        for block in self.transformer_blocks:
-            image, text = block(image, text, conditioning, context)
-        x = torch.cat([image, text], dim=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, conditioning, context)
-
-        noisy_tokens = (frames // p_t) * (height // p) * (width // p)
-        x = x[:, image_length - noisy_tokens:image_length]
-        if self.fp32_output:
-            x, conditioning = x.float(), conditioning.float()
-        x = self.norm_out(x, conditioning, ops)
-        x = F.linear(x, self.proj_out.weight.to(x.dtype), self.proj_out.bias.to(x.dtype))
-
-        # Unpatchify: (batch, t * h * w, channels * p_t * p * p) -> (batch, channels, frames, height, width).
-        x = x.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
-        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, -1, frames, height, width)
-        return DiTOutput(sample=x) if return_dict else (x,)

@@ -35,7 +35,7 @@ def load_engine_components(engine_class, *, transformer, base, image_encoder, va
 
     dit = FramePackDiT.from_pretrained(transformer, dtype=dtype, device=device, allow_download=allow_download,
                                        cache_dir=cache_dir).eval()
-    dit.fp32_output = True  # the official app's high-quality float32 output projection
+    dit.set_output_precision(float32=True)  # the official app's high-quality float32 output projection
     dit.set_attention_backend(attention)
     dit.set_fused_kernels(fused_kernels)
     vae = HunyuanVideoVAE.from_pretrained(

@@ -286,7 +286,7 @@ class Engine:
         end_latent = self._encode_latent(end) if end is not None else None
 
         image_embedding = None
-        if self.transformer.image_projection is not None:
+        if self.transformer.takes_image_embeddings:
             image_embedding = self._image_embedding(start_image).float()
             if end is not None:
                 total = init_strength + end_strength

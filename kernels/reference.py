@@ -41,16 +41,18 @@ def gated_residual_layer_norm_modulate_reference(x, gate, y, shift, scale, eps=L
 
 def rms_norm_rotary_reference(x, weight, eps=RMS_NORM_EPS, rope_cos=None, rope_sin=None, rotary_length=0,
                               round_before_weight=False):
-    """Per-head RMSNorm (float32, cast back to x's dtype as torch's RMSNorm does), then RoPE on the image tokens.
+    """Per-head RMSNorm computed in float32, then RoPE on the image tokens; the result in x's dtype.
 
     round_before_weight: round the normalized value to x's dtype before multiplying by the weight (and round the
     product again), as diffusers' and the official HunyuanVideo RMSNorm do with half-precision weights.
     """
+    normalized = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     if round_before_weight:
-        normalized = (F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight).to(x.dtype)
+        normalized = normalized.to(x.dtype) * weight
     else:
-        normalized = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
-    return rotate_leading_tokens(normalized, rope_cos, rope_sin, rotary_length)
+        normalized = normalized * weight.float()
+    return rotate_leading_tokens(normalized.to(x.dtype), rope_cos, rope_sin, rotary_length)
+
 
 # --- packed attention ---------------------------------------------------------------------------------------------
 
@@ -119,19 +121,30 @@ def replicate_pad_to_multiple(x, kernel):
     return x
 
 
+def patch_tokens(latents, kernel, convolve):
+    """Replicate-pad (batch, channels, t, h, w) to a multiple of `kernel`, convolve (kernel = stride: a Conv3d
+    module, or F.conv3d with the weights bound) and flatten to tokens (batch, t * h * w, inner) in (t, h, w) order."""
+    return convolve(replicate_pad_to_multiple(latents, kernel)).flatten(2).transpose(1, 2)
+
+
+def pooled_rope_table(table, kernel):
+    """A RoPE table on the base patch grid (batch, frames, rows, columns, head_dim) -> one float32 row per token of
+    a group with patch `kernel` (batch, tokens, head_dim): replicate-padded and averaged over each patch."""
+    pool = rope_pool(kernel)
+    grid = table.float().permute(0, 4, 1, 2, 3)
+    if pool != (1, 1, 1):
+        grid = F.avg_pool3d(replicate_pad_to_multiple(grid, pool), pool, stride=pool)
+    return grid.flatten(2).transpose(1, 2)
+
+
 def _reference_group(group: PatchGroup, dtype):
     kernel = patch_kernel_size(group.weight)
-    latents = replicate_pad_to_multiple(group.latents.to(dtype), kernel)
     bias = group.bias.to(dtype) if group.bias is not None else None
-    tokens = F.conv3d(latents, group.weight.to(dtype), bias, stride=kernel).flatten(2).transpose(1, 2)
+    tokens = patch_tokens(group.latents.to(dtype), kernel,
+                          lambda x: F.conv3d(x, group.weight.to(dtype), bias, stride=kernel))
     if group.rope_cos is None:
         return tokens, None, None
-    pool = rope_pool(kernel)
-    pooled = []
-    for table in (group.rope_cos, group.rope_sin):
-        grid = replicate_pad_to_multiple(table.float().permute(0, 4, 1, 2, 3), pool)
-        pooled.append(F.avg_pool3d(grid, pool, stride=pool).flatten(2).transpose(1, 2))
-    return tokens, pooled[0], pooled[1]
+    return tokens, pooled_rope_table(group.rope_cos, kernel), pooled_rope_table(group.rope_sin, kernel)
 
 
 def packed_patchify_reference(noisy=None, clean=None, clean_2x=None, clean_4x=None) -> PackedPatches:

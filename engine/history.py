@@ -1,0 +1,76 @@
+"""The history context of a section: clean latents at three compressions, and the one table that sizes them.
+
+FramePack conditions each section on the frames next to it, packed more coarsely the further they are: one frame at
+1x (patch kernel (1, 2, 2), like the noisy latents), two at 2x ((2, 4, 4)) and sixteen at 4x ((4, 8, 8)). The 1x
+group also carries the start latent in front of its history frame. `HISTORY_SCALES` is the only place these kernels
+and frame counts are written: the DiT builds its embedders from it, the section plans cut the history with it and
+the FLOP counter counts tokens with it.
+
+A `HistoryContext` is what the DiT takes for one section: per scale, the clean latents and their frame indices (for
+the 3D RoPE), in packing order (4x, 2x, 1x); the noisy latents follow them in the packed sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class HistoryScale:
+    name: str  # "clean" (1x), "clean_2x", "clean_4x": the official keyword names
+    kernel: tuple[int, int, int]  # (frames, rows, columns) of latents that one token covers
+    history_frames: int  # latent frames taken from the history at this scale
+
+
+# In packing order: the coarsest (oldest, for F1) first.
+HISTORY_SCALES = (
+    HistoryScale("clean_4x", (4, 8, 8), 16),
+    HistoryScale("clean_2x", (2, 4, 4), 2),
+    HistoryScale("clean", (1, 2, 2), 1),
+)
+SCALES_BY_NAME = {scale.name: scale for scale in HISTORY_SCALES}
+HISTORY_CONTEXT_FRAMES = sum(scale.history_frames for scale in HISTORY_SCALES)  # 19
+START_LATENT_FRAMES = 1  # the 1x group holds the start latent in front of its history frame
+
+
+@dataclass(frozen=True)
+class ScaleContext:
+    """One scale of the context: latents (batch, channels, frames, height, width) and frame indices
+    (frames,), (1, frames) or (batch, frames)."""
+
+    scale: HistoryScale
+    latents: torch.Tensor
+    indices: torch.Tensor | None
+
+    @property
+    def frames(self) -> int:
+        return self.latents.shape[2]
+
+
+@dataclass(frozen=True)
+class HistoryContext:
+    """The clean context of one section, scales in packing order (4x, 2x, 1x); absent scales are left out."""
+
+    scales: tuple[ScaleContext, ...] = ()
+
+    @classmethod
+    def of(cls, **groups: tuple[torch.Tensor, torch.Tensor | None] | None) -> "HistoryContext":
+        """HistoryContext.of(clean=(latents, indices), clean_2x=..., clean_4x=...); None or missing = absent."""
+        unknown = set(groups) - set(SCALES_BY_NAME)
+        if unknown:
+            raise TypeError(f"unknown history scales {sorted(unknown)}; use {sorted(SCALES_BY_NAME)}")
+        return cls(tuple(ScaleContext(scale, *groups[scale.name]) for scale in HISTORY_SCALES
+                         if groups.get(scale.name) is not None and groups[scale.name][0] is not None))
+
+    def to(self, device=None, dtype=None) -> "HistoryContext":
+        """Latents to `dtype` and both to `device`; indices keep their integer dtype."""
+        return HistoryContext(tuple(
+            ScaleContext(item.scale, item.latents.to(device=device, dtype=dtype),
+                         None if item.indices is None else torch.as_tensor(item.indices).to(device))
+            for item in self.scales))
+
+    def frames(self, name: str) -> int:
+        """Latent frames at a scale (0 when absent)."""
+        return next((item.frames for item in self.scales if item.scale.name == name), 0)
