@@ -34,23 +34,23 @@ from pathlib import Path
 import torch
 
 from engine import flops as flop_counter
+from engine.attention import BACKEND_NAMES
 from engine.buckets import find_nearest_bucket
+from engine.conditioning import PromptEmbedding
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
 from engine.presets import DIT_PRESETS, randomize_weights_
-from engine.sampling import draw_noise, flux_sequence_length, flux_sigmas, make_denoiser, sample_unipc
+from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
+from engine.settings import DTYPE_NAMES
 
 SCHEMA = "framepack-bench/1"
 VAE_SPATIAL_COMPRESSION = 8
 PIXEL_FRAMES_PER_LATENT_FRAME = 4  # each section adds 4 * latent_window_size pixel frames to the video
-PROMPT_PADDED_TOKENS = 512  # the official app pads the Llama hidden states to 512 tokens with a mask
+MAX_PROMPT_TOKENS = 512  # the official app pads (or crops) the Llama hidden states to 512 tokens
 SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px: a 27 x 27 grid
 DISTILLED_GUIDANCE = 10.0  # the official default; the DiT sees 10 * 1000
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-ATTENTION_CHOICES = ("auto", "sdpa", "triton", "flash", "xformers", "sage")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -93,24 +93,24 @@ class BenchSettings:
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, DTYPE_NAMES[self.dtype])
 
     def validate(self) -> "BenchSettings":
         if self.preset not in DIT_PRESETS:
             raise FramePackError(f"Unknown preset {self.preset!r}: choose one of {', '.join(DIT_PRESETS)}.")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise FramePackError(f"Unknown dtype {self.dtype!r}: choose bfloat16, float16 or float32.")
-        if self.attention not in ATTENTION_CHOICES:
+        if self.attention not in BACKEND_NAMES:
             raise FramePackError(f"Unknown attention backend {self.attention!r}: choose one of "
-                                 f"{', '.join(ATTENTION_CHOICES)}.")
+                                 f"{', '.join(BACKEND_NAMES)}.")
         if self.variant not in VARIANTS:
             raise FramePackError(f"Unknown variant {self.variant!r}: choose bidirectional or f1.")
         for name, minimum in (("steps", 1), ("warmup", 0), ("latent_window_size", 1), ("prompt_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise FramePackError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
-        if self.prompt_tokens > PROMPT_PADDED_TOKENS:
-            raise FramePackError(f"prompt_tokens must be at most {PROMPT_PADDED_TOKENS}, got {self.prompt_tokens}.")
+        if self.prompt_tokens > MAX_PROMPT_TOKENS:
+            raise FramePackError(f"prompt_tokens must be at most {MAX_PROMPT_TOKENS}, got {self.prompt_tokens}.")
         if not self.sections or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sections):
             raise FramePackError(f"sections must be positive integers, got {self.sections!r}; e.g. --sections 1,4,16.")
         if self.matmul_size is not None and self.matmul_size < 16:
@@ -196,21 +196,20 @@ def random_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int
 
 @dataclass
 class BenchInputs:
-    """What the encoders would hand the DiT loop, as random tensors of the real shapes."""
+    """What the encoders would hand the section loop, as random tensors of the real shapes."""
 
     height: int
     width: int
-    start_latent: torch.Tensor  # (1, channels, 1, h/8, w/8), float32: the VAE-encoded start image
-    positive: dict  # encoder_hidden_states (padded to 512), encoder_attention_mask, pooled_projections
-    image_embeddings: torch.Tensor | None  # (1, 729, image_proj_dim): SigLIP's last hidden state
+    section_inputs: SectionInputs  # the prompt (its valid tokens only, as the engine hands it over), SigLIP, start
 
     @property
     def text_tokens(self) -> int:
-        return int(self.positive["encoder_attention_mask"].sum())
+        return self.section_inputs.prompts[0].tokens
 
     @property
     def image_tokens(self) -> int:
-        return 0 if self.image_embeddings is None else self.image_embeddings.shape[1]
+        embeddings = self.section_inputs.image_embeddings
+        return 0 if embeddings is None else embeddings.shape[1]
 
     @property
     def latent_height(self) -> int:
@@ -219,6 +218,10 @@ class BenchInputs:
     @property
     def latent_width(self) -> int:
         return self.width // VAE_SPATIAL_COMPRESSION
+
+    def for_plan(self, plan_length: int) -> SectionInputs:
+        """The same prompt for every section of a plan."""
+        return dataclasses.replace(self.section_inputs, prompts=self.section_inputs.prompts[:1] * plan_length)
 
 
 def random_inputs(model: FramePackDiT, settings: BenchSettings, device: torch.device, dtype: torch.dtype
@@ -229,17 +232,13 @@ def random_inputs(model: FramePackDiT, settings: BenchSettings, device: torch.de
     height, width = find_nearest_bucket(settings.resolution, settings.resolution, settings.resolution)
     latent_height, latent_width = height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION
     start_latent = torch.randn(1, config.in_channels, 1, latent_height, latent_width, generator=generator)
-    text = torch.randn(1, PROMPT_PADDED_TOKENS, config.text_embed_dim, generator=generator)
-    mask = torch.zeros(1, PROMPT_PADDED_TOKENS, dtype=torch.int64)
-    mask[:, :settings.prompt_tokens] = 1
-    text = text * mask[..., None]  # the padding of real Llama states is zeroed too; it is cropped either way
+    text = torch.randn(1, settings.prompt_tokens, config.text_embed_dim, generator=generator)
     pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
     image_embeddings = None
     if config.has_image_proj:
         image_embeddings = torch.randn(1, SIGLIP_TOKENS, config.image_proj_dim, generator=generator).to(device, dtype)
-    positive = {"encoder_hidden_states": text.to(device, dtype), "encoder_attention_mask": mask.to(device),
-                "pooled_projections": pooled.to(device, dtype)}
-    return BenchInputs(height, width, start_latent.to(device), positive, image_embeddings)
+    prompt = PromptEmbedding(text.to(device, dtype), pooled.to(device, dtype))
+    return BenchInputs(height, width, SectionInputs([prompt], None, image_embeddings, start_latent.to(device)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,77 +328,68 @@ def host_memory() -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _section_tensors(section, history, inputs: BenchInputs, device, dtype) -> dict:
-    common = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-              for key, value in section.transformer_inputs(history, inputs.start_latent).items()}
-    if inputs.image_embeddings is not None:
-        common["image_embeddings"] = inputs.image_embeddings
-    return common
-
-
-def _denoiser(model, inputs: BenchInputs, common: dict, dtype):
-    guidance = DISTILLED_GUIDANCE if model.config.guidance_embeds else None
-    return make_denoiser(model, inputs.positive, common=common, distilled_guidance=guidance, dtype=dtype)
-
-
-def _sigmas(settings: BenchSettings, inputs: BenchInputs, steps: int) -> torch.Tensor:
-    return flux_sigmas(steps, flux_sequence_length(settings.latent_window_size, inputs.latent_height,
-                                                   inputs.latent_width))
+def _sampling(settings: BenchSettings, steps: int) -> SamplingOptions:
+    return SamplingOptions(steps=steps, sampler="unipc", latent_window_size=settings.latent_window_size,
+                           distilled_guidance=DISTILLED_GUIDANCE)
 
 
 def warm_up(model, settings: BenchSettings, inputs: BenchInputs, device, dtype) -> None:
     """`settings.warmup` untimed steps on a first section's inputs (kernel selection, autotuning, allocator)."""
     if settings.warmup == 0:
         return
-    section = plan_sections(settings.variant, 1, settings.latent_window_size)[0]
-    history = initial_history(settings.variant, inputs.start_latent)
-    denoise = _denoiser(model, inputs, _section_tensors(section, history, inputs, device, dtype), dtype)
-    noise = draw_noise(torch.Generator().manual_seed(settings.seed + 2), 1, model.config.in_channels,
-                       settings.latent_window_size, inputs.latent_height, inputs.latent_width, device=device)
-    sample_unipc(denoise, noise, _sigmas(settings, inputs, settings.warmup))
+    plan = plan_sections(settings.variant, 1, settings.latent_window_size)
+    history = initial_history(settings.variant, inputs.section_inputs.start_latent)
+    for _ in run_sections(model, plan, inputs.for_plan(1), _sampling(settings, settings.warmup),
+                          torch.Generator().manual_seed(settings.seed + 2), history, device=device, dtype=dtype):
+        pass
     Clock(device).synchronize()
+
+
+class SectionClock(RunnerHooks):
+    """The benchmark's timing as hooks on the engine's own section loop: a mark at each section's start and end
+    and before each sampler step, and the token count of the inputs each section actually builds."""
+
+    def __init__(self, clock: Clock, config, inputs: BenchInputs, noise_shape):
+        self.clock, self.config, self.inputs, self.noise_shape = clock, config, inputs, noise_shape
+        self.records = []
+
+    def section_started(self, section, context):
+        self.clock.synchronize()
+        self.step_marks, self.section_start = [], self.clock.mark()
+        self.sequence = flop_counter.packed_sequence_of_inputs(self.config, self.noise_shape, context,
+                                                               self.inputs.text_tokens, self.inputs.image_tokens)
+
+    def step_started(self, section, step):
+        # A step runs from one model call to the next: the call plus the sampler's update after it.
+        self.step_marks.append(self.clock.mark())
+
+    def section_finished(self, section, generated):
+        section_end = self.clock.mark()
+        self.clock.synchronize()
+        boundaries = self.step_marks + [section_end]
+        self.records.append({
+            "index": section.index, "padding": section.padding, "video_position": section.video_position,
+            "tokens": self.sequence.total_tokens, "latent_tokens": self.sequence.latent_tokens,
+            "condition_tokens": self.sequence.condition_tokens,
+            "seconds": self.clock.seconds(self.section_start, section_end),
+            "step_seconds": [self.clock.seconds(a, b) for a, b in zip(boundaries, boundaries[1:])],
+        })
 
 
 def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: int, device, dtype
              ) -> tuple[list[dict], torch.Tensor]:
-    """Every section of a plan of `plan_length` sections, timed. Returns one record per section and the last
-    section's generated latents."""
-    clock = Clock(device)
-    generator = torch.Generator().manual_seed(settings.seed)  # every plan draws the same noise
-    config = model.config
+    """Every section of a plan of `plan_length` sections through engine.runner.run_sections, timed by its hooks.
+    Returns one record per section and the last section's generated latents."""
     plan = plan_sections(settings.variant, plan_length, settings.latent_window_size)
-    history = initial_history(settings.variant, inputs.start_latent)
-    records, generated = [], None
-    for section in plan:
-        step_marks = []
-        clock.synchronize()
-        section_start = clock.mark()
-        common = _section_tensors(section, history, inputs, device, dtype)
-        noise = draw_noise(generator, 1, config.in_channels, settings.latent_window_size, inputs.latent_height,
-                           inputs.latent_width, device=device)
-        denoise = _denoiser(model, inputs, common, dtype)
-
-        def timed_denoise(x, sigma, denoise=denoise, step_marks=step_marks):
-            # A step runs from one model call to the next: the call plus the sampler's update after it.
-            step_marks.append(clock.mark())
-            return denoise(x, sigma)
-
-        generated = sample_unipc(timed_denoise, noise, _sigmas(settings, inputs, settings.steps))
-        history = section.add_to_history(history, generated, inputs.start_latent)
-        section_end = clock.mark()
-        clock.synchronize()
-
-        boundaries = step_marks + [section_end]
-        sequence = flop_counter.packed_sequence_of_inputs(config, noise.shape, common, inputs.text_tokens,
-                                                          inputs.image_tokens)
-        records.append({
-            "index": section.index, "padding": section.padding, "video_position": section.video_position,
-            "tokens": sequence.total_tokens, "latent_tokens": sequence.latent_tokens,
-            "condition_tokens": sequence.condition_tokens,
-            "seconds": clock.seconds(section_start, section_end),
-            "step_seconds": [clock.seconds(a, b) for a, b in zip(boundaries, boundaries[1:])],
-        })
-    return records, generated
+    noise_shape = (1, model.latent_channels, settings.latent_window_size, inputs.latent_height, inputs.latent_width)
+    clock = SectionClock(Clock(device), model.config, inputs, noise_shape)
+    history = initial_history(settings.variant, inputs.section_inputs.start_latent)
+    generator = torch.Generator().manual_seed(settings.seed)  # every plan draws the same noise
+    generated = None
+    for output in run_sections(model, plan, inputs.for_plan(plan_length), _sampling(settings, settings.steps),
+                               generator, history, device=device, dtype=dtype, hooks=clock):
+        generated = output.generated
+    return clock.records, generated
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
@@ -721,14 +711,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="full", choices=list(DIT_PRESETS),
                         help="model size: full (the real 13B config, default), small (real blocks, 8 heads), tiny")
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--resolution", type=int, default=640, help="bucket resolution of a square image (default 640)")
     parser.add_argument("--latent-window-size", type=int, default=9, help="latent frames per section (default 9)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps per section (default 25)")
     parser.add_argument("--sections", default="1", help="plan lengths to run, e.g. 1,4,16 for the O(1) check")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each variant (default 2)")
-    parser.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES))
+    parser.add_argument("--attention", default="auto", choices=list(BACKEND_NAMES))
     parser.add_argument("--variant", default="bidirectional", choices=list(VARIANTS), help="section plan")
     parser.add_argument("--seed", type=int, default=0, help="weights and inputs")
     parser.add_argument("--prompt-tokens", type=int, default=77, help="valid prompt tokens (default 77)")

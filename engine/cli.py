@@ -14,62 +14,26 @@ from pathlib import Path
 
 from engine.errors import FramePackError
 
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}
-
 
 def add_generate_arguments(parser: argparse.ArgumentParser):
+    """The flags of `framepack generate`: the inputs, every GenerationSettings and ModelSettings option (built from
+    their fields, so the command and the Python API cannot drift apart), and the output."""
+    from engine.settings import GenerationSettings, ModelSettings, add_flags
+
     parser.add_argument("prompt_words", nargs="*", metavar="PROMPT", help="the prompt (or use --prompt)")
-    parser.add_argument("--prompt", help="what happens in the video")
-    parser.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
     parser.add_argument("--image", help="start image (image-to-video); none = text-to-video from a black frame")
     parser.add_argument("--end-image", help="end image (first-last-frame video; bidirectional model only)")
     parser.add_argument("--input-video", help="a video to extend (F1 model only)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="video length (default 5)")
-    parser.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
-    parser.add_argument("--seed", type=int, default=31337)
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps per section (default 25)")
-    parser.add_argument("--distilled-guidance", type=float, default=10.0, help="distilled guidance scale (default 10)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="real classifier-free guidance; 1 = off (default)")
-    parser.add_argument("--guidance-rescale", type=float, default=0.0)
-    parser.add_argument("--latent-window-size", type=int, default=9, help="latent frames per section (default 9)")
-    parser.add_argument("--resolution", type=int, default=None, help="bucket resolution (default 640; tiny preset 64)")
-    parser.add_argument("--width", type=int, help="text-to-video width before bucketing")
-    parser.add_argument("--height", type=int, help="text-to-video height before bucketing")
-    parser.add_argument("--sampler", default="unipc", choices=["unipc", "unipc_bh2", "euler"])
-    parser.add_argument("--shift", type=float, help="fixed flux shift (default: from the token count)")
-    parser.add_argument("--cache", choices=["teacache", "magcache"], help="step caching (not available yet)")
-    parser.add_argument("--cache-threshold", type=float)
-    parser.add_argument("--section-prompts", help="suffixes, one per line (or '|'), or timestamped '[0s: ...] [2s: ...]'")
-    parser.add_argument("--init-strength", type=float, default=1.0, help="start image strength; < 1 mixes in noise")
-    parser.add_argument("--end-strength", type=float, default=1.0, help="end image strength")
-    parser.add_argument("--vision-strength", type=float, default=1.0, help="scale of the SigLIP image conditioning")
-    parser.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
-    parser.add_argument("--transformer", default="lllyasviel/FramePackI2V_HY", help="repo id, folder or .safetensors")
-    parser.add_argument("--base", default="hunyuanvideo-community/HunyuanVideo", help="text encoders, tokenizers, VAE")
-    parser.add_argument("--image-encoder", default="lllyasviel/flux_redux_bfl", help="SigLIP feature extractor + encoder")
-    parser.add_argument("--variant", default="auto", choices=["auto", "bidirectional", "f1"])
-    parser.add_argument("--offline", action="store_true", help="never download; use the local Hugging Face cache only")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "flash", "xformers", "sage"])
-    parser.add_argument("--fused-kernels", action="store_true",
-                        help="run the DiT's norms, modulation and patchify as Triton kernels (CUDA)")
-    parser.add_argument("--vram-budget-gb", type=float, help="memory budget for VAE tiling (GB)")
-    parser.add_argument("--quantize", help="weight quantization (not available yet)")
-    parser.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov, .safetensors, or a folder for PNG frames")
-    parser.add_argument("--codec", default="libx264", help="video encoder (default libx264; see framepack info)")
-    parser.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
-    parser.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _section_prompts(text):
-    if not text:
-        return None
-    if "[" in text:
-        return text
-    return [part.strip() for part in text.replace("|", "\n").splitlines() if part.strip()]
+    add_flags(parser.add_argument_group("generation"), GenerationSettings)
+    models = parser.add_argument_group("model")
+    models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
+    add_flags(models, ModelSettings)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov, .safetensors, or a folder for PNG frames")
+    output.add_argument("--codec", default="libx264", help="video encoder (default libx264; see framepack info)")
+    output.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
+    output.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
+    output.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _default_out(mode: str, seed: int) -> Path:
@@ -77,46 +41,45 @@ def _default_out(mode: str, seed: int) -> Path:
 
 
 def command_generate(args) -> int:
-    import torch
-
-    from engine.pipeline import Engine, GenerationCancelled
+    from engine.loading import guess_variant
+    from engine.pipeline import Engine, FrameCollector, GenerationCancelled, check_inputs_for_variant, generation_mode
+    from engine.settings import GenerationSettings, ModelSettings, given_flags
     from engine.video import Video, check_output
 
+    # Everything the user asked for is checked before any model loads.
     prompt = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
-    if args.quantize:
-        raise FramePackError("Weight quantization is not available in this version: drop --quantize.")
-    mode = "flf2v" if args.end_image else ("extend" if args.input_video else ("i2v" if args.image else "t2v"))
-    out = Path(args.out) if args.out else _default_out(mode, args.seed)
-    check_output(out, args.codec)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    variant = "bidirectional" if args.variant == "auto" and args.preset else args.variant
+    options = given_flags(args, GenerationSettings, skip=("prompt",))
+    settings = GenerationSettings.from_options(prompt=prompt, **options)
+    model_settings = ModelSettings.from_options(**given_flags(args, ModelSettings))
     if args.preset:
+        variant = "bidirectional" if model_settings.variant == "auto" else model_settings.variant
+    else:
+        variant = (guess_variant(model_settings.transformer) if model_settings.variant == "auto"
+                   else model_settings.variant)
+    check_inputs_for_variant(variant, args.image, args.end_image, args.input_video)
+    mode = generation_mode(args.image, args.end_image, args.input_video)
+    out = Path(args.out) if args.out else _default_out(mode, settings.seed)
+    check_output(out, args.codec)
+
+    if args.preset:
+        import torch
+
+        device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = Engine.from_preset(args.preset, variant=variant, device=device)
     else:
-        engine = Engine.from_pretrained(
-            transformer=args.transformer, base=args.base, image_encoder=args.image_encoder, variant=variant,
-            device=device, dtype=getattr(torch, DTYPES[args.dtype]), vram_budget_gb=args.vram_budget_gb,
-            attention=args.attention, allow_download=not args.offline, fused_kernels=args.fused_kernels)
+        engine = Engine.from_pretrained(**model_settings.as_dict())
 
     cancel = threading.Event()
     progress = _Progress(enabled=not args.quiet)
-
-    options = dict(
-        negative_prompt=args.negative_prompt, seconds=args.seconds, fps=args.fps, seed=args.seed, steps=args.steps,
-        distilled_guidance=args.distilled_guidance, cfg=args.cfg, guidance_rescale=args.guidance_rescale,
-        latent_window_size=args.latent_window_size, resolution=args.resolution, width=args.width, height=args.height,
-        sampler=args.sampler, shift=args.shift, cache=args.cache, cache_threshold=args.cache_threshold,
-        section_prompts=_section_prompts(args.section_prompts), init_strength=args.init_strength,
-        end_strength=args.end_strength, vision_strength=args.vision_strength, input_video=args.input_video,
-        callback=progress.step, cancel=cancel)
-
+    collector = FrameCollector()
     saved = None
     try:
-        for section in engine.stream(prompt, image=args.image, end_image=args.end_image, **options):
-            progress.section_done(section)
+        for section in engine.stream(prompt, image=args.image, end_image=args.end_image, input_video=args.input_video,
+                                     callback=progress.step, cancel=cancel, **options):
+            collector.add(section)
+            progress.section_done(section, collector)
             # Each finished section is written at once (atomically), so an interruption loses nothing finished.
-            video = Video(section.frames, fps=args.fps, metadata=engine._metadata(section.stats["settings"]),
-                          latents=section.latents)
+            video = Video(collector.frames(), fps=settings.fps, metadata=section.metadata, latents=section.latents)
             saved = video.save(out, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
     except KeyboardInterrupt:
         cancel.set()
@@ -155,10 +118,10 @@ class _Progress:
                               position=1, leave=False)
         self.steps.update(1)
 
-    def section_done(self, section):
+    def section_done(self, section, collector):
         if self.sections is not None:
             self.sections.update(1)
-            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=len(section.frames))
+            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=len(collector.frames()))
 
     def close(self):
         for bar in (self.steps, self.sections):

@@ -5,9 +5,10 @@ As the official FramePack app computes it:
     template, hidden states of layer -3; the template's own tokens are cropped off, so what is left is the prompt's
     tokens and the template's closing <|eot_id|> (when the prompt was not truncated).
   - CLIP-L: `pooler_output` of the bare prompt, padded or truncated to 77 tokens.
-  - The negative prompt: zeros shaped like the positive when real CFG is 1 (it is never used then), else encoded.
+  - The negative prompt: encoded only when real CFG is above 1 (the official's zeros are never used otherwise).
   - SigLIP (flux_redux_bfl): `last_hidden_state` of the start image through its image processor.
-The Llama embeddings are handed to the DiT padded (or cropped) to 512 tokens with a mask: `crop_or_pad_yield_mask`.
+The official app pads the Llama embeddings to 512 tokens with a mask; the DiT would crop that padding off again, so
+the engine hands over the prompt's tokens alone (no mask, and no device-to-host copy of its length at each step).
 """
 
 from __future__ import annotations
@@ -39,19 +40,6 @@ OFFICIAL_CROP_START = 95
 MAX_PROMPT_TOKENS = 256
 CLIP_MAX_TOKENS = 77
 LLAMA_HIDDEN_STATE_INDEX = -3  # the third-to-last hidden state: two layers before the final (normed) output
-PADDED_TEXT_LENGTH = 512
-
-
-def crop_or_pad_yield_mask(embeddings: torch.Tensor, length: int = PADDED_TEXT_LENGTH):
-    """(B, T, C) -> ((B, length, C), (B, length) bool mask): zero-padded at the end, or cropped to `length`."""
-    batch, tokens, channels = embeddings.shape
-    if tokens >= length:
-        return embeddings[:, :length], torch.ones(batch, length, dtype=torch.bool, device=embeddings.device)
-    padded = embeddings.new_zeros(batch, length, channels)
-    padded[:, :tokens] = embeddings
-    mask = torch.zeros(batch, length, dtype=torch.bool, device=embeddings.device)
-    mask[:, :tokens] = True
-    return padded, mask
 
 
 @dataclass(frozen=True)
@@ -64,13 +52,6 @@ class PromptEmbedding:
     @property
     def tokens(self) -> int:
         return self.llama.shape[1]
-
-    def padded(self, length: int = PADDED_TEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Llama embeddings as the DiT takes them: `crop_or_pad_yield_mask(self.llama, length)`."""
-        return crop_or_pad_yield_mask(self.llama, length)
-
-    def zeros_like(self) -> PromptEmbedding:
-        return PromptEmbedding(torch.zeros_like(self.llama), torch.zeros_like(self.clip_pooled))
 
     def to(self, device=None, dtype=None) -> PromptEmbedding:
         return PromptEmbedding(self.llama.to(device=device, dtype=dtype),
@@ -158,13 +139,12 @@ def _free_memory() -> None:
 class TextEncoder:
     """Llama + CLIP-L prompt encoding with a cache by prompt text, so repeated section prompts are encoded once.
 
-    After `release()` the models are dropped (cached prompts are still served); `encode_all` releases them by itself
-    unless `keep_loaded` is set.
+    After `release()` the models are dropped (cached prompts are still served).
     """
 
     def __init__(self, llama_model, llama_tokenizer, clip_model, clip_tokenizer, *,
                  template: str = HUNYUAN_VIDEO_PROMPT_TEMPLATE, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-                 crop_start: int | None = None, cache_size: int = 32, keep_loaded: bool = True):
+                 crop_start: int | None = None, cache_size: int = 32):
         if max_prompt_tokens < 1:
             raise FramePackError(
                 f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}: pass a positive count.")
@@ -178,7 +158,6 @@ class TextEncoder:
         self.max_prompt_tokens = max_prompt_tokens
         self.crop_start = template_crop_start(llama_tokenizer, template) if crop_start is None else crop_start
         self.cache_size = cache_size
-        self.keep_loaded = keep_loaded
         self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
@@ -208,7 +187,7 @@ class TextEncoder:
         if not self.loaded:
             raise FramePackError(
                 "The text encoders were released before this prompt was encoded: keep them loaded "
-                "(keep_loaded=True) or encode every prompt before releasing them.")
+                "(release_encoders=False) or encode every prompt before releasing them.")
         self.cache_misses += 1
         embedding = encode_prompt(prompt, self.llama_model, self.llama_tokenizer, self.clip_model,
                                   self.clip_tokenizer, self.template, self.max_prompt_tokens, self.crop_start)
@@ -217,22 +196,6 @@ class TextEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return embedding
-
-    def encode_negative(self, negative_prompt: str, positive: PromptEmbedding, cfg: float) -> PromptEmbedding:
-        """The unconditional embeddings: zeros like `positive` when real CFG is 1 (unused then), else encoded."""
-        if cfg == 1:
-            return positive.zeros_like()
-        return self.encode(negative_prompt)
-
-    def encode_all(self, prompts: list[str], negative_prompt: str = "", cfg: float = 1.0):
-        """([embedding per prompt], negative embedding for the first prompt), then release unless keep_loaded."""
-        if not prompts:
-            raise FramePackError("No prompt was given: pass at least one prompt (an empty string is a valid prompt).")
-        positives = [self.encode(prompt) for prompt in prompts]
-        negative = self.encode_negative(negative_prompt, positives[0], cfg)
-        if not self.keep_loaded:
-            self.release()
-        return positives, negative
 
     def cache_info(self) -> dict:
         return {"hits": self.cache_hits, "misses": self.cache_misses, "size": len(self._cache),

@@ -778,9 +778,10 @@ class FramePackDiT(nn.Module):
                 clean_latents_2x=None, clean_latent_2x_indices=None, clean_latents_4x=None,
                 clean_latent_4x_indices=None, image_embeddings=None, attention_kwargs=None, return_dict=True):
         """The official class's signature and results, for code written against it."""
-        history = HistoryContext.of(clean=(clean_latents, clean_latent_indices),
-                                    clean_2x=(clean_latents_2x, clean_latent_2x_indices),
-                                    clean_4x=(clean_latents_4x, clean_latent_4x_indices))
+        history = HistoryContext.from_official_kwargs(
+            clean_latents=clean_latents, clean_latent_indices=clean_latent_indices, clean_latents_2x=clean_latents_2x,
+            clean_latent_2x_indices=clean_latent_2x_indices, clean_latents_4x=clean_latents_4x,
+            clean_latent_4x_indices=clean_latent_4x_indices)
         sample = self.velocity(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                pooled_projections, guidance, latent_indices, history, image_embeddings)
         return DiTOutput(sample=sample) if return_dict else (sample,)

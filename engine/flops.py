@@ -18,11 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from engine.dit import DiTConfig
+from engine.history import SCALES_BY_NAME, HistoryContext
 
-# The history embedders' kernels, as engine.dit.CleanLatentEmbed builds them (they are not config keys).
-CLEAN_1X_KERNEL = (1, 2, 2)
-CLEAN_2X_KERNEL = (2, 4, 4)
-CLEAN_4X_KERNEL = (4, 8, 8)
 # The refiner's MLP ratio is fixed in the official model, whatever the config's mlp_ratio.
 REFINER_MLP_RATIO = 4
 TIMESTEP_CHANNELS = 256  # sinusoidal features fed to the timestep and guidance embedders
@@ -73,25 +70,20 @@ def packed_sequence(config: DiTConfig | dict, noisy_frames: int, clean_1x_frames
 
     return PackedSequence(
         noisy_tokens=tokens(noisy_frames, noisy_kernel),
-        clean_1x_tokens=tokens(clean_1x_frames, CLEAN_1X_KERNEL),
-        clean_2x_tokens=tokens(clean_2x_frames, CLEAN_2X_KERNEL),
-        clean_4x_tokens=tokens(clean_4x_frames, CLEAN_4X_KERNEL),
+        clean_1x_tokens=tokens(clean_1x_frames, SCALES_BY_NAME["clean"].kernel),
+        clean_2x_tokens=tokens(clean_2x_frames, SCALES_BY_NAME["clean_2x"].kernel),
+        clean_4x_tokens=tokens(clean_4x_frames, SCALES_BY_NAME["clean_4x"].kernel),
         image_tokens=image_tokens if config.has_image_proj else 0,
         text_tokens=text_tokens)
 
 
-def packed_sequence_of_inputs(config: DiTConfig | dict, hidden_states_shape, section_inputs: dict, text_tokens: int,
+def packed_sequence_of_inputs(config: DiTConfig | dict, latents_shape, history: HistoryContext, text_tokens: int,
                               image_tokens: int) -> PackedSequence:
-    """The packed sequence of actual DiT inputs: the noisy latents' shape and the section's clean latents
-    (the dict of Section.transformer_inputs; absent or None clean latents count zero)."""
-    _, _, frames, height, width = hidden_states_shape
-
-    def frames_of(key):
-        latents = section_inputs.get(key)
-        return 0 if latents is None else latents.shape[2]
-
-    return packed_sequence(config, frames, frames_of("clean_latents"), frames_of("clean_latents_2x"),
-                           frames_of("clean_latents_4x"), height, width, text_tokens, image_tokens)
+    """The packed sequence of actual DiT inputs: the noisy latents' shape and the section's history context
+    (absent scales count zero)."""
+    _, _, frames, height, width = latents_shape
+    return packed_sequence(config, frames, history.frames("clean"), history.frames("clean_2x"),
+                           history.frames("clean_4x"), height, width, text_tokens, image_tokens)
 
 
 @dataclass(frozen=True)
@@ -140,9 +132,9 @@ def step_flops(config: DiTConfig | dict, sequence: PackedSequence, batch: int = 
         vector += _dense(1, TIMESTEP_CHANNELS, hidden) + _dense(1, hidden, hidden)
     patch_in = config.in_channels * config.patch_size_t * config.patch_size ** 2
     patches = _dense(sequence.noisy_tokens, patch_in, hidden)
-    for tokens, kernel in ((sequence.clean_1x_tokens, CLEAN_1X_KERNEL), (sequence.clean_2x_tokens, CLEAN_2X_KERNEL),
-                           (sequence.clean_4x_tokens, CLEAN_4X_KERNEL)):
-        patches += _dense(tokens, config.in_channels * math.prod(kernel), hidden)
+    for tokens, scale in ((sequence.clean_1x_tokens, "clean"), (sequence.clean_2x_tokens, "clean_2x"),
+                          (sequence.clean_4x_tokens, "clean_4x")):
+        patches += _dense(tokens, config.in_channels * math.prod(SCALES_BY_NAME[scale].kernel), hidden)
     image_projection = 0
     if config.has_image_proj:
         image_projection = (_dense(sequence.image_tokens, config.image_proj_dim, 3 * hidden)

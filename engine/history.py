@@ -31,6 +31,10 @@ HISTORY_SCALES = (
     HistoryScale("clean", (1, 2, 2), 1),
 )
 SCALES_BY_NAME = {scale.name: scale for scale in HISTORY_SCALES}
+# The official forward's keyword arguments of each scale: (latents, frame indices).
+OFFICIAL_KEYWORDS = {"clean": ("clean_latents", "clean_latent_indices"),
+                     "clean_2x": ("clean_latents_2x", "clean_latent_2x_indices"),
+                     "clean_4x": ("clean_latents_4x", "clean_latent_4x_indices")}
 HISTORY_CONTEXT_FRAMES = sum(scale.history_frames for scale in HISTORY_SCALES)  # 19
 START_LATENT_FRAMES = 1  # the 1x group holds the start latent in front of its history frame
 
@@ -63,6 +67,20 @@ class HistoryContext:
             raise TypeError(f"unknown history scales {sorted(unknown)}; use {sorted(SCALES_BY_NAME)}")
         return cls(tuple(ScaleContext(scale, *groups[scale.name]) for scale in HISTORY_SCALES
                          if groups.get(scale.name) is not None and groups[scale.name][0] is not None))
+
+    @classmethod
+    def from_official_kwargs(cls, **kwargs) -> "HistoryContext":
+        """From the official forward's clean_latents / clean_latent_indices / ... keyword arguments."""
+        return cls.of(**{name: (kwargs.get(latents), kwargs.get(indices))
+                         for name, (latents, indices) in OFFICIAL_KEYWORDS.items()})
+
+    def official_kwargs(self) -> dict[str, torch.Tensor]:
+        """The official forward's keyword arguments for this context (absent scales left out)."""
+        kwargs = {}
+        for item in self.scales:
+            latents, indices = OFFICIAL_KEYWORDS[item.scale.name]
+            kwargs[latents], kwargs[indices] = item.latents, item.indices
+        return kwargs
 
     def to(self, device=None, dtype=None) -> "HistoryContext":
         """Latents to `dtype` and both to `device`; indices keep their integer dtype."""

@@ -1,4 +1,8 @@
-"""Finding and reading model weights: Hugging Face repo ids, local folders and single files; safetensors only.
+"""Loading models: resolve a source -> read its safetensors (memory-mapped) -> transform -> place on the device.
+
+`load_engine` assembles an Engine in those stages; the transform stage (`transform_dit`) is where LoRA adapters and
+weight quantization act on the DiT's state dict and modules, before anything is placed on the device.
+
 
 A source is one of
   - a Hugging Face repo id ("lllyasviel/FramePackI2V_HY"): found in the local HF cache; downloaded only when the
@@ -88,31 +92,6 @@ def is_repo_id(source: str | Path) -> bool:
     """'owner/name' that is not an existing path: how we tell a repo id from a folder."""
     text = str(source)
     return bool(_REPO_ID.match(text)) and not Path(text).expanduser().exists() and not text.endswith(".safetensors")
-
-
-def resolve_source(source: str | Path, subfolder: str | None = None, allow_download: bool | None = None,
-                   cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
-    """The local path of `source` (a folder, a .safetensors file, or a repo id's snapshot), or `source/subfolder`.
-
-    Repo ids come from the Hugging Face cache; they are downloaded only when `downloads_allowed(allow_download)`.
-    """
-    display = str(source)
-    if is_repo_id(source):
-        root = _repo_snapshot(display, [subfolder] if subfolder else None, allow_download, cache_dir, revision)
-    else:
-        root = _existing_local_path(source)
-    if subfolder is None:
-        return root
-    if root.is_file():
-        raise ModelSourceError(
-            f"{display!r} is a single file, but its {subfolder!r} folder is needed: "
-            "point at a folder in the diffusers layout (or its Hugging Face repo id) instead.")
-    folder = root / subfolder
-    if not folder.is_dir():
-        raise ModelSourceError(
-            f"{display!r} has no {subfolder!r} folder: point at a folder in the diffusers layout that holds it, "
-            f"or at the Hugging Face repo id it was downloaded from.")
-    return folder
 
 
 def resolve_component(source: str | Path, component: str, allow_download: bool | None = None,
@@ -516,14 +495,6 @@ def load_dit_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES[
     return dict(config), state_dict
 
 
-def load_vae_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["vae"],
-                        allow_download: bool | None = None,
-                        cache_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state_dict) of the HunyuanVideo VAE in the vae/ folder of a repo id or local folder."""
-    folder = resolve_component(source, "vae", allow_download=allow_download, cache_dir=cache_dir)
-    return read_config(folder), load_state_dict(folder, dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The transformers models (text encoders, image encoder)
 
@@ -613,3 +584,55 @@ def load_siglip_image_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_D
     processor = _load_tokenizer(processor_class, processor_folder, "SigLIP image processor")
     model = _load_transformers_model(SiglipVisionModel, model_folder, dtype, device, "SigLIP image encoder")
     return processor, model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Assembling an engine: resolve -> read -> transform -> place
+
+
+def guess_variant(transformer_source) -> str:
+    """F1 and bidirectional checkpoints share one config; only the name tells them apart (FramePack_F1_I2V_HY...)."""
+    name = Path(str(transformer_source)).name.lower().replace("-", "_")
+    return "f1" if "f1" in name.split("_") or "_f1" in name else "bidirectional"
+
+
+def transform_dit(dit, settings) -> None:
+    """The stage between reading the DiT's weights and placing it: where LoRA merging and quantization act on it
+    (in place, while its weights are still the memory-mapped host tensors). Nothing to do yet."""
+
+
+def load_engine(engine_class, settings, *, allow_download: bool | None = None, cache_dir=None,
+                release_encoders: bool = False):
+    """An Engine from checked engine.settings.ModelSettings: each component resolved (repo id through the HF cache,
+    folder or single file), read from memory-mapped safetensors, transformed, then placed on the device."""
+    from engine.conditioning import ImageEncoder, TextEncoder
+    from engine.dit import FramePackDiT
+    from engine.vae import HunyuanVideoVAE
+
+    if allow_download is None and settings.offline:
+        allow_download = False
+    variant = guess_variant(settings.transformer) if settings.variant == "auto" else settings.variant
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, settings.dtype)
+    # Half-precision encoders as the official app, except on a CPU, where float16 kernels are slow or missing.
+    encoder_dtype = torch.float32 if device.type == "cpu" else DEFAULT_DTYPES["text_encoder"]
+    vae_dtype = torch.float32 if device.type == "cpu" else DEFAULT_DTYPES["vae"]
+
+    dit = FramePackDiT.from_pretrained(settings.transformer, dtype=dtype, device="cpu",
+                                       allow_download=allow_download, cache_dir=cache_dir).eval()
+    transform_dit(dit, settings)
+    dit = dit.to(device)
+    dit.set_output_precision(float32=True)  # the official app's high-quality float32 output projection
+    dit.set_attention_backend(settings.attention)
+    dit.set_fused_kernels(settings.fused_kernels)
+    vae = HunyuanVideoVAE.from_pretrained(
+        resolve_component(settings.base, "vae", allow_download=allow_download, cache_dir=cache_dir), dtype=vae_dtype,
+        device=device)
+    if settings.vram_budget_gb is not None:
+        vae.memory_budget_bytes = int(settings.vram_budget_gb * 2**30)
+    text_encoder = TextEncoder.from_pretrained(settings.base, device=device, dtype=encoder_dtype,
+                                               allow_download=allow_download, cache_dir=cache_dir)
+    images = ImageEncoder.from_pretrained(settings.image_encoder, device=device, dtype=encoder_dtype,
+                                          allow_download=allow_download, cache_dir=cache_dir)
+    return engine_class(dit, vae, text_encoder, images, variant=variant, device=device, dtype=dtype,
+                        name=str(Path(str(settings.transformer)).name), release_encoders=release_encoders)

@@ -1,9 +1,11 @@
 """Engine: the public API that turns a prompt and images into a video, section by section.
 
 One generation, as the official app does it:
-  prompt -> Llama hidden states + CLIP-L pooled output; start (and end) image -> SigLIP tokens and VAE latents;
-  then for each section of the plan (engine.sections): draw noise from the one seeded generator, sample it with the
-  DiT (engine.sampling), put the window into the latent history, decode the new frames and crossfade them in.
+  1. the settings are checked (engine.settings), the images read and fitted to a resolution bucket;
+  2. every prompt work is done up front: each section's prompt (and the negative) through Llama + CLIP-L, the start
+     (and end) image through SigLIP and the VAE; then the encoders can be released;
+  3. engine.runner.run_sections samples each section of the plan (engine.sections) with the DiT, puts it into the
+     latent history, decodes it and crossfades it into the video.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from engine import sampling, sections
+from engine import sections
 from engine.buckets import find_nearest_bucket
 from engine.conditioning import PromptEmbedding
 from engine.errors import FramePackError
 from engine.images import image_to_pixels, load_image, load_video_frames, resize_and_center_crop
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
+from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
+from engine.settings import GenerationSettings
 from engine.video import Video
-
 
 
 class GenerationCancelled(Exception):
@@ -32,71 +35,45 @@ class GenerationCancelled(Exception):
 
 
 @dataclass
-class GenerationSettings:
-    """Every knob of one generation; written into the output's metadata so a video can be reproduced."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seconds: float = 5.0
-    fps: float = 30.0
-    seed: int = 31337
-    steps: int = 25
-    distilled_guidance: float = 10.0
-    cfg: float = 1.0
-    guidance_rescale: float = 0.0
-    latent_window_size: int = 9
-    resolution: int = 640
-    width: int | None = None
-    height: int | None = None
-    sampler: str = "unipc"
-    shift: float | None = None
-    cache: str | None = None
-    cache_threshold: float | None = None
-    section_prompts: list[str] | str | None = None
-    init_strength: float = 1.0
-    end_strength: float = 1.0
-    vision_strength: float = 1.0
-    variant: str = "bidirectional"
-    mode: str = "t2v"
-
-    def validate(self):
-        if not isinstance(self.prompt, str):
-            raise FramePackError("The prompt must be a string: pass prompt='a cat walks on grass'.")
-        if not self.seconds > 0:
-            raise FramePackError(f"seconds must be positive, got {self.seconds}: pass e.g. seconds=5.")
-        if not self.fps > 0:
-            raise FramePackError(f"fps must be positive, got {self.fps}: pass e.g. fps=30.")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise FramePackError(f"steps must be a positive integer, got {self.steps}: the official default is 25.")
-        if not (isinstance(self.latent_window_size, int) and self.latent_window_size >= 1):
-            raise FramePackError(f"latent_window_size must be a positive integer, got {self.latent_window_size}: the official value is 9.")
-        if self.sampler not in sampling.SAMPLERS:
-            raise FramePackError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}.")
-        if self.cfg < 1:
-            raise FramePackError(f"cfg must be at least 1 (1 turns real guidance off), got {self.cfg}.")
-        if not 0 < self.init_strength <= 1:
-            raise FramePackError(f"init_strength must be in (0, 1], got {self.init_strength}: 1 keeps the start image as it is.")
-        if not 0 <= self.end_strength <= 1:
-            raise FramePackError(f"end_strength must be in [0, 1], got {self.end_strength}.")
-        if not self.vision_strength >= 0:
-            raise FramePackError(f"vision_strength must be non-negative, got {self.vision_strength}.")
-        if self.cache is not None:
-            raise FramePackError(
-                f"Step caching ({self.cache!r}) is not available in this version: leave cache unset.")
-        if not (isinstance(self.resolution, int) and self.resolution >= 64):
-            raise FramePackError(f"resolution must be an integer of at least 64, got {self.resolution}.")
-
-
-@dataclass
 class SectionResult:
-    """A finished section, as `Engine.stream` yields it: the video so far and what the section took."""
+    """A finished section, as `Engine.stream` yields it.
+
+    `frames` are the pixel frames this section made final, in video order: appended after the earlier ones when
+    `direction` is "forward" (F1), put before them when "backward" (the bidirectional loop makes the end first).
+    `pending_frames` are decoded frames the next section will still crossfade into: a consumer that stops after this
+    section shows them as they are (they are empty after the last section). `FrameCollector` joins them.
+    """
 
     index: int
     count: int
     video_position: int
-    frames: np.ndarray  # uint8 (T, H, W, 3): the whole video generated so far
-    latents: torch.Tensor  # the real latents of the video so far (unscaled by nothing: the DiT's latent space)
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    pending_frames: np.ndarray  # uint8 (T, H, W, 3)
+    direction: str
+    latents: torch.Tensor  # the real latents of the video so far (the DiT's latent space)
     stats: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # settings, mode, model: what the output file records
+
+
+class FrameCollector:
+    """Joins the frames that `Engine.stream` hands out into the whole video so far, in video order."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+        self.last: SectionResult | None = None
+
+    def add(self, result: SectionResult) -> None:
+        if result.direction == "forward":
+            self.chunks.append(result.frames)
+        else:
+            self.chunks.insert(0, result.frames)
+        self.last = result
+
+    def frames(self) -> np.ndarray:
+        if self.last is None:
+            raise FramePackError("No section has finished yet, so there are no frames.")
+        pending = self.last.pending_frames
+        return np.concatenate(self.chunks + [pending] if self.last.direction == "forward" else [pending] + self.chunks)
 
 
 def parse_section_prompts(section_prompts, prompt: str, count: int, seconds_per_section: float,
@@ -130,14 +107,35 @@ def parse_section_prompts(section_prompts, prompt: str, count: int, seconds_per_
             for position in video_positions]
 
 
+def generation_mode(image, end_image, input_video) -> str:
+    """t2v, i2v, flf2v or extend: the mode follows the inputs."""
+    if input_video is not None:
+        return "extend"
+    if end_image is not None:
+        return "flf2v"
+    return "i2v" if image is not None else "t2v"
+
+
+def check_inputs_for_variant(variant: str, image, end_image, input_video) -> None:
+    """The input combinations a model can take; checked before anything loads."""
+    if end_image is not None and image is None:
+        raise FramePackError("An end image needs a start image too: pass image=... with end_image=... .")
+    if end_image is not None and variant != "bidirectional":
+        raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop end_image or load that model.")
+    if input_video is not None and variant != "f1":
+        raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with variant='f1'.")
+
+
 class Engine:
     """A loaded FramePack model: DiT, VAE, text and image encoders, on one device."""
 
     def __init__(self, transformer, vae, text_encoder, image_encoder=None, variant: str = "bidirectional",
                  device="cpu", dtype=torch.bfloat16, name: str = "framepack", notice: str | None = None,
-                 default_resolution: int = 640):
+                 default_resolution: int = 640, release_encoders: bool = False):
         """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: engine.conditioning.TextEncoder (or any
-        object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder."""
+        object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder.
+        release_encoders: drop the text and image encoders once a generation's prompts and images are encoded
+        (frees their memory for the DiT; later generations can then only reuse prompts already encoded)."""
         if variant not in sections.VARIANTS:
             raise FramePackError(f"Unknown variant {variant!r}: choose 'bidirectional' or 'f1'.")
         self.transformer = transformer
@@ -149,25 +147,32 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.name = name
+        self.release_encoders_after_use = release_encoders
         # Said once per generation, e.g. that a preset's random weights make noise.
         self.notice = notice
 
     # ---- construction ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, transformer="lllyasviel/FramePackI2V_HY", base="hunyuanvideo-community/HunyuanVideo",
-                        image_encoder="lllyasviel/flux_redux_bfl", variant="auto", device=None, dtype=torch.bfloat16,
-                        vram_budget_gb=None, quantize=None, attention="auto", allow_download=True,
-                        cache_dir=None, fused_kernels=False) -> "Engine":
-        """Each source is a Hugging Face repo id (local cache first, downloaded when allowed), a local folder in
-        the repo's layout, or (transformer only) a single .safetensors file. variant="auto" reads the transformer's
-        name: F1 checkpoints have "F1" in it. fused_kernels runs the DiT's glue as Triton kernels (CUDA only)."""
-        from engine.model_loading import load_engine_components
+    def from_pretrained(cls, *, allow_download: bool | None = None, cache_dir=None, release_encoders: bool = False,
+                        **options) -> "Engine":
+        """Options (engine.settings.ModelSettings): transformer, base, image_encoder (each a Hugging Face repo id,
+        looked up in the local cache first and downloaded when allowed, or a local folder in the repo's layout, or
+        for the transformer a single .safetensors file), variant ("auto" reads "F1" in the transformer's name),
+        device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb, quantize, offline."""
+        from engine.loading import load_engine
+        from engine.settings import ModelSettings
 
-        return load_engine_components(cls, transformer=transformer, base=base, image_encoder=image_encoder,
-                                      variant=variant, device=device, dtype=dtype, vram_budget_gb=vram_budget_gb,
-                                      quantize=quantize, attention=attention, allow_download=allow_download,
-                                      cache_dir=cache_dir, fused_kernels=fused_kernels)
+        if isinstance(options.get("dtype"), torch.dtype):
+            options["dtype"] = str(options["dtype"]).removeprefix("torch.")
+        if options.get("device") is not None:
+            options["device"] = str(options["device"])
+        for key in ("transformer", "base", "image_encoder"):
+            if options.get(key) is not None:
+                options[key] = str(options[key])
+        settings = ModelSettings.from_options(**options)
+        return load_engine(cls, settings, allow_download=allow_download, cache_dir=cache_dir,
+                           release_encoders=release_encoders)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", variant: str = "bidirectional", device="cpu", seed: int = 0) -> "Engine":
@@ -175,27 +180,36 @@ class Engine:
 
         return build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
 
-    # ---- conditioning ---------------------------------------------------------------------------------------------
+    # ---- encoders and the VAE -------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """The text encoder caches by text, so repeated section prompts are encoded once."""
         return self.text_encoder.encode(prompt)
 
-    def _image_embedding(self, image: np.ndarray) -> torch.Tensor:
+    def encode_image_embedding(self, image: np.ndarray) -> torch.Tensor:
+        """SigLIP's tokens of a uint8 (H, W, 3) image."""
         if self.image_encoder is None:
             raise FramePackError("This engine has no image encoder: load one with image_encoder=... .")
         with torch.no_grad():
             return self.image_encoder.encode(image)
 
-    def _encode_latent(self, image: np.ndarray) -> torch.Tensor:
+    def encode_latent(self, image: np.ndarray) -> torch.Tensor:
+        """The VAE latent of a uint8 (H, W, 3) image, scaled by the VAE's scaling factor, float32."""
         pixels = image_to_pixels(image).to(self.vae_device, self.vae_dtype)
         with torch.no_grad():
             latent = self.vae.encode(pixels)
         return latent.float() * self.vae.scaling_factor
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> float32 pixels (1, 3, T, H, W) in about [-1, 1], on the host."""
         with torch.no_grad():
             return self.vae.decode((latents / self.vae.scaling_factor).to(self.vae_device, self.vae_dtype)).float().cpu()
+
+    def release_encoders(self) -> None:
+        """Drop the text and image encoders' models (cached prompt embeddings stay usable)."""
+        for encoder in (self.text_encoder, self.image_encoder):
+            if encoder is not None and hasattr(encoder, "release"):
+                encoder.release()
 
     @property
     def vae_device(self):
@@ -207,70 +221,57 @@ class Engine:
 
     # ---- generation -----------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, image=None, end_image=None, **options) -> Video:
-        """Generates the whole video; on cancellation returns the sections finished so far."""
-        result, stats = None, {"sections": []}
-        settings = None
-        for result in self.stream(prompt, image=image, end_image=end_image, **options):
-            stats["sections"].append(result.stats)
-            settings = result.stats.get("settings", settings)
-        if result is None:
-            raise GenerationCancelled("Generation was cancelled before the first section finished.")
-        stats["cancelled"] = len(stats["sections"]) < result.count
-        stats["seconds"] = sum(s["seconds"] for s in stats["sections"])
-        return Video(frames=result.frames, fps=float(options.get("fps", 30.0)), stats=stats,
-                     metadata=self._metadata(settings), latents=result.latents)
+    def settings(self, prompt: str = "", **options) -> GenerationSettings:
+        """The checked settings of a generation (what `generate` runs), without running it."""
+        return GenerationSettings.from_options(prompt=prompt, **options)
 
-    def _metadata(self, settings: GenerationSettings | None) -> dict:
-        meta = {"engine": "framepack-engine", "model": self.name}
-        if settings is not None:
-            meta.update({k: v for k, v in asdict(settings).items() if v is not None})
+    def generate(self, prompt: str, image=None, end_image=None, **options) -> Video:
+        """Generates the whole video; on cancellation returns the sections finished so far. Options: those of
+        engine.settings.GenerationSettings, plus input_video, callback and cancel as for `stream`."""
+        collector, stats = FrameCollector(), {"sections": []}
+        fps = None
+        for result in self.stream(prompt, image=image, end_image=end_image, **options):
+            collector.add(result)
+            stats["sections"].append(result.stats)
+            fps = result.metadata["fps"]
+        if collector.last is None:
+            raise GenerationCancelled("Generation was cancelled before the first section finished.")
+        stats["cancelled"] = len(stats["sections"]) < collector.last.count
+        stats["seconds"] = sum(s["seconds"] for s in stats["sections"])
+        return Video(frames=collector.frames(), fps=fps, stats=stats, metadata=collector.last.metadata,
+                     latents=collector.last.latents)
+
+    def metadata(self, settings: GenerationSettings, mode: str) -> dict:
+        """What an output file records: the engine, the model, the mode and every setting that is set."""
+        meta = {"engine": "framepack-engine", "model": self.name, "variant": self.variant, "mode": mode}
+        meta.update({key: value for key, value in settings.as_dict().items() if value is not None})
         return meta
 
-    def _resolve_size(self, settings: GenerationSettings, image: np.ndarray | None) -> tuple[int, int]:
-        if image is not None:
-            height, width = image.shape[:2]
-        else:
-            height, width = settings.height or settings.resolution, settings.width or settings.resolution
-        return find_nearest_bucket(height, width, resolution=settings.resolution)
+    def stream(self, prompt: str, image=None, end_image=None, *, input_video=None,
+               callback: Callable[[dict], None] | None = None,
+               cancel: threading.Event | Callable[[], bool] | None = None, **options) -> Iterator[SectionResult]:
+        """Yields each finished section as soon as it is decoded (see SectionResult).
 
-    def stream(self, prompt: str, image=None, end_image=None, *, negative_prompt: str = "", seconds: float = 5.0,
-               fps: float = 30.0, seed: int = 31337, steps: int = 25, distilled_guidance: float = 10.0,
-               cfg: float = 1.0, guidance_rescale: float = 0.0, latent_window_size: int = 9, resolution: int | None = None,
-               width: int | None = None, height: int | None = None, sampler: str = "unipc", shift: float | None = None,
-               cache: str | None = None, cache_threshold: float | None = None, section_prompts=None,
-               init_strength: float = 1.0, end_strength: float = 1.0, vision_strength: float = 1.0,
-               input_video=None, callback: Callable[[dict], None] | None = None,
-               cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[SectionResult]:
-        """Yields each finished section (with the whole video so far) as soon as it is decoded."""
+        callback(info) runs after every sampler step (info: section, sections, i, total_steps, x, denoised, sigma and
+        a uint8 latent preview); cancel (an Event or a function) is checked at each step and stops at the next one.
+        """
+        settings = self.settings(prompt, **options)
+        check_inputs_for_variant(self.variant, image, end_image, input_video)
+        mode = generation_mode(image, end_image, input_video)
         start_image = load_image(image, "start image") if image is not None else None
         end = load_image(end_image, "end image") if end_image is not None else None
-        if end is not None and start_image is None:
-            raise FramePackError("An end image needs a start image too: pass image=... with end_image=... .")
-        if end is not None and self.variant != "bidirectional":
-            raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop end_image or load that model.")
-        if input_video is not None and self.variant != "f1":
-            raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with variant='f1'.")
-        resolution = resolution or self.default_resolution
-        mode = "flf2v" if end is not None else ("i2v" if start_image is not None else "t2v")
-        if input_video is not None:
-            mode = "extend"
-        settings = GenerationSettings(
-            prompt=prompt, negative_prompt=negative_prompt, seconds=seconds, fps=fps, seed=seed, steps=steps,
-            distilled_guidance=distilled_guidance, cfg=cfg, guidance_rescale=guidance_rescale,
-            latent_window_size=latent_window_size, resolution=resolution, width=width, height=height, sampler=sampler,
-            shift=shift, cache=cache, cache_threshold=cache_threshold, section_prompts=section_prompts,
-            init_strength=init_strength, end_strength=end_strength, vision_strength=vision_strength,
-            variant=self.variant, mode=mode)
-        settings.validate()
+        video_frames = load_video_frames(input_video)[0] if input_video is not None else None
+        if video_frames is not None:
+            start_image = video_frames[0]
         if self.notice:
             print(self.notice)
 
-        video_frames = None
-        if input_video is not None:
-            video_frames, _ = load_video_frames(input_video)
-            start_image = video_frames[0]
-        bucket_height, bucket_width = self._resolve_size(settings, start_image)
+        resolution = settings.resolution or self.default_resolution
+        if start_image is not None:
+            height, width = start_image.shape[:2]
+        else:
+            height, width = settings.height or resolution, settings.width or resolution
+        bucket_height, bucket_width = find_nearest_bucket(height, width, resolution=resolution)
         if start_image is None:
             # Text to video starts from a black frame, as the community apps do.
             start_image = np.zeros((bucket_height, bucket_width, 3), dtype=np.uint8)
@@ -278,71 +279,65 @@ class Engine:
         if end is not None:
             end = resize_and_center_crop(end, bucket_width, bucket_height)
 
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        start_latent = self._encode_latent(start_image)
-        if init_strength < 1:
+        window = settings.latent_window_size
+        count = sections.section_count(settings.seconds, settings.fps, window)
+        plan = sections.plan_sections(self.variant, count, window)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator)
+        history = sections.initial_history(self.variant, inputs.start_latent)
+        initial_pixels = None
+        if video_frames is not None:
+            history, initial_pixels = self._extension_history(video_frames, bucket_width, bucket_height, history)
+
+        metadata = self.metadata(settings, mode)
+        latent_height, latent_width = inputs.start_latent.shape[-2:]
+        hooks = _EngineHooks(count, callback, cancel)
+        runs = run_sections(self.transformer, plan, inputs, SamplingOptions.of(settings), generator, history,
+                            device=self.device, dtype=self.dtype, decode=self.decode_latents,
+                            initial_pixels=initial_pixels, hooks=hooks)
+        while True:
+            try:
+                output = next(runs)
+            except (StopIteration, GenerationCancelled):
+                return
+            section = output.section
+            stats = {"section": section.index, "video_position": section.video_position, "steps": output.steps,
+                     "seconds": time.perf_counter() - hooks.section_start,
+                     "tokens": sections.tokens_per_section(latent_height, latent_width, window),
+                     "prompt": prompts[section.index]}
+            yield SectionResult(section.index, count, section.video_position, output.frames, output.pending_frames,
+                                "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata)
+
+    def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator
+                       ) -> tuple[SectionInputs, list[str]]:
+        """Every prompt and image through its encoder, before the first section (then the encoders may go).
+        Returns the encoders' outputs and each section's prompt text."""
+        seconds_per_section = settings.latent_window_size * sections.VAE_TEMPORAL_COMPRESSION / settings.fps
+        prompts = parse_section_prompts(settings.section_prompts, settings.prompt, len(plan), seconds_per_section,
+                                        [section.video_position for section in plan])
+        embeddings = [self.encode_prompt(text) for text in prompts]
+        # With cfg 1 the official's negative pass is skipped (its zeros are never used).
+        negative = self.encode_prompt(settings.negative_prompt) if settings.cfg != 1 else None
+
+        start_latent = self.encode_latent(start_image)
+        if settings.init_strength < 1:
             noise = torch.randn(start_latent.shape, generator=generator).to(start_latent)
-            start_latent = init_strength * start_latent + (1 - init_strength) * noise
-        end_latent = self._encode_latent(end) if end is not None else None
+            start_latent = settings.init_strength * start_latent + (1 - settings.init_strength) * noise
+        end_latent = self.encode_latent(end_image) if end_image is not None else None
 
         image_embedding = None
         if self.transformer.takes_image_embeddings:
-            image_embedding = self._image_embedding(start_image).float()
-            if end is not None:
-                total = init_strength + end_strength
-                end_embedding = self._image_embedding(end).float()
-                image_embedding = (init_strength * image_embedding + end_strength * end_embedding) / max(total, 1e-6)
-            image_embedding = (image_embedding * vision_strength).to(self.device, self.dtype)
-
-        count = sections.section_count(seconds, fps, latent_window_size)
-        plan = sections.plan_sections(self.variant, count, latent_window_size)
-        history = sections.initial_history(self.variant, start_latent)
-        pixels = None
-        if video_frames is not None:
-            history, pixels = self._extension_history(video_frames, bucket_width, bucket_height, history)
-
-        seconds_per_section = latent_window_size * 4 / fps
-        prompts = parse_section_prompts(section_prompts, prompt, count, seconds_per_section,
-                                        [section.video_position for section in plan])
-        # With cfg 1 the official's negative pass is skipped (its zeros are never used).
-        negative = self.encode_prompt(negative_prompt) if cfg != 1 else None
-
-        latent_height, latent_width = start_latent.shape[-2:]
-        for section in plan:
-            started = time.perf_counter()
-            positive = self.encode_prompt(prompts[section.index])
-            steps_run = [0]
-
-            def step_callback(info, section=section):
-                steps_run[0] += 1
-                if _is_cancelled(cancel):
-                    raise GenerationCancelled()
-                if callback is not None:
-                    extra = {"section": section.index, "sections": count}
-                    denoised = info.get("denoised")
-                    if denoised is not None and denoised.shape[1] == len(LATENT_RGB_FACTORS):
-                        # The cheap linear latent -> RGB projection of the current x0 estimate.
-                        extra["preview"] = latents_to_preview_rgb(denoised)
-                    callback({**info, **extra})
-
-            inputs = section.transformer_inputs(history, start_latent, end_latent, end_strength)
-            try:
-                generated = self._sample_section(settings, generator, positive, negative, image_embedding, inputs,
-                                                 latent_height, latent_width, step_callback)
-            except GenerationCancelled:
-                return
-            history = section.add_to_history(history, generated, start_latent)
-            if video_frames is None:
-                pixels = section.blend_pixels(pixels, self._decode(section.latents_to_decode(history)))
-                latents_so_far = section.generated_latents(history)
-            else:
-                latents_so_far = history[:, :, sections.HISTORY_CONTEXT_FRAMES:]
-                pixels = self._extend_pixels(pixels, latents_so_far, latent_window_size)
-            seconds_taken = time.perf_counter() - started
-            stats = {"section": section.index, "video_position": section.video_position, "steps": steps_run[0],
-                     "seconds": seconds_taken, "tokens": self.section_tokens(latent_height, latent_width, latent_window_size),
-                     "prompt": prompts[section.index], "settings": settings}
-            yield SectionResult(section.index, count, section.video_position, _to_uint8(pixels), latents_so_far, stats)
+            image_embedding = self.encode_image_embedding(start_image).float()
+            if end_image is not None:
+                total = settings.init_strength + settings.end_strength
+                end_embedding = self.encode_image_embedding(end_image).float()
+                image_embedding = ((settings.init_strength * image_embedding + settings.end_strength * end_embedding)
+                                   / max(total, 1e-6))
+            image_embedding = image_embedding * settings.vision_strength
+        if self.release_encoders_after_use:
+            self.release_encoders()
+        return SectionInputs(embeddings, negative, image_embedding, start_latent, end_latent,
+                             settings.end_strength), prompts
 
     def _extension_history(self, frames, width, height, history):
         """For video extension: the input video's latents become the F1 history, its frames the video so far."""
@@ -356,44 +351,27 @@ class Engine:
         history = torch.cat([history[:, :, :sections.HISTORY_CONTEXT_FRAMES], latents.to(history)], dim=2)
         return history, pixels.float().cpu()
 
-    def _extend_pixels(self, pixels, latents, window):
-        """Decode the new window with up to one window of what came before, and crossfade that overlap in."""
-        decode_count = min(2 * window, latents.shape[2])
-        section_pixels = self._decode(latents[:, :, -decode_count:])
-        return sections.crossfade(pixels, section_pixels, 4 * (decode_count - window) - 3)
 
-    def section_tokens(self, latent_height: int, latent_width: int, latent_window_size: int) -> int:
-        return sections.tokens_per_section(latent_height, latent_width, latent_window_size)
+class _EngineHooks(RunnerHooks):
+    """Progress callback with a latent preview, cancellation at each step, and the section clock."""
 
-    def _sample_section(self, settings: GenerationSettings, generator, positive: PromptEmbedding,
-                        negative: PromptEmbedding | None, image_embedding, section_inputs, latent_height, latent_width,
-                        step_callback):
-        device, dtype = self.device, self.dtype
-        window = settings.latent_window_size
-        noise = sampling.draw_noise(generator, 1, self.transformer.config.in_channels, window, latent_height,
-                                    latent_width, device=device)
-        sigmas = sampling.flux_sigmas(settings.steps, sampling.flux_sequence_length(window, latent_height, latent_width),
-                                      settings.shift).to(device)
+    def __init__(self, count: int, callback, cancel):
+        self.count, self.callback, self.cancel = count, callback, cancel
+        self.section_start = time.perf_counter()
 
-        def conditioning(embedding: PromptEmbedding):
-            # The prompt's tokens without the official 512-token padding: the DiT would crop it off anyway, and
-            # with no mask it needs no device-to-host copy of the lengths at each step.
-            return {"encoder_hidden_states": embedding.llama.to(device, dtype), "encoder_attention_mask": None,
-                    "pooled_projections": embedding.clip_pooled.to(device, dtype)}
+    def section_started(self, section, context):
+        self.section_start = time.perf_counter()
 
-        common = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-                  for key, value in section_inputs.items()}
-        if image_embedding is not None:
-            common["image_embeddings"] = image_embedding
-        guidance = settings.distilled_guidance if self.transformer.config.guidance_embeds else None
-        negative_conditioning = None
-        if settings.cfg != 1:
-            negative_conditioning = conditioning(negative)
-        denoise = sampling.make_denoiser(
-            self.transformer, conditioning(positive), negative_conditioning, common=common, cfg_scale=settings.cfg,
-            guidance_rescale=settings.guidance_rescale, distilled_guidance=guidance, dtype=dtype)
-        with torch.no_grad():
-            return sampling.sample(settings.sampler, denoise, noise, sigmas, callback=step_callback)
+    def step_finished(self, section, info):
+        if _is_cancelled(self.cancel):
+            raise GenerationCancelled()
+        if self.callback is not None:
+            extra = {"section": section.index, "sections": self.count}
+            denoised = info.get("denoised")
+            if denoised is not None and denoised.shape[1] == len(LATENT_RGB_FACTORS):
+                # The cheap linear latent -> RGB projection of the current x0 estimate.
+                extra["preview"] = latents_to_preview_rgb(denoised)
+            self.callback({**info, **extra})
 
 
 def _is_cancelled(cancel) -> bool:
@@ -402,9 +380,3 @@ def _is_cancelled(cancel) -> bool:
     if isinstance(cancel, threading.Event):
         return cancel.is_set()
     return bool(cancel())
-
-
-def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3), rounded (the official truncates; rounding is unbiased)."""
-    frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).contiguous().numpy()

@@ -71,19 +71,6 @@ def flux_sigmas(steps: int, seq_len: float, shift: float | None = None) -> torch
     return exp_mu / (exp_mu + (1 / t - 1))
 
 
-def start_from_latent(
-    initial_latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, strength: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial denoising from an existing latent, as the official ``strength``: scale the schedule, then noise the
-    latent to the first (scaled) sigma. Returns ``(x, sigmas)`` to hand to a sampler."""
-    if not 0.0 < strength <= 1.0:
-        raise FramePackError(f"strength must be in (0, 1], got {strength!r}; use 1.0 to start from pure noise.")
-    sigmas = sigmas * strength
-    first_sigma = sigmas[0].to(device=noise.device, dtype=torch.float32)
-    x = initial_latent.to(device=noise.device, dtype=torch.float32) * (1.0 - first_sigma) + noise.float() * first_sigma
-    return x, sigmas
-
-
 def draw_noise(
     generator: torch.Generator,
     batch_size: int,

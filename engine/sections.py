@@ -29,12 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import FramePackError
+from engine.history import (HISTORY_CONTEXT_FRAMES, HISTORY_SCALES, SCALES_BY_NAME, START_LATENT_FRAMES,
+                            HistoryContext)
 
 VARIANTS = ("bidirectional", "f1")
 VAE_TEMPORAL_COMPRESSION = 4  # pixel frames per latent frame (the first latent frame holds a single pixel frame)
 OFFICIAL_FPS = 30  # the official app's frame rate; sections are counted at the requested fps
-CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES = 1, 2, 16  # history frames per compression level
-HISTORY_CONTEXT_FRAMES = CLEAN_1X_FRAMES + CLEAN_2X_FRAMES + CLEAN_4X_FRAMES  # 19
+# History frames per compression level, from the one table in engine.history.
+CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES = (SCALES_BY_NAME[name].history_frames
+                                                     for name in ("clean", "clean_2x", "clean_4x"))
 BIDIRECTIONAL_MAX_PADDING = 3  # above four sections the official repeats padding 2 instead of counting higher
 
 
@@ -153,22 +156,25 @@ class Section:
 
     # -- context -------------------------------------------------------------------------------------------------
 
-    def _context(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The (1x, 2x, 4x) history frames next to this section."""
+    def _context(self, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The history frames next to this section, by scale name."""
         if self.variant == "bidirectional":
-            # The frames right after the window: the start of what is generated (zeros before anything is).
+            # The frames right after the window, nearest first: the start of what is generated (zeros before
+            # anything is), so the 1x frame comes first and the 4x ones last.
+            order = tuple(reversed(HISTORY_SCALES))
             context = history[:, :, :HISTORY_CONTEXT_FRAMES]
-            return context.split([CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES], dim=2)
-        # F1: the frames right before the window, oldest (4x) first.
-        context = history[:, :, -HISTORY_CONTEXT_FRAMES:]
-        clean_4x, clean_2x, clean_1x = context.split([CLEAN_4X_FRAMES, CLEAN_2X_FRAMES, CLEAN_1X_FRAMES], dim=2)
-        return clean_1x, clean_2x, clean_4x
+        else:
+            # F1: the frames right before the window, oldest (4x) first.
+            order = HISTORY_SCALES
+            context = history[:, :, -HISTORY_CONTEXT_FRAMES:]
+        pieces = context.split([scale.history_frames for scale in order], dim=2)
+        return {scale.name: piece for scale, piece in zip(order, pieces)}
 
     def clean_latents(self, history: torch.Tensor, start_latent: torch.Tensor,
                       end_latent: torch.Tensor | None = None, end_strength: float = 1.0) -> torch.Tensor:
         """The two 1x clean frames: the start latent, then the history frame next to the window. With an
         ``end_latent`` (bidirectional only) the first section generated uses ``end_latent * end_strength`` there."""
-        clean_1x = self._context(history)[0]
+        clean_1x = self._context(history)["clean"]
         if end_latent is not None:
             if self.variant != "bidirectional":
                 raise FramePackError("an end image needs the bidirectional model (FramePackI2V_HY); "
@@ -177,24 +183,14 @@ class Section:
                 clean_1x = end_latent.to(history) * end_strength
         return torch.cat([start_latent.to(history), clean_1x], dim=2)
 
-    def clean_latents_2x(self, history: torch.Tensor) -> torch.Tensor:
-        return self._context(history)[1]
-
-    def clean_latents_4x(self, history: torch.Tensor) -> torch.Tensor:
-        return self._context(history)[2]
-
-    def transformer_inputs(self, history: torch.Tensor, start_latent: torch.Tensor,
-                           end_latent: torch.Tensor | None = None, end_strength: float = 1.0) -> dict:
-        """The section's keyword arguments for ``FramePackDiT.forward`` (indices and clean latents)."""
-        return {
-            "latent_indices": self.latent_indices,
-            "clean_latents": self.clean_latents(history, start_latent, end_latent, end_strength),
-            "clean_latent_indices": self.clean_latent_indices,
-            "clean_latents_2x": self.clean_latents_2x(history),
-            "clean_latent_2x_indices": self.clean_latent_2x_indices,
-            "clean_latents_4x": self.clean_latents_4x(history),
-            "clean_latent_4x_indices": self.clean_latent_4x_indices,
-        }
+    def history_context(self, history: torch.Tensor, start_latent: torch.Tensor,
+                        end_latent: torch.Tensor | None = None, end_strength: float = 1.0) -> HistoryContext:
+        """The section's clean context for the DiT: each scale's latents with their frame indices."""
+        context = self._context(history)
+        return HistoryContext.of(
+            clean=(self.clean_latents(history, start_latent, end_latent, end_strength), self.clean_latent_indices),
+            clean_2x=(context["clean_2x"], self.clean_latent_2x_indices),
+            clean_4x=(context["clean_4x"], self.clean_latent_4x_indices))
 
     # -- history ---------------------------------------------------------------------------------------------------
 
@@ -213,29 +209,29 @@ class Section:
         return torch.cat([generated, history], dim=2)
 
     def generated_latents(self, history: torch.Tensor) -> torch.Tensor:
-        """The real latents of the video so far (without the zero padding), from a history this section is in."""
-        total = self.total_latent_frames
-        return history[:, :, :total] if self.variant == "bidirectional" else history[:, :, -total:]
+        """The real latents of the video so far (without the zero padding), from a history this section is in. For
+        F1 that is everything after the context padding (an extended video's latents included)."""
+        if self.variant == "bidirectional":
+            return history[:, :, :self.total_latent_frames]
+        return history[:, :, HISTORY_CONTEXT_FRAMES:]
+
+    def _decode_count(self, history: torch.Tensor) -> int:
+        if self.variant == "bidirectional":
+            return self.total_latent_frames if self.is_first else 2 * self.latent_window_size + int(self.is_last)
+        # F1: the new window and up to one window before it (all of it when there is less).
+        return min(2 * self.latent_window_size, history.shape[2] - HISTORY_CONTEXT_FRAMES)
 
     def latents_to_decode(self, history: torch.Tensor) -> torch.Tensor:
-        """What to VAE-decode once this section is in: everything for the first section, afterwards the new
-        window plus its neighbour (the decode overlaps the previous one by a window)."""
-        real = self.generated_latents(history)
-        if self.is_first:
-            return real
-        frames = 2 * self.latent_window_size
-        if self.variant == "f1":
-            return real[:, :, -frames:]
-        return real[:, :, : frames + (1 if self.is_last else 0)]
+        """What to VAE-decode once this section is in: everything for the first bidirectional section, afterwards
+        the new window plus its neighbour (the decode overlaps the previous one by a window)."""
+        real, count = self.generated_latents(history), self._decode_count(history)
+        return real[:, :, -count:] if self.variant == "f1" else real[:, :, :count]
 
-    def blend_pixels(self, video: torch.Tensor | None, section_pixels: torch.Tensor) -> torch.Tensor:
-        """Merge the decode of ``latents_to_decode`` into the video so far (``None`` before the first section)."""
-        if video is None:
-            return section_pixels
-        overlap = pixel_overlap(self.latent_window_size)
-        if self.variant == "f1":
-            return crossfade(video, section_pixels, overlap)
-        return crossfade(section_pixels, video, overlap)
+    def decode_overlap(self, history: torch.Tensor) -> int:
+        """Pixel frames this section's decode shares with the video decoded before it (they are crossfaded)."""
+        if self.variant == "bidirectional":
+            return pixel_overlap(self.latent_window_size)
+        return VAE_TEMPORAL_COMPRESSION * (self._decode_count(history) - self.latent_window_size) - 3
 
 
 def _bidirectional_section(index: int, count: int, padding: int, window: int) -> Section:
@@ -298,21 +294,15 @@ def initial_history(variant: str, start_latent: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tokens(frames: int, height: int, width: int, kernel: tuple[int, int, int], pad: bool) -> int:
-    # The 2x/4x embedders replicate-pad up to a kernel multiple (ceil); the 1x ones use a plain strided conv (floor).
-    rounding = math.ceil if pad else math.floor
-    kt, kh, kw = kernel
-    return rounding(frames / kt) * rounding(height / kh) * rounding(width / kw)
+def _tokens(frames: int, height: int, width: int, kernel: tuple[int, int, int]) -> int:
+    # Every embedder replicate-pads the latents up to a multiple of its kernel.
+    return math.prod(math.ceil(size / k) for size, k in zip((frames, height, width), kernel))
 
 
 def tokens_per_section(latent_height: int, latent_width: int, latent_window_size: int = 9,
-                       patch_size: tuple[int, int, int] = (1, 2, 2),
-                       kernel_2x: tuple[int, int, int] = (2, 4, 4),
-                       kernel_4x: tuple[int, int, int] = (4, 8, 8)) -> int:
-    """Video tokens the DiT packs for one section (noisy window + clean 1x + 2x + 4x), before text and image
-    tokens. The same for every section of either loop, whatever the video length."""
-    clean_1x_frames = 1 + CLEAN_1X_FRAMES  # the start latent and the neighbouring history frame
-    return (_tokens(latent_window_size, latent_height, latent_width, patch_size, pad=False)
-            + _tokens(clean_1x_frames, latent_height, latent_width, patch_size, pad=False)
-            + _tokens(CLEAN_2X_FRAMES, latent_height, latent_width, kernel_2x, pad=True)
-            + _tokens(CLEAN_4X_FRAMES, latent_height, latent_width, kernel_4x, pad=True))
+                       patch_size: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Video tokens the DiT packs for one section (noisy window + the history scales of engine.history), before
+    text and image tokens. The same for every section of either loop, whatever the video length."""
+    history = sum(_tokens(scale.history_frames + (START_LATENT_FRAMES if scale.name == "clean" else 0),
+                          latent_height, latent_width, scale.kernel) for scale in HISTORY_SCALES)
+    return _tokens(latent_window_size, latent_height, latent_width, patch_size) + history

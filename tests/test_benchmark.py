@@ -58,7 +58,8 @@ def model_counts(model, config, variant, window, latent_height, latent_width, te
     section = plan_sections(variant, 3, window)[1]
     start = torch.randn(1, config["in_channels"], 1, latent_height, latent_width)
     history = torch.randn_like(initial_history(variant, start))
-    inputs = section.transformer_inputs(history, start)
+    context = section.history_context(history, start)
+    inputs = {"latent_indices": section.latent_indices, **context.official_kwargs()}
     padded = text_tokens + 5
     mask = torch.zeros(1, padded, dtype=torch.int64)
     mask[:, :text_tokens] = 1
@@ -94,7 +95,7 @@ def model_counts(model, config, variant, window, latent_height, latent_width, te
     parts = {name: module_total(counts, f"FramePackDiT.{name}") for name in (
         "x_embedder", "clean_x_embedder", "image_projection", "time_text_embed", "context_embedder",
         "transformer_blocks", "single_transformer_blocks", "norm_out")}
-    return linear, sum(attention_flops), parts, arguments, inputs
+    return linear, sum(attention_flops), parts, arguments, context
 
 
 @pytest.mark.parametrize("variant", ["bidirectional", "f1"])
@@ -102,10 +103,10 @@ def model_counts(model, config, variant, window, latent_height, latent_width, te
 def test_analytic_flops_equal_the_models_own_count(name, variant):
     config, window, latent_height, latent_width, text_tokens, image_tokens = CONFIGS[name], 3, 6, 10, 7, 5
     model = benchmark.random_dit(config, torch.device("cpu"), torch.float32, seed=1)
-    linear, attention, parts, arguments, inputs = model_counts(
+    linear, attention, parts, arguments, context = model_counts(
         model, config, variant, window, latent_height, latent_width, text_tokens, image_tokens)
 
-    sequence = flops.packed_sequence_of_inputs(config, arguments["hidden_states"].shape, inputs, text_tokens,
+    sequence = flops.packed_sequence_of_inputs(config, arguments["hidden_states"].shape, context, text_tokens,
                                                image_tokens)
     assert sequence == flops.packed_sequence(config, window, 2, 2, 16, latent_height, latent_width, text_tokens,
                                              image_tokens)

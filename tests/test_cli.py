@@ -34,7 +34,7 @@ def test_generate_image_to_video_f1_to_png_frames(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--image", "missing.png"], "does not exist"),
-    (["--seconds", "0"], "seconds must be positive"),
+    (["--seconds", "0"], "seconds must be a finite number in (0, 3600]"),
     (["--codec", "not-a-codec"], "not available"),
     (["--variant", "f1", "--image", "{image}", "--end-image", "{image}"], "bidirectional"),
     (["--quantize", "int8"], "not available"),

@@ -14,9 +14,7 @@ from PIL import Image
 from engine.conditioning import (
     HUNYUAN_VIDEO_PROMPT_TEMPLATE,
     ImageEncoder,
-    PromptEmbedding,
     TextEncoder,
-    crop_or_pad_yield_mask,
     encode_image,
     template_crop_start,
 )
@@ -131,21 +129,6 @@ def test_empty_prompt_keeps_the_closing_token(encoder):
     assert encoder.encode("").tokens == 1
 
 
-def test_padding_to_512_with_mask():
-    embeddings = torch.randn(1, 7, 16)
-    padded, mask = crop_or_pad_yield_mask(embeddings, 512)
-    assert padded.shape == (1, 512, 16) and mask.shape == (1, 512) and mask.dtype == torch.bool
-    assert int(mask.sum()) == 7 and bool(mask[0, :7].all())
-    assert torch.equal(padded[:, :7], embeddings) and not padded[:, 7:].any()
-    cropped, full_mask = crop_or_pad_yield_mask(torch.randn(2, 600, 4), 512)
-    assert cropped.shape == (2, 512, 4) and bool(full_mask.all())
-    exact, exact_mask = crop_or_pad_yield_mask(embeddings, 7)
-    assert torch.equal(exact, embeddings) and bool(exact_mask.all())
-    # PromptEmbedding.padded is the same helper on the Llama part.
-    embedding = PromptEmbedding(embeddings, torch.randn(1, 8))
-    assert torch.equal(embedding.padded()[0], padded) and torch.equal(embedding.padded()[1], mask)
-
-
 def test_prompts_are_cached_by_text(hunyuan_video_base_folder, encoder):
     cached = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer,
                          cache_size=2)
@@ -160,52 +143,25 @@ def test_prompts_are_cached_by_text(hunyuan_video_base_folder, encoder):
     assert torch.equal(again.llama, first.llama) and torch.equal(again.clip_pooled, first.clip_pooled)
     # Section prompts: each distinct text is encoded once.
     sections = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer)
-    positives, _ = sections.encode_all(["a cat", "a dog", "a cat", "a cat", "a dog"])
+    positives = [sections.encode(prompt) for prompt in ["a cat", "a dog", "a cat", "a cat", "a dog"]]
     assert sections.cache_misses == 2 and sections.cache_hits == 3
     assert positives[0] is positives[2]
 
 
-def test_negative_prompt_zeros_without_cfg_and_encoded_with_it(encoder):
-    counting = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer)
-    positive = counting.encode(PROMPT)
-    zeros = counting.encode_negative(NEGATIVE, positive, cfg=1.0)
-    assert zeros.llama.shape == positive.llama.shape and zeros.clip_pooled.shape == positive.clip_pooled.shape
-    assert not zeros.llama.any() and not zeros.clip_pooled.any()
-    assert counting.cache_misses == 1  # nothing was encoded for the unused negative
-    # Its padded mask has the positive's length, as in the official app.
-    assert int(zeros.padded()[1].sum()) == positive.tokens
-
-    encoded = counting.encode_negative(NEGATIVE, positive, cfg=3.0)
-    assert counting.cache_misses == 2
-    assert torch.equal(encoded.llama, counting.encode(NEGATIVE).llama)
-    assert encoded.llama.abs().max() > 0.1
-    _, negative = counting.encode_all([PROMPT], NEGATIVE, cfg=1.0)
-    assert not negative.llama.any()
-    _, negative = counting.encode_all([PROMPT], NEGATIVE, cfg=2.5)
-    assert negative is counting.encode(NEGATIVE)
-
-
 def test_release_drops_models_but_keeps_cached_prompts(encoder):
-    releasing = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer,
-                            keep_loaded=False)
-    positives, negative = releasing.encode_all(["a cat", "a dog"], NEGATIVE, cfg=2.0)
+    releasing = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer)
+    positives = [releasing.encode(prompt) for prompt in ("a cat", "a dog")]
+    assert releasing.loaded
+    releasing.release()
     assert not releasing.loaded and releasing.llama_model is None and releasing.clip_model is None
     assert releasing.encode("a dog") is positives[1]
     with pytest.raises(FramePackError, match="released"):
         releasing.encode("something new")
 
-    keeping = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer)
-    keeping.encode_all(["a cat"])
-    assert keeping.loaded
-    keeping.release()
-    assert not keeping.loaded
-
 
 def test_bad_prompts_raise_clear_errors(encoder):
     with pytest.raises(FramePackError, match="string"):
         encoder.encode(["a cat"])
-    with pytest.raises(FramePackError, match="at least one prompt"):
-        encoder.encode_all([])
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,10 @@ from engine.loading import (
     load_dit_checkpoint,
     load_dit_state_dict,
     load_llama_text_encoder,
+    read_config,
     load_siglip_image_encoder,
     load_state_dict,
-    load_vae_checkpoint,
     resolve_component,
-    resolve_source,
 )
 from tests.fixtures import (  # noqa: F401 (pytest fixtures)
     TINY_DIT_CONFIG,
@@ -63,8 +62,7 @@ def assert_same_layout(state_dict, reference):
 
 
 def test_resolve_local_folders_and_subfolders(hunyuan_video_base_folder, framepack_transformer_folder):
-    assert resolve_source(hunyuan_video_base_folder) == hunyuan_video_base_folder
-    assert resolve_source(str(hunyuan_video_base_folder), "vae") == hunyuan_video_base_folder / "vae"
+    assert resolve_component(str(hunyuan_video_base_folder), "vae") == hunyuan_video_base_folder / "vae"
     for component in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
         assert resolve_component(hunyuan_video_base_folder, component) == hunyuan_video_base_folder / component
     # lllyasviel/FramePackI2V_HY keeps the DiT at the root; hunyuanvideo-community/HunyuanVideo in transformer/.
@@ -80,9 +78,9 @@ def test_transformer_in_a_subfolder(tmp_path, framepack_transformer_folder):
 
 def test_missing_sources_name_the_problem(tmp_path, hunyuan_video_base_folder, single_file_dit_bf16):
     with pytest.raises(ModelSourceError, match="does not exist"):
-        resolve_source(tmp_path / "nowhere")
+        resolve_component(tmp_path / "nowhere", "transformer")
     with pytest.raises(ModelSourceError, match="has no 'image_encoder' folder"):
-        resolve_source(hunyuan_video_base_folder, "image_encoder")
+        resolve_component(hunyuan_video_base_folder, "image_encoder")
     with pytest.raises(ModelSourceError, match="has no 'feature_extractor' folder"):
         resolve_component(hunyuan_video_base_folder, "feature_extractor")
     with pytest.raises(ModelSourceError, match="has no 'transformer' folder"):
@@ -90,7 +88,7 @@ def test_missing_sources_name_the_problem(tmp_path, hunyuan_video_base_folder, s
     with pytest.raises(ModelSourceError, match="single file"):
         resolve_component(single_file_dit_bf16, "text_encoder")
     with pytest.raises(ModelSourceError, match="single file"):
-        resolve_source(single_file_dit_bf16, "vae")
+        resolve_component(single_file_dit_bf16, "vae")
     with pytest.raises(ValueError, match="unknown component"):
         resolve_component(hunyuan_video_base_folder, "unet")
 
@@ -99,7 +97,7 @@ def test_pickle_and_other_formats_are_refused(tmp_path):
     for name in ("model.bin", "model.pt", "model.ckpt"):
         (tmp_path / name).write_bytes(b"\x80\x04not really a pickle")
         with pytest.raises(ModelSourceError, match="pickle checkpoint.*convert it to .safetensors"):
-            resolve_source(tmp_path / name)
+            resolve_component(tmp_path / name, "transformer")
         with pytest.raises(ModelSourceError, match="pickle"):
             load_state_dict(tmp_path / name)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
@@ -107,7 +105,7 @@ def test_pickle_and_other_formats_are_refused(tmp_path):
         resolve_component(tmp_path / "model.gguf", "transformer")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelSourceError, match="not a .safetensors file"):
-        resolve_source(tmp_path / "notes.txt")
+        resolve_component(tmp_path / "notes.txt", "transformer")
 
 
 def test_corrupt_and_incomplete_safetensors(tmp_path, single_file_dit_bf16, framepack_transformer_folder):
@@ -131,14 +129,13 @@ def test_repo_ids_resolve_through_the_hf_cache(hf_cache_dir):
     root = resolve_component("lllyasviel/FramePackI2V_HY", "transformer", allow_download=False,
                              cache_dir=hf_cache_dir)
     assert (root / "config.json").is_file() and root.parent.parent.name == "models--lllyasviel--FramePackI2V_HY"
-    base = resolve_source("hunyuanvideo-community/HunyuanVideo", "text_encoder", allow_download=False,
-                          cache_dir=hf_cache_dir)
+    base = resolve_component("hunyuanvideo-community/HunyuanVideo", "text_encoder", allow_download=False,
+                             cache_dir=hf_cache_dir)
     assert base.name == "text_encoder" and (base / "config.json").is_file()
     assert resolve_component("lllyasviel/flux_redux_bfl", "image_encoder", allow_download=False,
                              cache_dir=hf_cache_dir).name == "image_encoder"
-    # Without a subfolder, the snapshot root (HunyuanVideo's holds model_index.json, not a config.json).
-    assert resolve_source("hunyuanvideo-community/HunyuanVideo", allow_download=False,
-                          cache_dir=hf_cache_dir) == base.parent
+    # HunyuanVideo's snapshot root holds model_index.json beside the component folders.
+    assert (base.parent / "model_index.json").is_file()
 
 
 def test_offline_unknown_repo_says_how_to_get_it(hf_cache_dir, monkeypatch):
@@ -151,7 +148,7 @@ def test_offline_unknown_repo_says_how_to_get_it(hf_cache_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert loading.downloads_allowed(None) is False and loading.downloads_allowed(True) is True
     with pytest.raises(ModelSourceError, match="downloads are off"):
-        resolve_source("someone/missing-model", cache_dir=hf_cache_dir)
+        resolve_component("someone/missing-model", "vae", cache_dir=hf_cache_dir)
 
 
 def test_download_fetches_only_the_component(tmp_path, monkeypatch):
@@ -179,7 +176,7 @@ def test_download_fetches_only_the_component(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fake_repo_files([
         "model_index.json", "README.md", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
         "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"]))
-    assert resolve_source("owner/repo", "vae", allow_download=True, cache_dir=tmp_path) == snapshot / "vae"
+    assert resolve_component("owner/repo", "vae", allow_download=True, cache_dir=tmp_path) == snapshot / "vae"
     assert requested["owner/repo"] == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     # The DiT falls back to the repo root when the repo has no transformer/ folder.
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fake_repo_files([
@@ -379,7 +376,8 @@ def test_dit_loads_into_framepack_dit(framepack_transformer_folder, single_file_
 def test_vae_checkpoint(hunyuan_video_base_folder):
     from diffusers import AutoencoderKLHunyuanVideo
 
-    config, state_dict = load_vae_checkpoint(hunyuan_video_base_folder)
+    folder = resolve_component(hunyuan_video_base_folder, "vae")
+    config, state_dict = read_config(folder), load_state_dict(folder, DEFAULT_DTYPES["vae"])
     assert config["latent_channels"] == 4 and config["scaling_factor"] == pytest.approx(0.476986)
     expected = AutoencoderKLHunyuanVideo.from_config(config).state_dict()
     assert_same_layout(state_dict, expected)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import Engine, FramePackError
-from engine.pipeline import parse_section_prompts
+from engine.pipeline import FrameCollector, parse_section_prompts
 from engine.sections import section_count
 
 FAST = dict(steps=2, latent_window_size=2, fps=8)  # one section per second at these settings
@@ -74,12 +74,30 @@ def test_tokens_per_section_do_not_grow_with_video_length(bidirectional, f1, var
     assert {s["tokens"] for s in short + long} == {short[0]["tokens"]}
 
 
-def test_stream_yields_each_section_with_the_video_so_far(bidirectional):
-    results = list(bidirectional.stream("x", seconds=3, **FAST))
+@pytest.mark.parametrize("variant", ["bidirectional", "f1"])
+def test_stream_hands_out_each_frame_once(bidirectional, f1, variant):
+    engine = bidirectional if variant == "bidirectional" else f1
+    results = list(engine.stream("x", seconds=3, **FAST))
     assert [r.index for r in results] == [0, 1, 2]
-    # First decode: one window (5 frames); later ones decode two windows (13) and crossfade one window (5) in.
-    assert [len(r.frames) for r in results] == [5, 5 + 13 - 5, 13 + 17 - 5]
-    assert [r.video_position for r in results] == [2, 1, 0]
+    if variant == "bidirectional":
+        # First decode: one window (5 frames), all still to be crossfaded; later ones decode two windows (13) and
+        # crossfade one window (5) in; the last adds the start frame (17) and leaves nothing pending.
+        assert [len(r.frames) for r in results] == [0, 13 - 5, 17]
+        assert [len(r.pending_frames) for r in results] == [5, 5, 0]
+        assert [r.video_position for r in results] == [2, 1, 0] and results[0].direction == "backward"
+    else:
+        assert [len(r.frames) for r in results] == [4, 13 - 5, 13]
+        assert [len(r.pending_frames) for r in results] == [5, 5, 0]
+        assert [r.video_position for r in results] == [0, 1, 2] and results[0].direction == "forward"
+    # Joined in video order, the frames handed out are the whole video that generate() returns.
+    collector = FrameCollector()
+    lengths = []
+    for result in results:
+        collector.add(result)
+        lengths.append(len(collector.frames()))
+    # F1's first section also decodes the start frame's latent (3 latent frames: 9 pixel frames).
+    assert lengths == ([5, 13, 25] if variant == "bidirectional" else [9, 17, 25])
+    np.testing.assert_array_equal(collector.frames(), engine.generate("x", seconds=3, **FAST).frames)
 
 
 def test_cancel_stops_at_the_next_step_and_keeps_finished_sections(f1):
@@ -140,9 +158,9 @@ def test_video_extension_continues_the_input(f1):
 
 @pytest.mark.parametrize("call,message", [
     (dict(image="does-not-exist.png"), "does not exist"),
-    (dict(seconds=0), "seconds must be positive"),
-    (dict(seconds=-2), "seconds must be positive"),
-    (dict(steps=0), "steps must be a positive integer"),
+    (dict(seconds=0), r"seconds must be a finite number in \(0, 3600\]"),
+    (dict(seconds=-2), r"seconds must be a finite number in \(0, 3600\]"),
+    (dict(steps=0), "steps must be an integer from 1 to 1000"),
     (dict(sampler="ddim"), "Unknown sampler"),
     (dict(cache="teacache"), "not available"),
     (dict(end_image=gradient_image()), "needs a start image"),
@@ -195,7 +213,7 @@ def test_from_pretrained_repo_ids_through_the_cache_and_a_single_fp8_file(hf_cac
                                           ("FramePackI2V_HY_fp8_e4m3fn.safetensors", "bidirectional"),
                                           ("/models/framepack-f1-bf16.safetensors", "f1")])
 def test_variant_is_read_off_the_transformer_name(name, variant):
-    from engine.model_loading import guess_variant
+    from engine.loading import guess_variant
 
     assert guess_variant(name) == variant
 

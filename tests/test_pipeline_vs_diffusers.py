@@ -34,7 +34,7 @@ def engines(framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_
     ours = Engine.from_pretrained(transformer=framepack_transformer_folder, base=hunyuan_video_base_folder,
                                   image_encoder=flux_redux_folder, device="cpu", dtype=torch.float32,
                                   attention="sdpa")
-    ours.transformer.fp32_output = False  # diffusers' port has no float32 output option (moot in float32 anyway)
+    ours.transformer.set_output_precision(float32=False)  # diffusers' port has no float32 output option
     theirs = HunyuanVideoFramepackPipeline(
         transformer=HunyuanVideoFramepackTransformer3DModel.from_pretrained(
             framepack_transformer_folder, torch_dtype=torch.float32),
@@ -54,10 +54,10 @@ def picture(shift):
 
 def run_diffusers(ours, theirs, prompt, start, end):
     embedding = ours.encode_prompt(prompt)
-    image_latents = [ours._encode_latent(start)] + ([ours._encode_latent(end)] if end is not None else [])
-    image_embeds = [ours._image_embedding(start)]
+    image_latents = [ours.encode_latent(start)] + ([ours.encode_latent(end)] if end is not None else [])
+    image_embeds = [ours.encode_image_embedding(start)]
     if end is not None:
-        blend = (image_embeds[0] + ours._image_embedding(end)) / 2
+        blend = (image_embeds[0] + ours.encode_image_embedding(end)) / 2
         image_embeds = [blend, blend]
     theirs.prepare_image_latents = lambda *args, **kwargs: image_latents.pop(0)
     theirs.encode_image = lambda *args, **kwargs: image_embeds.pop(0)

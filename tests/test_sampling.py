@@ -34,7 +34,6 @@ from engine.sampling import (
     sample,
     sample_euler,
     sample_unipc,
-    start_from_latent,
     velocity_to_x0,
 )
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
@@ -126,18 +125,7 @@ def test_flux_sigmas_bad_input(bad):
         flux_sigmas(**bad)
 
 
-def test_start_from_latent_and_draw_noise():
-    initial, noise = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 3, 4, 4)
-    sigmas = flux_sigmas(6, 300)
-    x, scaled = start_from_latent(initial, noise, sigmas, 0.6)
-    assert_relative_error(scaled, sigmas * 0.6, F32)
-    s0 = 0.6 * sigmas[0].item()
-    assert_relative_error(x, initial * (1 - s0) + noise * s0, F32)
-    x_full, _ = start_from_latent(initial, noise, sigmas, 1.0)
-    assert_relative_error(x_full, noise, F32)  # full strength starts from the noise itself
-    with pytest.raises(FramePackError):
-        start_from_latent(initial, noise, sigmas, 0.0)
-
+def test_draw_noise():
     drawn = draw_noise(torch.Generator("cpu").manual_seed(31337), 1, 16, 9, 6, 8)
     expected = torch.randn((1, 16, 9, 6, 8), generator=torch.Generator("cpu").manual_seed(31337))
     assert drawn.dtype == torch.float32 and torch.equal(drawn, expected)

@@ -1,0 +1,282 @@
+"""Every option written once: its default, its check and its help text.
+
+`GenerationSettings` holds the options of one generation and `ModelSettings` those of loading a model. The Python
+API (`Engine.from_pretrained`, `Engine.generate/stream`), the command's flags (`framepack generate`) and the server's
+JSON schema are all built from these two dataclasses, so they cannot drift apart. Each check turns what the user
+gave into the value the engine uses, or raises a FramePackError naming the option, what was wrong and the fix.
+Checks run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.attention import BACKEND_NAMES
+from engine.errors import FramePackError
+from engine.sampling import SAMPLERS
+
+STEP_CACHES = ("teacache", "magcache")
+VARIANT_CHOICES = ("auto", "bidirectional", "f1")
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "float32": "float32", "fp32": "float32"}
+MAX_SECONDS = 3600.0  # an hour: 3000+ sections; longer runs are better split into extensions
+MAX_SEED = 2**64 - 1  # torch generators take seeds up to this
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks: value -> value the engine uses, or a FramePackError
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fail(name: str, value, expected: str, fix: str = "") -> FramePackError:
+    shown = repr(value) if not isinstance(value, float) else f"{value:g}"
+    return FramePackError(f"{name} must be {expected}, got {shown}" + (f": {fix}." if fix else "."))
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           fix: str = "") -> Callable[[str, Any], float]:
+    """A finite real number (not a bool or a string) in [low, high] (low excluded when low_open)."""
+
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _fail(name, value, "a number", fix)
+        value = float(value)
+        expected = "a finite number"
+        if low is not None or high is not None:
+            left = "(" if low_open else "["
+            expected = f"a finite number in {left}{'-inf' if low is None else f'{low:g}'}, " \
+                       f"{'inf' if high is None else f'{high:g}'}]"
+        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and value > high):
+            raise _fail(name, value, expected, fix)
+        return value
+
+    check.flag_type = float
+    return check
+
+
+def integer(low: int | None = None, high: int | None = None, *, fix: str = "") -> Callable[[str, Any], int]:
+    """An integer (a float with an integral value is accepted, a bool is not) in [low, high]."""
+
+    def check(name, value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _fail(name, value, "an integer", fix)
+        value = int(value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low}" if high is None else f"from {low} to {high}"
+            raise _fail(name, value, f"an integer {bounds}", fix)
+        return value
+
+    check.flag_type = int
+    return check
+
+
+def optional(check: Callable) -> Callable:
+    """None, or what `check` accepts."""
+
+    def checked(name, value):
+        return None if value is None else check(name, value)
+
+    checked.flag_type = getattr(check, "flag_type", str)
+    return checked
+
+
+def choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(name, value):
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FramePackError(f"Unknown {name} {value!r}{hint}: choose one of {', '.join(choices)}.")
+        return value
+
+    check.flag_type = str
+    check.choices = choices
+    return check
+
+
+def text(name: str, value) -> str:
+    """A string that can be encoded as UTF-8 (a lone surrogate cannot, and would break the tokenizer)."""
+    if not isinstance(value, str):
+        raise _fail(name, value, "a string", "pass the text itself")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FramePackError(f"{name} holds characters that are not valid Unicode text (a lone surrogate): "
+                             "pass ordinary text.") from None
+    return value
+
+
+text.flag_type = str
+
+
+def section_prompt_list(name: str, value):
+    """None, timestamped text ("[0s: a man waves] [2s: ...]"), lines of text, or a list of strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return text(name, value)
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return [text(name, item) for item in value]
+    raise _fail(name, value, "a list of strings or one text (lines, or '[0s: ...] [2s: ...]')")
+
+
+def parse_section_prompts_flag(value: str):
+    """The command's form: timestamped text as it is, else lines or '|'-separated parts."""
+    if "[" in value:
+        return value
+    return [part.strip() for part in value.replace("|", "\n").splitlines() if part.strip()]
+
+
+section_prompt_list.flag_type = parse_section_prompts_flag
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "True or False")
+    return value
+
+
+boolean.flag_type = bool
+
+
+def option(default, help: str, check: Callable, *, flag: bool = True, metavar: str | None = None):
+    """A dataclass field carrying its check and help text (read by `options()` and the command line)."""
+    return field(default=default, metadata={"check": check, "help": help, "flag": flag, "metavar": metavar})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The settings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Settings:
+    """Shared behaviour: construction from keyword options with every check run, and the option table."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [item for item in dataclasses.fields(cls) if "check" in item.metadata]
+
+    @classmethod
+    def from_options(cls, **given):
+        """The settings for these keyword options: unknown names and bad values raise a FramePackError."""
+        known = {item.name for item in cls.options()}
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FramePackError(f"Unknown option {unknown[0]!r}{hint}: the options are {', '.join(sorted(known))}.")
+        return cls(**given).validate()
+
+    def validate(self):
+        """Runs every option's check (normalising values, e.g. 5 -> 5.0 seconds), then the checks across options."""
+        for item in self.options():
+            object.__setattr__(self, item.name, item.metadata["check"](item.name, getattr(self, item.name)))
+        self._check_together()
+        return self
+
+    def _check_together(self):
+        pass
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {item.name: item.default for item in cls.options()}
+
+
+@dataclass
+class GenerationSettings(_Settings):
+    """Every knob of one generation; written into the output's metadata so a video can be reproduced."""
+
+    prompt: str = option("", "what happens in the video", text)
+    negative_prompt: str = option("", "what to avoid; used only when cfg > 1", text)
+    seconds: float = option(5.0, "video length in seconds", number(0, MAX_SECONDS, low_open=True, fix="e.g. 5"))
+    fps: float = option(30.0, "frame rate of the video (sections are counted at it)",
+                        number(1, 240, fix="e.g. 30"))
+    seed: int = option(31337, "one seed reproduces the whole video", integer(0, MAX_SEED))
+    steps: int = option(25, "sampler steps per section", integer(1, 1000, fix="the official default is 25"))
+    distilled_guidance: float = option(10.0, "distilled guidance scale (the model sees it x 1000)",
+                                       number(0, 100, fix="the official default is 10"))
+    cfg: float = option(1.0, "real classifier-free guidance; 1 turns it off (one model call per step)",
+                        number(1, 100, fix="1 turns real guidance off"))
+    guidance_rescale: float = option(0.0, "pull the guided prediction's spread back toward the positive one",
+                                     number(0, 1))
+    latent_window_size: int = option(9, "latent frames per section (9 -> 33 pixel frames)",
+                                     integer(1, 33, fix="the official value is 9"))
+    resolution: int | None = option(None, "bucket resolution (default: the model's, 640)",
+                                    optional(integer(64, 2048, fix="the model was trained at 640")))
+    width: int | None = option(None, "text-to-video width before bucketing", optional(integer(16, 8192)))
+    height: int | None = option(None, "text-to-video height before bucketing", optional(integer(16, 8192)))
+    sampler: str = option("unipc", "unipc (bh1, the official), unipc_bh2 or euler", choice(*SAMPLERS))
+    shift: float | None = option(None, "a fixed flux shift instead of the one from the token count",
+                                 optional(number(0, 100, low_open=True)))
+    cache: str | None = option(None, "step caching: teacache or magcache", optional(choice(*STEP_CACHES)))
+    cache_threshold: float | None = option(None, "the step cache's threshold (default: the cache's own)",
+                                           optional(number(0)))
+    section_prompts: list[str] | str | None = option(
+        None, "suffixes spread over the video (lines or 'a|b'), or timestamped '[0s: ...] [2s: ...]'",
+        section_prompt_list)
+    init_strength: float = option(1.0, "start image strength; < 1 mixes in noise", number(0, 1, low_open=True))
+    end_strength: float = option(1.0, "end image strength (first-last-frame video)", number(0, 1))
+    vision_strength: float = option(1.0, "scale of the SigLIP image conditioning", number(0, 10))
+
+    def _check_together(self):
+        if self.cache is not None:
+            raise FramePackError(f"Step caching ({self.cache!r}) is not available in this version: leave cache unset.")
+
+
+@dataclass
+class ModelSettings(_Settings):
+    """Where the model comes from and how it runs: `Engine.from_pretrained`'s options and the command's."""
+
+    transformer: str = option("lllyasviel/FramePackI2V_HY", "repo id, folder or single .safetensors file", text)
+    base: str = option("hunyuanvideo-community/HunyuanVideo", "text encoders, tokenizers and VAE (repo id or folder)",
+                       text)
+    image_encoder: str = option("lllyasviel/flux_redux_bfl", "SigLIP feature extractor and image encoder", text)
+    variant: str = option("auto", "bidirectional or f1; auto reads 'F1' in the transformer's name",
+                          choice(*VARIANT_CHOICES))
+    device: str | None = option(None, "cuda, cuda:1, cpu (default: cuda when available)", optional(text))
+    dtype: str = option("bfloat16", "the DiT's dtype", choice(*DTYPE_NAMES))
+    attention: str = option("auto", "sdpa, triton, flash, xformers or sage", text)
+    fused_kernels: bool = option(False, "run the DiT's norms, modulation and patchify as Triton kernels (CUDA)",
+                                 boolean)
+    vram_budget_gb: float | None = option(None, "device memory budget in GB (default: the free memory)",
+                                          optional(number(0.5, 10_000)))
+    quantize: str | None = option(None, "weight quantization (not available yet)", optional(text))
+    offline: bool = option(False, "never download: use the local Hugging Face cache only", boolean)
+
+    def _check_together(self):
+        choice(*BACKEND_NAMES)("attention", self.attention)
+        if self.quantize is not None:
+            raise FramePackError(
+                f"Weight quantization ({self.quantize!r}) is not available in this version: leave quantize unset.")
+
+
+def add_flags(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
+    """One `--name` flag per option of `settings_class`, defaulting to None so unset flags keep the settings'
+    default; booleans are switches."""
+    for item in settings_class.options():
+        if item.name in skip or not item.metadata["flag"]:
+            continue
+        check = item.metadata["check"]
+        flag = "--" + item.name.replace("_", "-")
+        default = "" if item.default is None else f" (default {item.default})"
+        if check.flag_type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=item.metadata["help"])
+            continue
+        parser.add_argument(flag, type=check.flag_type, default=None, choices=getattr(check, "choices", None),
+                            metavar=item.metadata["metavar"], help=item.metadata["help"] + default)
+
+
+def given_flags(args, settings_class, skip: tuple[str, ...] = ()) -> dict:
+    """The options the user set on the command line (the rest keep their defaults)."""
+    return {item.name: getattr(args, item.name) for item in settings_class.options()
+            if item.name not in skip and getattr(args, item.name, None) is not None}
