@@ -42,9 +42,10 @@ def _default_out(mode: str, seed: int) -> Path:
 
 def command_generate(args) -> int:
     from engine.loading import guess_variant
-    from engine.pipeline import Engine, FrameCollector, GenerationCancelled, check_inputs_for_variant, generation_mode
+    from engine.output import SectionOutputFile
+    from engine.pipeline import Engine, GenerationCancelled, check_inputs_for_variant, generation_mode
     from engine.settings import GenerationSettings, ModelSettings, given_flags
-    from engine.video import Video, check_output
+    from engine.video import check_output
 
     # Everything the user asked for is checked before any model loads.
     prompt = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
@@ -71,16 +72,14 @@ def command_generate(args) -> int:
 
     cancel = threading.Event()
     progress = _Progress(enabled=not args.quiet)
-    collector = FrameCollector()
+    output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
     saved = None
     try:
         for section in engine.stream(prompt, image=args.image, end_image=args.end_image, input_video=args.input_video,
                                      callback=progress.step, cancel=cancel, **options):
-            collector.add(section)
-            progress.section_done(section, collector)
             # Each finished section is written at once (atomically), so an interruption loses nothing finished.
-            video = Video(collector.frames(), fps=settings.fps, metadata=section.metadata, latents=section.latents)
-            saved = video.save(out, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
+            saved = output.add(section)
+            progress.section_done(section, output.frame_count)
     except KeyboardInterrupt:
         cancel.set()
         print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
@@ -118,10 +117,10 @@ class _Progress:
                               position=1, leave=False)
         self.steps.update(1)
 
-    def section_done(self, section, collector):
+    def section_done(self, section, frames: int):
         if self.sections is not None:
             self.sections.update(1)
-            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=len(collector.frames()))
+            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames)
 
     def close(self):
         for bar in (self.steps, self.sections):
