@@ -44,6 +44,7 @@ from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_secti
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
 from engine.settings import DTYPE_NAMES
+from kernels.reference import relative_error
 
 SCHEMA = "framepack-bench/1"
 VAE_SPATIAL_COMPRESSION = 8
@@ -395,8 +396,7 @@ def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: i
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
     if actual is None or expected is None or actual.shape != expected.shape:
         return None
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return relative_error(actual.cpu(), expected.cpu())
 
 
 def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tuple[list[dict], torch.Tensor]:

@@ -14,6 +14,7 @@ the engine hands over the prompt's tokens alone (no mask, and no device-to-host 
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +213,14 @@ class TextEncoder:
 
 
 class ImageEncoder:
-    """SigLIP image embedding of the start (or end) frame."""
+    """SigLIP image embedding of the start (or end) frame, with a small cache by image content so a released encoder
+    still serves the images it has seen (the black frame of text-to-video, a start image used again)."""
 
-    def __init__(self, processor, model):
+    def __init__(self, processor, model, cache_size: int = 4):
         self.processor = processor
         self.model = model
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
@@ -231,10 +235,23 @@ class ImageEncoder:
         return self.model is not None
 
     def encode(self, image) -> torch.Tensor:
+        pixels = _as_rgb_uint8(image)
+        key = (pixels.shape, hashlib.sha256(pixels.tobytes()).hexdigest())
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
         if not self.loaded:
-            raise FramePackError("The image encoder was released: create a new ImageEncoder to encode more images.")
-        return encode_image(image, self.processor, self.model)
+            raise FramePackError("The image encoder was released before this image was encoded: keep it loaded "
+                                 "(release_encoders=False) or create a new engine to encode new images.")
+        embedding = encode_image(pixels, self.processor, self.model)
+        if self.cache_size > 0:
+            self._cache[key] = embedding
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return embedding
 
     def release(self) -> None:
+        """Drop the model so its memory can be freed; cached images stay available."""
         self.model = None
         _free_memory()

@@ -46,20 +46,24 @@ _LLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header
                          "<|eot_id|>", "<pad>"]
 
 
-def randomize_weights_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.5):
+def randomize_weights_(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.5,
+                       norm_spread: float = 0.1, bias_scale: float = 0.05):
     """Random weights that let every layer act (default inits leave adaptive gates near zero): matrices
-    N(0, scale^2 / fan_in), so activations keep their size through many blocks; norm weights near 1; small non-zero
-    biases. Each tensor is drawn in float32 on the parameter's device (the generator's) and cast there, so the same
-    seed gives the same weights in any dtype and a large model is never built on the host."""
+    N(0, scale^2 / fan_in), so activations keep their size through many blocks; 1-D weights (the norms') around 1
+    with spread `norm_spread`; biases N(0, bias_scale^2). Each tensor is drawn in float32 on the parameter's device
+    (the generator's) and cast there, so the same seed gives the same weights in any dtype and a large model is never
+    built on the host. Parameters on the meta device (shapes only) are left as they are."""
     with torch.no_grad():
         for name, parameter in module.named_parameters():
+            if parameter.is_meta:
+                continue
             values = torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=torch.float32)
             if parameter.ndim >= 2:
                 values *= scale / math.sqrt(math.prod(parameter.shape[1:]))
-            elif "norm" in name and name.endswith("weight"):
-                values = values.mul_(0.1).add_(1.0)
+            elif name.endswith("weight"):
+                values = values.mul_(norm_spread).add_(1.0)
             else:
-                values *= 0.05
+                values *= bias_scale
             parameter.copy_(values)
             del values
     return module

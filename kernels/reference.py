@@ -16,6 +16,15 @@ from kernels.rotary import rotate_leading_tokens
 
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """How far a fast path is from its reference: the largest absolute difference over the largest magnitude of the
+    expected tensor (float64)."""
+    actual, expected = actual.detach().double(), expected.detach().double().to(actual.device)
+    if actual.shape != expected.shape:
+        raise ValueError(f"relative_error: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
 # --- norms and modulation -----------------------------------------------------------------------------------------
 
 LAYER_NORM_EPS = 1e-6

@@ -24,6 +24,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.presets import randomize_weights_
+from tests.utils import CHECKPOINT_DIT_CONFIG
+
 # The HunyuanVideo prompt template's special tokens, in the ids order of Llama 3's tokenizer.
 LLAMA_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -50,30 +53,7 @@ TOKENIZER_CORPUS = [
     "ugly, blurry, low quality, static picture, a dog runs in the snow at night under the moon",
 ]
 
-TINY_DIT_CONFIG = {
-    "_class_name": "HunyuanVideoTransformer3DModelPacked",
-    "_diffusers_version": "0.33.0.dev0",
-    "attention_head_dim": 32,
-    "guidance_embeds": True,
-    "has_clean_x_embedder": True,
-    "has_image_proj": True,
-    "image_proj_dim": 32,
-    "in_channels": 4,
-    "mlp_ratio": 4.0,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "num_refiner_layers": 1,
-    "num_single_layers": 2,
-    "out_channels": 4,
-    "patch_size": 2,
-    "patch_size_t": 1,
-    "pooled_projection_dim": 32,
-    "qk_norm": "rms_norm",
-    # head_dim / 8 for time and 7 / 16 of it for each spatial axis: the official (16, 56, 56) split at head_dim 128.
-    "rope_axes_dim": [4, 14, 14],
-    "rope_theta": 256.0,
-    "text_embed_dim": 32,
-}
+TINY_DIT_CONFIG = CHECKPOINT_DIT_CONFIG
 
 TINY_LLAMA_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -107,18 +87,9 @@ TINY_VAE_CONFIG = dict(
 )
 
 
-def _scale_weights_(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:
-    """Random normal weights large enough that every layer changes the output (default inits are near-identity)."""
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if parameter.is_meta:  # shapes only (e.g. the full-size config): nothing to fill
-                continue
-            if parameter.ndim >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-            elif "norm" in name and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+def _scale_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random weights large enough that every layer changes the output (default inits are near-identity)."""
+    randomize_weights_(module, generator, scale=1.0, norm_spread=0.1, bias_scale=0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -223,12 +194,12 @@ def write_hunyuan_video_base(folder: Path, seed: int = 0) -> Path:
         vocab_size=len(llama_vocab), bos_token_id=llama_vocab["<|begin_of_text|>"],
         eos_token_id=llama_vocab["<|end_of_text|>"], pad_token_id=llama_vocab["<pad>"], **TINY_LLAMA_CONFIG)
     llama = LlamaModel(llama_config)
-    _scale_weights_(llama, 0.2, generator)
+    _scale_weights_(llama, generator)
     llama.save_pretrained(folder / "text_encoder", safe_serialization=True)
 
     clip_vocab = json.loads((clip_tokenizer_folder / "vocab.json").read_text())
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_vocab), **TINY_CLIP_CONFIG))
-    _scale_weights_(clip, 0.2, generator)
+    _scale_weights_(clip, generator)
     clip.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
 
     write_tiny_vae(folder / "vae", seed=seed)
@@ -263,7 +234,7 @@ def write_flux_redux(folder: Path, seed: int = 0) -> Path:
     (folder / "feature_extractor").mkdir(parents=True, exist_ok=True)
     (folder / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(TINY_SIGLIP_PROCESSOR, indent=2))
     model = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP_CONFIG))
-    _scale_weights_(model, 0.2, generator)
+    _scale_weights_(model, generator)
     model.save_pretrained(folder / "image_encoder", safe_serialization=True)
     return folder
 
@@ -277,7 +248,7 @@ def tiny_dit_model(config: dict | None = None, seed: int = 0):
     kwargs["rope_axes_dim"] = tuple(kwargs["rope_axes_dim"])
     torch.manual_seed(seed)
     model = HunyuanVideoFramepackTransformer3DModel(**kwargs)
-    _scale_weights_(model, 0.1, torch.Generator().manual_seed(seed))
+    _scale_weights_(model, torch.Generator().manual_seed(seed))
     return model
 
 

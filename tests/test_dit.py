@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 from engine.dit import DiTConfig, FramePackDiT
 from engine.errors import BackendUnavailableError, FramePackError, ModelSourceError
-from tests.dit_helpers import (TINY_CONFIG, diffusers_config, diffusers_kwargs, randomize_weights_,
-                               section_inputs)
-from tests.utils import TOLERANCE, assert_relative_error, relative_error
+from tests.utils import (TINY_CONFIG, TOLERANCE, assert_relative_error, diffusers_config, diffusers_kwargs,
+                         randomize_weights_, relative_error, section_inputs)
 
 
 def make_pair(config=TINY_CONFIG, seed=0, dtype=torch.float32, scale=1.0):

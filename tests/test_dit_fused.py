@@ -6,8 +6,7 @@ import torch
 
 from engine.dit import FramePackDiT
 from engine.errors import BackendUnavailableError
-from tests.dit_helpers import TINY_CONFIG, randomize_weights_, section_inputs
-from tests.utils import assert_relative_error, relative_error
+from tests.utils import TINY_CONFIG, assert_relative_error, randomize_weights_, relative_error, section_inputs
 
 
 def make_models(dtype):

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from engine.errors import FramePackError, ModelSourceError
 from engine.vae import HunyuanVideoVAE, Tiling, VAEConfig
-from tests.utils import TOLERANCE, assert_relative_error, relative_error
+from tests.utils import TOLERANCE, assert_relative_error, randomize_weights_, relative_error
 
 diffusers_logging.set_verbosity_error()  # its advice on casting with .to() is about its own loader
 FLOAT32 = TOLERANCE[torch.float32]
@@ -64,16 +64,7 @@ FULL_CONFIG = {  # hunyuanvideo-community/HunyuanVideo, subfolder vae
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Weights with unit gain per layer and norms/biases away from their identity values, so every layer shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() > 1:
-                parameter.copy_(noise / parameter[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                parameter.copy_(1 + 0.2 * noise)
-            else:
-                parameter.copy_(0.2 * noise)
+    randomize_weights_(model, seed, scale=1.0, norm_spread=0.2, bias_scale=0.2)
 
 
 def reference_model(config: dict, seed: int = 0) -> AutoencoderKLHunyuanVideo:
