@@ -65,6 +65,13 @@ class DiTConfig:
     mlp_hidden_size: int = field(init=False)
 
     def __post_init__(self):
+        for name in ("in_channels", "num_attention_heads", "attention_head_dim", "num_layers", "num_single_layers",
+                     "num_refiner_layers", "patch_size", "patch_size_t", "text_embed_dim", "pooled_projection_dim",
+                     "image_proj_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if "layers" in name else 1):
+                raise FramePackError(f"The checkpoint's config.json has {name}={value!r}, which is not a valid size: "
+                                     "download its config.json again.")
         self.rope_axes_dim = tuple(self.rope_axes_dim)
         self.hidden_size = self.num_attention_heads * self.attention_head_dim
         self.mlp_hidden_size = int(self.hidden_size * self.mlp_ratio)
@@ -610,13 +617,25 @@ class FramePackDiT(nn.Module):
 
         config, state_dict = load_dit_checkpoint(source, dtype=dtype, config=config, allow_download=allow_download,
                                                  cache_dir=cache_dir)
-        with torch.device("meta"):
-            model = cls(DiTConfig.from_dict(config))
+        name = Path(str(source)).name
+        try:
+            with torch.device("meta"):
+                model = cls(DiTConfig.from_dict(config))
+        except (TypeError, ValueError, ZeroDivisionError) as error:
+            raise ModelSourceError(
+                f"The config of {name!r} does not describe a FramePack transformer ({type(error).__name__}: {error}): "
+                "download its config.json again.") from None
+        expected = model.state_dict()
+        for key, tensor in state_dict.items():
+            if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ModelSourceError(
+                    f"{name!r} holds {key!r} of shape {tuple(tensor.shape)} but its config says "
+                    f"{tuple(expected[key].shape)}: the weights and config.json are from different models.")
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         if missing or unexpected:
             problem = f"missing keys such as {missing[0]!r}" if missing else f"unexpected keys such as {unexpected[0]!r}"
             raise ModelSourceError(
-                f"{Path(str(source)).name!r} does not hold a FramePack transformer matching its config ({problem}): "
+                f"{name!r} does not hold a FramePack transformer matching its config ({problem}): "
                 "point at the FramePack checkpoint.")
         return model.to(device)
 

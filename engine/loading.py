@@ -89,9 +89,12 @@ def downloads_allowed(allow_download: bool | None = None) -> bool:
 
 
 def is_repo_id(source: str | Path) -> bool:
-    """'owner/name' that is not an existing path: how we tell a repo id from a folder."""
+    """'owner/name' that is not an existing path: how we tell a repo id from a folder. When 'owner' is an existing
+    local folder, 'owner/name' is a mistyped path, not a repo id (it must not send the user to the network)."""
     text = str(source)
-    return bool(_REPO_ID.match(text)) and not Path(text).expanduser().exists() and not text.endswith(".safetensors")
+    path = Path(text).expanduser()
+    return (bool(_REPO_ID.match(text)) and not path.exists() and not path.parent.is_dir()
+            and not text.endswith((".safetensors", ".sft")))
 
 
 def resolve_component(source: str | Path, component: str, allow_download: bool | None = None,
@@ -117,11 +120,30 @@ def resolve_component(source: str | Path, component: str, allow_download: bool |
         return root
     if (root / component).is_dir():
         return root / component
-    if component == "transformer" and _is_model_folder(root):
-        return root
+    if component == "transformer":
+        if _is_model_folder(root):
+            return root
+        raise _not_a_transformer(display, root)
     raise ModelSourceError(
         f"{display!r} has no {component!r} folder: point at a folder in the diffusers layout that holds it "
         f"(such as a download of hunyuanvideo-community/HunyuanVideo), or at its Hugging Face repo id.")
+
+
+def _not_a_transformer(display: str, root: Path) -> ModelSourceError:
+    """Why a folder given as the transformer holds none, in the words of what it does hold."""
+    if (root / "model_index.json").is_file():
+        return ModelSourceError(
+            f"{display!r} is a diffusers pipeline folder without a FramePack transformer: give it as --base, and "
+            "--transformer the FramePack checkpoint (e.g. lllyasviel/FramePackI2V_HY).")
+    pickles = [p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES] if root.is_dir() else []
+    if pickles and not any(root.glob("*.safetensors")):
+        return _pickle_refusal(pickles[0])
+    if any(root.glob("*.safetensors")):
+        return ModelSourceError(f"{display!r} has weights but no config.json: download the complete folder, or "
+                                "give the single .safetensors file itself.")
+    return ModelSourceError(
+        f"{display!r} holds no transformer (no config.json and .safetensors weights, no 'transformer' folder): "
+        "point at the FramePack checkpoint folder or file.")
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -167,6 +189,10 @@ def _cached_snapshot(repo_id: str, cache_dir, revision) -> Path | None:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError):
         return None
+    except (NotADirectoryError, PermissionError, OSError) as error:
+        raise ModelSourceError(
+            f"The Hugging Face cache cannot be read ({type(error).__name__}: {error.strerror or error}): point "
+            "HF_HOME (or HF_HUB_CACHE) at a readable folder.") from None
 
 
 def _has_folder(root: Path, folder: str) -> bool:
@@ -199,6 +225,13 @@ def files_to_fetch(repo_files: list[str], folder: str) -> list[str]:
     return [name for name in chosen if not name.endswith(skipped)]
 
 
+def _unreachable(repo_id: str, error: Exception) -> ModelSourceError:
+    return ModelSourceError(
+        f"{repo_id!r} is not a local path, and downloading it from Hugging Face failed ({type(error).__name__}): "
+        f"check the path if you meant a folder; otherwise check the network, or run `huggingface-cli download "
+        f"{repo_id}` where the network is reachable and run with --offline.")
+
+
 def _download(repo_id: str, folders: list[str], cache_dir, revision) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
@@ -218,9 +251,11 @@ def _download(repo_id: str, folders: list[str], cache_dir, revision) -> Path:
             f"Hugging Face has no repo {repo_id!r} (or it is private): check the repo id, or log in with "
             "`huggingface-cli login` if it is private.") from None
     except (HfHubHTTPError, OSError) as error:
-        raise ModelSourceError(
-            f"Downloading {repo_id!r} failed ({type(error).__name__}): check the network, or download it with "
-            f"`huggingface-cli download {repo_id}` and run offline.") from None
+        raise _unreachable(repo_id, error) from None
+    except Exception as error:  # the HTTP client's own errors (httpx/requests ConnectError, timeouts, ...)
+        if type(error).__module__.split(".")[0] not in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub"):
+            raise
+        raise _unreachable(repo_id, error) from None
     shown = folders[0] + "/" if folders[0] else "model files at its root"
     raise ModelSourceError(
         f"The repo {repo_id!r} has no {shown}: check that it is the repo this component comes from.")
@@ -230,11 +265,23 @@ def _download(repo_id: str, folders: list[str], cache_dir, revision) -> Path:
 # Reading safetensors
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelSourceError(f"The {what} {path.name!r} in {path.parent.name!r} is not valid JSON ({error}): "
+                               "download the model folder again.") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"The {what} {path.name!r} in {path.parent.name!r} holds a {type(value).__name__}, "
+                               "not a JSON object: download the model folder again.")
+    return value
+
+
 def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelSourceError(f"No config.json in {Path(folder).name!r}: point at the model folder that holds it.")
-    return json.loads(path.read_text())
+    return _read_json_object(path, "config")
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -242,7 +289,10 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = _read_json_object(indexes[0], "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ModelSourceError(f"The shard index {indexes[0].name!r} has no valid weight_map: "
+                                   "download the model folder again.")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
