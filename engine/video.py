@@ -2,9 +2,10 @@
 
 `SectionVideoWriter` takes the frames each section finishes (in video order within the segment) and keeps `path`
 a complete file of everything handed over so far:
-  * video containers: each segment is encoded once into its own hidden segment file, and the segments are then
-    joined into `path` by remuxing (packets copied, never re-encoded). The join rewrites the file, but copying
-    compressed packets costs about 1% of encoding them (bench/RESULTS.md);
+  * video containers: each segment is encoded once, its packets kept in a hidden file beside `path`, and all
+    segments are then joined into `path` by remuxing (packets copied, never re-encoded). Each join rewrites the
+    file, but copying compressed packets is cheap next to encoding them (bench/RESULTS.md), and segments that
+    arrive while the encoder is busy are joined together;
   * PNG folders: each frame is written once; frames are renamed into place, numbered from 0 without gaps after
     every segment (the backward direction shifts the earlier names up, a rename per frame);
   * .safetensors: segments are kept as raw uint8 files beside the destination and the file (frames and the
@@ -16,6 +17,7 @@ existing one unless `overwrite=True`, the command's --overwrite).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -310,6 +312,14 @@ class SectionVideoWriter:
 
     # -- the background thread ---------------------------------------------------------------------------------
 
+    def _publish_what_was_encoded(self):
+        """After a failure, still join the segments encoded before it (a join may have been left for later)."""
+        if self._sink.unpublished() and not isinstance(self._sink, _SafetensorsSink):
+            try:
+                self._sink.publish()
+            except Exception:
+                pass  # the first error is the one to report
+
     def _work(self):
         while not self._stop.is_set():
             frames = self._queue.get()
@@ -318,10 +328,13 @@ class SectionVideoWriter:
                     return
                 if self._error is None:
                     self._sink.add(frames, self.direction == "backward", self._stop)
-                    if not self._stop.is_set() and not isinstance(self._sink, _SafetensorsSink):
+                    # Join when nothing else waits: a segment already queued will join this one with it.
+                    caught_up = self._queue.qsize() == 0
+                    if caught_up and not self._stop.is_set() and not isinstance(self._sink, _SafetensorsSink):
                         self._sink.publish()
             except BaseException as error:  # reported to the caller at its next call
                 self._error = error
+                self._publish_what_was_encoded()
             finally:
                 del frames
                 self._queue.task_done()
@@ -331,7 +344,13 @@ class SectionVideoWriter:
 class _Segment:
     path: Path
     frames: int
-    reorder_delay: int = 0  # packets a frame can come before its display position (B-frames)
+    # video segments: (display position, keyframe, size in bytes) of each packet, in decoding order
+    packets: list = field(default_factory=list)
+
+    @property
+    def reorder_delay(self) -> int:
+        """How many packets a frame can come before its display position (B-frames)."""
+        return max((order - position for order, (position, _, _) in enumerate(self.packets)), default=0)
 
 
 class _Sink:
@@ -361,6 +380,9 @@ class _Sink:
             raise FramePackError(f"Every segment must have the frame size of the first, {self.shape[1]}x"
                                  f"{self.shape[0]}, got {frames.shape[2]}x{frames.shape[1]}.")
 
+    def unpublished(self) -> bool:
+        return sum(segment.frames for segment in self.segments) != self.frames
+
     def place(self, segment: _Segment, backward: bool):
         if backward:
             self.segments.insert(0, segment)
@@ -374,34 +396,58 @@ class _Sink:
 
 
 class _VideoSink(_Sink):
+    """Each segment's packets, as the encoder gave them, are kept in a raw file beside the destination, in decoding
+    order, with their timestamps in a list; publishing muxes them all into a new container. The first segment is
+    also written as a normal file and kept open: its stream carries the codec parameters every segment shares,
+    and the encoder's headers (extradata, checked equal for every segment) go with it."""
+
     def __init__(self, destination: Path, settings: EncoderSettings, fps: float, metadata: dict):
         super().__init__(destination, metadata)
         self.settings = settings
         self.fps = fps
         self.count = 0
+        self.template = None
 
     def add(self, frames: np.ndarray, backward: bool, stop: threading.Event):
         import av
 
         self.check_shape(frames)
         height, width = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
-        path = self.parts_folder() / f"segment_{self.count:05d}{self.destination.suffix}"
-        self.count += 1
         rate = fps_fraction(self.fps)
-        with av.open(str(path), mode="w", format=self.settings.container) as container:
-            stream = open_video_stream(container, self.settings, self.fps, width, height)
+        parts = self.parts_folder()
+        segment = _Segment(parts / f"segment_{self.count:05d}.packets", len(frames))
+        template = parts / f"template{self.destination.suffix}" if self.template is None else None
+        self.count += 1
+        # The encoder runs inside a container of the output's format, as a plain encode would (the format decides
+        # whether headers go out of band); only the first segment's container is kept.
+        with av.open(str(template) if template else io.BytesIO(), mode="w", format=self.settings.container) as scratch, \
+                open(segment.path, "wb") as data:
+            stream = open_video_stream(scratch, self.settings, self.fps, width, height)
+
+            def keep(packets):
+                for packet in packets:
+                    position = round(packet.pts * packet.time_base * rate)  # before mux, which rescales it
+                    data.write(memoryview(packet))
+                    segment.packets.append((position, packet.is_keyframe, packet.size))
+                scratch.mux(packets)
+
             for index, frame in enumerate(frames):
                 if stop.is_set():
-                    break
+                    return
                 picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
                 picture.pts, picture.time_base = index, 1 / rate
-                container.mux(stream.encode(picture))
-            container.mux(stream.encode())
-        if stop.is_set():
-            return
-        positions = [position for position, _ in _frame_positions(path, rate)]
-        delay = max(order - position for order, position in enumerate(positions))
-        self.place(_Segment(path, len(frames), delay), backward)
+                keep(stream.encode(picture))
+            keep(stream.encode())
+            headers = stream.codec_context.extradata
+        first = min(position for position, _, _ in segment.packets)
+        segment.packets = [(position - first, keyframe, size) for position, keyframe, size in segment.packets]
+        if sorted(position for position, _, _ in segment.packets) != list(range(len(frames))):
+            raise RuntimeError(f"{self.settings.codec} did not give one packet per frame")
+        if template:
+            self.template, self.headers = av.open(str(template)), headers
+        elif headers != self.headers:
+            raise RuntimeError(f"{self.settings.codec} gave each segment different stream headers")
+        self.place(segment, backward)
 
     def publish(self):
         """Join the segments, in video order, into `destination` by copying their packets."""
@@ -414,41 +460,42 @@ class _VideoSink(_Sink):
                 if self.metadata:
                     # "comment" is the one free-text tag every container keeps; the settings travel in it as JSON.
                     output.metadata["comment"] = json.dumps(self.metadata)
-                stream, offset = None, 0
+                stream = output.add_stream_from_template(self.template.streams.video[0], opaque=True)
+                # the headers as the encoder gave them, with packets as it gave them: the muxer converts both as
+                # in a plain encode (H.264 in MP4: start codes to length prefixes)
+                stream.codec_context.extradata = self.headers
+                stream.codec_context.framerate = rate  # the frame rate containers record
+                offset = 0
                 for segment in self.segments:
-                    with av.open(str(segment.path)) as source:
-                        if stream is None:
-                            stream = output.add_stream_from_template(source.streams.video[0], opaque=True)
-                            stream.codec_context.framerate = rate  # the frame rate containers record
-                        for order, (position, packet) in enumerate(_frame_positions(source, rate)):
-                            # timestamps in frames: presentation from the source, decoding order made monotonic
-                            # across segments with the largest reordering delay of any segment
-                            packet.pts, packet.dts = offset + position, offset + order - delay
-                            packet.time_base, packet.duration = 1 / rate, 1
-                            packet.stream = stream
-                            output.mux(packet)
+                    data, start = memoryview(segment.path.read_bytes()), 0
+                    for order, (position, keyframe, size) in enumerate(segment.packets):
+                        packet = av.Packet(data[start:start + size])
+                        start += size
+                        # timestamps in frames: presentation from the encoder, decoding order made monotonic
+                        # across segments with the largest reordering delay of any segment
+                        packet.pts, packet.dts = offset + position, offset + order - delay
+                        packet.time_base, packet.duration, packet.is_keyframe = 1 / rate, 1, keyframe
+                        packet.stream = stream
+                        output.mux(packet)
                     offset += segment.frames
         self.frames = offset
         self.published = self.destination
 
-
-def _frame_positions(source, rate):
-    """(display position in frames, packet) in decoding order, for a segment file (path or open container)."""
-    import av
-
-    if not isinstance(source, av.container.InputContainer):
-        with av.open(str(source)) as opened:
-            return [(position, None) for position, _ in _frame_positions(opened, rate)]
-    stream = source.streams.video[0]
-    packets = [packet for packet in source.demux(stream) if packet.size]
-    first = min(packet.pts for packet in packets)
-    positions = [round((packet.pts - first) * stream.time_base * rate) for packet in packets]
-    if sorted(positions) != list(range(len(packets))):
-        raise RuntimeError(f"segment timestamps are not one per frame: {positions[:8]}")
-    return list(zip(positions, packets))
+    def cleanup(self):
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        super().cleanup()
 
 
 class _PngSink(_Sink):
+    def __init__(self, destination: Path, metadata: dict):
+        super().__init__(destination, metadata)
+        self.pending: list[tuple[_Segment, bool]] = []  # written to the parts folder, not yet in the destination
+
+    def unpublished(self) -> bool:
+        return bool(self.pending)
+
     def add(self, frames: np.ndarray, backward: bool, stop: threading.Event):
         from PIL import Image
 
@@ -457,12 +504,11 @@ class _PngSink(_Sink):
         for index, frame in enumerate(frames):
             if stop.is_set():
                 return
-            Image.fromarray(frame).save(folder / f"frame_{index:05d}.png", format="PNG")
-        self.pending = (_Segment(folder, len(frames)), backward)
+            Image.fromarray(frame).save(folder / _frame_name(index), format="PNG")
+        self.pending.append((_Segment(folder, len(frames)), backward))
 
     def publish(self):
-        """Move the new segment's frames into the folder, keeping names contiguous from frame_00000.png."""
-        segment, backward = self.pending
+        """Move new frames into the folder, keeping the names contiguous from frame_00000.png."""
         folder = self.destination
         if self.published is None:  # the first segment: the folder is written fresh
             _make_folder(folder)
@@ -473,17 +519,19 @@ class _PngSink(_Sink):
                 with atomic_path(folder / "settings.json") as temporary:
                     temporary.write_text(json.dumps(self.metadata, indent=2))
             self.published = folder
-        start = self.frames
-        if backward:
-            for index in reversed(range(self.frames)):
-                os.replace(folder / _frame_name(index), folder / _frame_name(index + segment.frames))
-            start = 0
-        for index in range(segment.frames):
-            staged = segment.path / _frame_name(index)
-            _ordinary_permissions(staged)
-            os.replace(staged, folder / _frame_name(start + index))
-        shutil.rmtree(segment.path, ignore_errors=True)
-        self.frames += segment.frames
+        for segment, backward in self.pending:
+            start = self.frames
+            if backward:  # the new frames come first: shift the others up, last first
+                for index in reversed(range(self.frames)):
+                    os.replace(folder / _frame_name(index), folder / _frame_name(index + segment.frames))
+                start = 0
+            for index in range(segment.frames):
+                staged = segment.path / _frame_name(index)
+                _ordinary_permissions(staged)
+                os.replace(staged, folder / _frame_name(start + index))
+            shutil.rmtree(segment.path, ignore_errors=True)
+            self.frames += segment.frames
+        self.pending = []
 
 
 def _frame_name(index: int) -> str:
