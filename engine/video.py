@@ -225,8 +225,10 @@ class SectionVideoWriter:
                 self._raise_if_failed()
 
     def set_latents(self, latents: torch.Tensor) -> None:
-        """The latents of the whole video so far, for .safetensors output (ignored by the others)."""
-        self._sink.latents = latents.detach().cpu()
+        """The latents of the whole video so far, for .safetensors output (ignored by the others): a host copy is
+        kept, so the caller's tensor (on any device) is free to change or go."""
+        if isinstance(self._sink, _SafetensorsSink):
+            self._sink.latents = latents.detach().to("cpu", copy=True)
 
     def flush(self) -> Path | None:
         """Wait until everything handed over is in `path`; returns it, or None if nothing was written yet."""
