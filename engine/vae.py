@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -674,10 +674,24 @@ def _resolve_tiling(tiling):
         return "untiled"
     if tiling is True or tiling == "tiled":
         return "tiled"
-    if tiling == "auto" or isinstance(tiling, Tiling):
+    if tiling in ("auto", "official") or isinstance(tiling, Tiling):
         return tiling
     raise FramePackError(
-        f"tiling={tiling!r} is not understood: use 'auto', 'tiled', 'untiled' or an engine.vae.Tiling(...).")
+        f"tiling={tiling!r} is not understood: use 'auto', 'official', 'tiled', 'untiled' or an engine.vae.Tiling(...).")
+
+
+# The `vae_decode` setting: "exact" decodes whole sections when memory allows (tiles only when it does not);
+# "official" decodes as the official app does through diffusers 0.33 (see `Tiling.like_diffusers`).
+VAE_DECODE_MODES = {"exact": "auto", "official": "official"}
+
+
+def decode_tiling(vae_decode: str) -> str:
+    """The `tiling` argument of `HunyuanVideoVAE.decode` for a `vae_decode` setting ("exact" or "official")."""
+    if vae_decode not in VAE_DECODE_MODES:
+        raise FramePackError(
+            f"vae_decode={vae_decode!r} is not understood: use 'exact' (whole sections when memory allows) or "
+            "'official' (temporal tiles as the official app's diffusers VAE).")
+    return VAE_DECODE_MODES[vae_decode]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -872,6 +886,14 @@ class HunyuanVideoVAE(nn.Module):
         latent_height, latent_width = height // geometry.in_space, width // geometry.in_space
         if isinstance(mode, Tiling):
             return [(mode, batch), (mode, 1)]
+        if mode == "official":
+            # diffusers' frame-wise tiles always; its spatial tiles (enable_tiling, which the official app turns on
+            # below 60 GB of free VRAM) only when memory asks; smaller spatial tiles only past what diffusers does
+            temporal, both = Tiling.like_diffusers(spatial=False), Tiling.like_diffusers()
+            smaller = [(replace(_spatial_tiling(latent_height, latent_width, side, None), tile_frames=4,
+                                stride_frames=3), 1) for side in range(min(31, max(latent_height, latent_width) - 1),
+                                                                        MIN_TILE_LATENT - 1, -4)]
+            return [(temporal, batch), (temporal, 1), (both, 1)] + smaller
         whole = [(None, batch), (None, 1)]
         if mode == "untiled":
             return whole
@@ -949,7 +971,11 @@ class HunyuanVideoVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiling="auto", memory_budget_bytes: int | None = None) -> torch.Tensor:
-        """Unscaled latents (B, 16, t, h, w) -> pixels (B, 3, 4t-3, 8h, 8w), roughly in [-1, 1], not clamped."""
+        """Unscaled latents (B, 16, t, h, w) -> pixels (B, 3, 4t-3, 8h, 8w), roughly in [-1, 1], not clamped.
+
+        tiling: "auto" (exact whenever memory allows, the engine's default), "official" (the official app's
+        decode: diffusers 0.33's frame-wise tiles for more than 4 latent frames, its 256-pixel spatial tiles when
+        memory asks), "tiled", "untiled" or a `Tiling`. `decode_tiling(vae_decode)` maps the setting to it."""
         latents = self._check(latents, self.config.latent_channels, "latents", 1)
         plan = self.plan_decode(latents.shape, tiling, memory_budget_bytes)
         return self._run(latents, plan, self._decode_tile, self._geometry(decode=True))

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from engine.errors import FramePackError, ModelSourceError
-from engine.vae import HunyuanVideoVAE, Tiling, VAEConfig
+from engine.vae import HunyuanVideoVAE, Tiling, VAEConfig, decode_tiling
 from tests.utils import TOLERANCE, assert_relative_error, randomize_weights_, relative_error
 
 diffusers_logging.set_verbosity_error()  # its advice on casting with .to() is about its own loader
@@ -384,6 +384,65 @@ def test_tiling_reproduces_diffusers_tiling():
     pixels = random_pixels(1, 21, 56, 72)
     assert_relative_error(ours.encode(pixels, tiling=tiling), diffusers_mean(diffusers_tiled, pixels), FLOAT32,
                           "diffusers' spatial + temporal tiled encode")
+
+
+def framewise_reference(config_name: str, spatial_tiling: bool) -> AutoencoderKLHunyuanVideo:
+    """diffusers' VAE decoding as the official app gets it from diffusers 0.33: frame-wise decoding on (its
+    default) with 16-frame tiles every 12 frames, plus enable_tiling() (256-pixel tiles every 192) when asked."""
+    model = reference_model(CONFIGS[config_name])
+    model.use_framewise_decoding = True
+    model.tile_sample_min_num_frames, model.tile_sample_stride_num_frames = 16, 12
+    if spatial_tiling:
+        model.enable_tiling(tile_sample_min_height=256, tile_sample_min_width=256, tile_sample_stride_height=192,
+                            tile_sample_stride_width=192)
+    return model
+
+
+def test_official_decode_matches_diffusers_framewise_decode():
+    _, ours = pair(MAIN)
+    reference = framewise_reference(MAIN, spatial_tiling=False)
+    latents = random_latents(16, 1, 10, 3, 4)  # 10 latent frames: temporal tiles start at 0, 3, 6 and 9
+    official = ours.decode(latents, tiling=decode_tiling("official"))
+    assert_relative_error(official, diffusers_decode(reference, latents), FLOAT32, "official (frame-wise) decode")
+    # the switch matters: the exact decode differs, frame 0 included (the first tile blends into the second)
+    exact = ours.decode(latents, tiling=decode_tiling("exact"))
+    assert relative_error(official, exact) > 0.05 and relative_error(official[:, :, 9:], exact[:, :, 9:]) > 0.05
+    # up to 4 latent frames diffusers does not tile, nor do we
+    short = latents[:, :, :4]
+    torch.testing.assert_close(ours.decode(short, tiling="official"), ours.decode(short, tiling="untiled"),
+                               rtol=0, atol=0)
+
+
+def test_official_decode_adds_diffusers_spatial_tiles_when_memory_asks():
+    """The plan adds diffusers' enable_tiling() tiles when the temporal tiles alone do not fit. That our spatial
+    tiles inside temporal ones equal diffusers' is test_tiling_reproduces_diffusers_tiling's (at tile sizes a CPU
+    decodes in seconds: a real 256-pixel tile takes minutes here); this checks the sizes are diffusers' defaults."""
+    reference, ours = pair(MAIN)
+    diffusers_tiled = framewise_reference(MAIN, spatial_tiling=True)
+    spatial, temporal = reference.spatial_compression_ratio, reference.temporal_compression_ratio
+    assert Tiling.like_diffusers() == Tiling(
+        diffusers_tiled.tile_sample_min_height // spatial, diffusers_tiled.tile_sample_min_width // spatial,
+        diffusers_tiled.tile_sample_stride_height // spatial, diffusers_tiled.tile_sample_stride_width // spatial,
+        diffusers_tiled.tile_sample_min_num_frames // temporal, diffusers_tiled.tile_sample_stride_num_frames // temporal)
+
+    shape = (1, 16, 6, 34, 36)  # 272x288 pixels: 2x2 of diffusers' 256-pixel tiles, 2 tiles in time
+    # the least each plan can hold (one-frame convolution chunks)
+    temporal_only = ours.working_set_bytes(shape, Tiling.like_diffusers(spatial=False), 1, chunk_bytes=1)
+    with_spatial = ours.working_set_bytes(shape, Tiling.like_diffusers(), 1, chunk_bytes=1)
+    assert with_spatial < temporal_only
+    tight = ours.plan_decode(shape, "official", memory_budget_bytes=(with_spatial + temporal_only) // 2)
+    assert tight.tiling == Tiling.like_diffusers()
+    roomy = ours.plan_decode(shape, "official", memory_budget_bytes=4 * temporal_only)
+    assert roomy.tiling == Tiling.like_diffusers(spatial=False)
+    # past what diffusers does, smaller spatial tiles (still diffusers' temporal ones) rather than running out
+    tighter = ours.plan_decode(shape, "official", memory_budget_bytes=with_spatial * 9 // 10)
+    assert tighter.tiling.tile_height < 32 and (tighter.tiling.tile_frames, tighter.tiling.stride_frames) == (4, 3)
+
+
+@pytest.mark.parametrize("value", ["Official", "tiled", "", None])
+def test_vae_decode_setting_names_the_choices(value):
+    with pytest.raises(FramePackError, match="use 'exact' .* or 'official'"):
+        decode_tiling(value)
 
 
 def test_tiled_decode_stays_close_to_untiled():
