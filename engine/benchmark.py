@@ -43,7 +43,7 @@ from engine.presets import DIT_PRESETS, randomize_weights_
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
-from engine.settings import DTYPE_NAMES
+from engine.settings import DTYPE_NAMES, check_device
 from kernels.reference import relative_error
 
 SCHEMA = "framepack-bench/1"
@@ -81,15 +81,7 @@ class BenchSettings:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise FramePackError(f"Unknown device {self.device!r}: pass cpu, cuda or cuda:N.") from None
-        if device.type not in ("cpu", "cuda"):
-            raise FramePackError(f"Device {self.device!r} is not supported by the benchmark: use cpu or cuda.")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise FramePackError(f"Device {self.device!r} asked for but this torch sees no CUDA device: use --device cpu.")
-        return device
+        return check_device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -10,9 +10,10 @@ import argparse
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
-from engine.errors import FramePackError
+from engine.errors import FramePackError, FramePackWarning
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser):
@@ -29,21 +30,54 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
     add_flags(models, ModelSettings)
     output = parser.add_argument_group("output")
-    output.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov, .safetensors, or a folder for PNG frames")
-    output.add_argument("--codec", default="libx264", help="video encoder (default libx264; see framepack info)")
+    output.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov/.avi, .safetensors, or a folder for PNG frames")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (only once the first section is written)")
+    output.add_argument("--codec", help="video encoder (default: the container's, libx264 or libvpx-vp9 for .webm; "
+                                        "see framepack info)")
     output.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
     output.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
-    output.add_argument("--quiet", action="store_true", help="no progress bars")
+    output.add_argument("--quiet", action="store_true", help="no progress bars or library logs")
 
 
 def _default_out(mode: str, seed: int) -> Path:
     return Path("outputs") / f"framepack_{mode}_{seed}_{time.strftime('%Y%m%d-%H%M%S')}.mp4"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: stop at the next step and keep every finished section."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _quiet_libraries() -> None:
+    """No loading bars or logs from the libraries: transformers, huggingface_hub, the video encoders."""
+    import os
+
+    from engine.encoders import quiet_encoder_logs
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    quiet_encoder_logs()
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def command_generate(args) -> int:
+    import signal
+
+    from engine.buckets import find_nearest_bucket
+    from engine.images import load_image, load_video_frames
     from engine.loading import guess_variant
     from engine.output import SectionOutputFile
     from engine.pipeline import Engine, GenerationCancelled, check_inputs_for_variant, generation_mode
+    from engine.presets import TINY_RESOLUTION
     from engine.settings import GenerationSettings, ModelSettings, given_flags
     from engine.video import check_output
 
@@ -58,37 +92,63 @@ def command_generate(args) -> int:
         variant = (guess_variant(model_settings.transformer) if model_settings.variant == "auto"
                    else model_settings.variant)
     check_inputs_for_variant(variant, args.image, args.end_image, args.input_video)
+    image = load_image(args.image, "start image") if args.image else None
+    end_image = load_image(args.end_image, "end image") if args.end_image else None
+    input_video = load_video_frames(args.input_video)[0] if args.input_video else None
+    first_frame = input_video[0] if input_video is not None else image
+    resolution = settings.resolution or (TINY_RESOLUTION if args.preset else 640)
+    if first_frame is not None:
+        height, width = find_nearest_bucket(*first_frame.shape[:2], resolution=resolution)
+    else:
+        height, width = find_nearest_bucket(settings.height or resolution, settings.width or resolution, resolution)
     mode = generation_mode(args.image, args.end_image, args.input_video)
     out = Path(args.out) if args.out else _default_out(mode, settings.seed)
-    check_output(out, args.codec)
+    check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
+    if args.quiet:
+        _quiet_libraries()
 
-    if args.preset:
-        import torch
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        if args.preset:
+            import torch
 
-        device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = Engine.from_preset(args.preset, variant=variant, device=device)
-    else:
-        engine = Engine.from_pretrained(**model_settings.as_dict())
+            device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            engine = Engine.from_preset(args.preset, variant=variant, device=device)
+        else:
+            engine = Engine.from_pretrained(**model_settings.as_dict())
+    except KeyboardInterrupt as interruption:
+        print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
 
     cancel = threading.Event()
     progress = _Progress(enabled=not args.quiet)
     output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
-    saved = None
+    interrupted = None
     try:
-        for section in engine.stream(prompt, image=args.image, end_image=args.end_image, input_video=args.input_video,
+        for section in engine.stream(prompt, image=image, end_image=end_image, input_video=input_video,
                                      callback=progress.step, cancel=cancel, **options):
-            # Each finished section is written at once (atomically), so an interruption loses nothing finished.
-            saved = output.add(section)
+            # Each finished section goes to the writer at once, so an interruption loses nothing finished.
+            output.add(section)
             progress.section_done(section, output.frame_count)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         cancel.set()
-        print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
-              file=sys.stderr)
-        return 130
+        interrupted = interruption
     except GenerationCancelled:
         pass
+    except Exception:
+        output.close()  # keep every finished section, then report what went wrong
+        raise
     finally:
         progress.close()
+    try:
+        saved = output.close()
+    except KeyboardInterrupt:  # a second Ctrl-C while the last frames are encoded
+        output.abort()
+        saved = None
+    if interrupted is not None:
+        print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
+              file=sys.stderr)
+        return 143 if isinstance(interrupted, Terminated) else 130
     if saved is None:
         raise FramePackError("No section finished, so nothing was written.")
     print(f"Saved {saved}")
@@ -174,7 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our warnings as one line on stderr (no source line); other libraries' as Python shows them."""
+    if issubclass(category, FramePackWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import FramePackError
+from engine.errors import FramePackError, FramePackWarning
 from engine.loading import DEFAULT_DTYPES, load_clip_text_encoder, load_llama_text_encoder, load_siglip_image_encoder
 
 # HunyuanVideo's video prompt template; the prompt goes where "{}" is.
@@ -75,9 +76,16 @@ def encode_llama(prompt: str, model, tokenizer, template: str = HUNYUAN_VIDEO_PR
     """Llama hidden states (layer -3) of the prompt's tokens inside the template: (1, tokens, hidden)."""
     if crop_start is None:
         crop_start = template_crop_start(tokenizer, template)
+    text = template.format(prompt)
     inputs = tokenizer(
-        [template.format(prompt)], padding="max_length", max_length=max_prompt_tokens + crop_start, truncation=True,
+        [text], padding="max_length", max_length=max_prompt_tokens + crop_start, truncation=True,
         return_tensors="pt", return_attention_mask=True)
+    full_length = len(tokenizer(text)["input_ids"])
+    if full_length > max_prompt_tokens + crop_start:
+        warnings.warn(FramePackWarning(
+            f"The prompt is {full_length - crop_start} tokens long and the text encoder keeps the first "
+            f"{max_prompt_tokens} (the official limit): the rest is ignored; shorten the prompt to use all of it."),
+            stacklevel=2)
     device = _device_of(model)
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)

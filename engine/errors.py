@@ -14,3 +14,7 @@ class BackendUnavailableError(FramePackError):
 
 class ModelSourceError(FramePackError):
     """A model source (repo id, folder, file) is missing, incomplete or in a format we refuse."""
+
+
+class FramePackWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. a prompt cut to the encoder's limit)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import FramePackError
+from engine.errors import FramePackError, FramePackWarning
 
 
 # Transparent pixels are composited onto white, as browsers and image viewers show a transparent PNG on a light page;
@@ -167,11 +167,11 @@ def _to_unit_range(array: np.ndarray, name: str) -> np.ndarray:
         if low < -FLOAT_RANGE_SLACK:
             warnings.warn(
                 f"The {name} has float values down to {low:.3g}: float images are read as [0, 1], so values below "
-                "0 become black; for an image in [-1, 1] pass (image + 1) / 2.", stacklevel=4)
+                "0 become black; for an image in [-1, 1] pass (image + 1) / 2.", FramePackWarning, stacklevel=4)
         elif high > 1 + FLOAT_RANGE_SLACK:
             warnings.warn(
                 f"The {name} has float values up to {high:.3g}: float images are read as [0, 1], so values above "
-                "1 become white; for an image in 0..255 pass image / 255.", stacklevel=4)
+                "1 become white; for an image in 0..255 pass image / 255.", FramePackWarning, stacklevel=4)
         return np.clip(values, 0, 1)
     raise FramePackError(
         f"The {name} has pixel type {array.dtype}, which is not an image type: use uint8, uint16 or floats in [0, 1].")

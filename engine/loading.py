@@ -201,9 +201,22 @@ def _has_folder(root: Path, folder: str) -> bool:
     return (root / folder).is_dir()
 
 
+def _check_cache_folder(cache_dir) -> None:
+    """The Hugging Face cache must be (or be creatable as) a folder: say so rather than blame the network."""
+    from huggingface_hub import constants
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    existing = next((path for path in [folder, *folder.parents] if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ModelSourceError(
+            f"The Hugging Face cache cannot be read: {existing.name!r} on the way to it is a file, not a folder: point "
+            "HF_HOME (or HF_HUB_CACHE) at a folder.")
+
+
 def _repo_snapshot(repo_id: str, folders: list[str] | None, allow_download, cache_dir, revision) -> Path:
     """The snapshot folder of `repo_id` holding the first of `folders` it has ("" = a model at the repo root);
     with folders=None any snapshot will do, and a download fetches the files at the repo root."""
+    _check_cache_folder(cache_dir)
     snapshot = _cached_snapshot(repo_id, cache_dir, revision)
     if snapshot is not None and (folders is None or any(_has_folder(snapshot, folder) for folder in folders)):
         return snapshot

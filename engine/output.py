@@ -1,32 +1,54 @@
-"""Writing a generation as it streams: the file on disk is a complete video of every finished section.
+"""Writing a generation as it streams: each frame encoded once, the file on disk complete after every section.
 
-`SectionOutputFile` takes the `SectionResult`s of `Engine.stream` one by one and, after each, leaves at `path` a
-complete file of the video so far (the frames made final plus the pending ones), written atomically; so an
-interruption keeps every finished section. The command (`framepack generate`) and the server write through it.
+`SectionOutputFile` takes the `SectionResult`s of `Engine.stream` one by one and hands each section's finished frames
+to an `engine.video.SectionVideoWriter`, which encodes them on a background thread (overlapping the next section's
+sampling) and keeps at `path` a complete, playable file of every finished frame. The frames still to be crossfaded
+with the next section are written only when the video ends: at the last section, or at `close()` after an
+interruption (then as they are), so an interruption keeps everything finished. The command (`framepack generate`)
+and the server write through it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.pipeline import FrameCollector, SectionResult
-from engine.video import Video
+from engine.pipeline import SectionResult
+from engine.video import DEFAULT_CRF, SectionVideoWriter
 
 
 class SectionOutputFile:
-    def __init__(self, path, fps: float, codec: str = "libx264", crf: int | None = 16,
-                 pixel_format: str | None = None):
+    def __init__(self, path, fps: float, codec: str | None = None, crf: int | None = DEFAULT_CRF,
+                 pixel_format: str | None = None, options: dict | None = None):
         self.path = Path(path)
-        self.fps, self.codec, self.crf, self.pixel_format = fps, codec, crf, pixel_format
-        self.collector = FrameCollector()
-        self.saved: Path | None = None
-        self.frame_count = 0
+        self.fps, self.codec, self.crf, self.pixel_format, self.options = fps, codec, crf, pixel_format, options
+        self.writer: SectionVideoWriter | None = None
+        self.last: SectionResult | None = None
+        self.frame_count = 0  # frames handed to the writer (it encodes them in the background)
 
-    def add(self, result: SectionResult) -> Path:
-        """Takes one finished section; returns the path of the complete file of everything so far."""
-        self.collector.add(result)
-        frames = self.collector.frames()
-        self.frame_count = len(frames)
-        video = Video(frames, fps=self.fps, metadata=result.metadata, latents=result.latents)
-        self.saved = video.save(self.path, codec=self.codec, crf=self.crf, pixel_format=self.pixel_format)
-        return self.saved
+    def add(self, result: SectionResult) -> None:
+        """Hands one finished section's frames to the writer; returns at once (encoding runs in the background)."""
+        if self.writer is None:
+            self.writer = SectionVideoWriter(self.path, self.fps, self.codec, self.crf, self.pixel_format, self.options,
+                                             metadata=result.metadata, direction=result.direction)
+        self.writer.write_segment(result.frames, latents=result.latents)
+        self.frame_count += len(result.frames)
+        self.last = result
+
+    def flush(self) -> Path | None:
+        """Waits until every frame handed over is in the file; returns its path (None before the first section)."""
+        return None if self.writer is None else self.writer.flush()
+
+    def close(self) -> Path | None:
+        """Writes the frames still pending a crossfade (the video ends here), waits for the encoder and returns the
+        file's path, or None when no section finished."""
+        if self.writer is None:
+            return None
+        if len(self.last.pending_frames):
+            self.writer.write_segment(self.last.pending_frames)
+            self.frame_count += len(self.last.pending_frames)
+        return self.writer.close()
+
+    def abort(self) -> None:
+        """Stops at once, keeping at `path` what the writer had already published."""
+        if self.writer is not None:
+            self.writer.abort()

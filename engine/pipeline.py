@@ -27,6 +27,7 @@ from engine.images import image_to_pixels, load_image, load_video_frames, resize
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.settings import GenerationSettings
+from engine.vae import decode_tiling
 from engine.video import Video
 
 
@@ -200,10 +201,12 @@ class Engine:
             latent = self.vae.encode(pixels)
         return latent.float() * self.vae.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> float32 pixels (1, 3, T, H, W) in about [-1, 1], on the host."""
+    def decode_latents(self, latents: torch.Tensor, vae_decode: str = "exact") -> torch.Tensor:
+        """Scaled latents -> float32 pixels (1, 3, T, H, W) in about [-1, 1], on the host. vae_decode: "exact" (whole
+        when memory allows) or "official" (the temporal tiles of the official app's VAE)."""
         with torch.no_grad():
-            return self.vae.decode((latents / self.vae.scaling_factor).to(self.vae_device, self.vae_dtype)).float().cpu()
+            return self.vae.decode((latents / self.vae.scaling_factor).to(self.vae_device, self.vae_dtype),
+                                   tiling=decode_tiling(vae_decode)).float().cpu()
 
     def release_encoders(self) -> None:
         """Drop the text and image encoders' models (cached prompt embeddings stay usable)."""
@@ -293,7 +296,8 @@ class Engine:
         latent_height, latent_width = inputs.start_latent.shape[-2:]
         hooks = _EngineHooks(count, callback, cancel)
         runs = run_sections(self.transformer, plan, inputs, SamplingOptions.of(settings), generator, history,
-                            device=self.device, dtype=self.dtype, decode=self.decode_latents,
+                            device=self.device, dtype=self.dtype,
+                            decode=lambda latents: self.decode_latents(latents, settings.vae_decode),
                             initial_pixels=initial_pixels, hooks=hooks)
         while True:
             try:

@@ -146,6 +146,26 @@ def boolean(name: str, value) -> bool:
 boolean.flag_type = bool
 
 
+def check_device(name: str):
+    """A device this machine has: "cpu", "cuda" or "cuda:N" (N below the GPU count)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FramePackError(f"Unknown device {name!r}: use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FramePackError(f"Device {name!r} asked for, but this PyTorch sees no CUDA GPU: use --device cpu, or "
+                                 "install the CUDA build of PyTorch on a machine with an NVIDIA GPU.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FramePackError(f"Device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                                 "GPU(s): pick one of them (cuda:0, ...).")
+    elif device.type != "cpu":
+        raise FramePackError(f"Device {name!r} is not supported: use cpu, cuda or cuda:N.")
+    return device
+
+
 def option(default, help: str, check: Callable, *, flag: bool = True, metavar: str | None = None):
     """A dataclass field carrying its check and help text (read by `options()` and the command line)."""
     return field(default=default, metadata={"check": check, "help": help, "flag": flag, "metavar": metavar})
@@ -227,6 +247,8 @@ class GenerationSettings(_Settings):
     init_strength: float = option(1.0, "start image strength; < 1 mixes in noise", number(0, 1, low_open=True))
     end_strength: float = option(1.0, "end image strength (first-last-frame video)", number(0, 1))
     vision_strength: float = option(1.0, "scale of the SigLIP image conditioning", number(0, 10))
+    vae_decode: str = option("exact", "exact: each section decoded whole when memory allows; official: temporal "
+                             "tiles as the official app's VAE decodes", choice("exact", "official"))
 
     def _check_together(self):
         if self.cache is not None:
@@ -255,6 +277,8 @@ class ModelSettings(_Settings):
 
     def _check_together(self):
         choice(*BACKEND_NAMES)("attention", self.attention)
+        if self.device is not None:
+            check_device(self.device)
         if self.quantize is not None:
             raise FramePackError(
                 f"Weight quantization ({self.quantize!r}) is not available in this version: leave quantize unset.")

@@ -60,3 +60,52 @@ def test_info(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert "attention backends" in printed and "sdpa" in printed and "libx264" in printed
+
+
+def test_ctrl_c_while_loading_is_one_line(monkeypatch, capsys, tmp_path):
+    from engine.pipeline import Engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "from_preset", interrupted)
+    code = main(["generate", "x", "--seconds", "1", "--out", str(tmp_path / "v.mp4"), *FAST])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and error == ["Interrupted while loading the model: nothing was written."]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("signal_name,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_generation_keeps_the_finished_sections(tmp_path, signal_name, code):
+    """The command in its own process, stopped once its first section is on disk: the file stays a playable
+    video of at least that section, with no temporary files beside it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "video.mp4"
+    environment = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "generate", "x", "--seconds", "30", "--out", str(out), *FAST],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.monotonic() + 240
+    while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert out.exists(), process.communicate()[1]
+    process.send_signal(getattr(signal, signal_name))
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == code, error
+    assert "Interrupted: the finished sections are saved." in error and "Traceback" not in error
+    assert frame_count(out) >= 4 * 2 + 1  # at least the first section's frames
+    assert [path.name for path in tmp_path.iterdir()] == ["video.mp4"]
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"an earlier video")
+    code = main(["generate", "x", "--seconds", "1", "--out", str(out), *FAST])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier video"
+    assert main(["generate", "x", "--seconds", "1", "--out", str(out), "--overwrite", *FAST]) == 0
+    assert frame_count(out) == 4 * 3 - 3

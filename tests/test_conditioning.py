@@ -18,7 +18,7 @@ from engine.conditioning import (
     encode_image,
     template_crop_start,
 )
-from engine.errors import FramePackError
+from engine.errors import FramePackError, FramePackWarning
 from tests.fixtures import flux_redux_folder, hunyuan_video_base_folder  # noqa: F401 (pytest fixtures)
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
@@ -113,15 +113,25 @@ def test_clip_pooled_matches_diffusers_pipeline(encoder, oracle):
 
 def test_prompt_is_limited_to_256_tokens(encoder, oracle):
     long_prompt = " ".join(["a girl dances gracefully with nice motion"] * 60)  # several hundred tokens
-    embedding = encoder.encode(long_prompt)
+    with pytest.warns(FramePackWarning, match="keeps the first 256"):
+        embedding = encoder.encode(long_prompt)
     assert embedding.tokens == 256
     expected = diffusers_llama(oracle, long_prompt, encoder.crop_start)
     assert_relative_error(embedding.llama, expected, TOLERANCE[torch.float32], "truncated prompt")
     # A smaller limit is honoured the same way.
     short = TextEncoder(encoder.llama_model, encoder.llama_tokenizer, encoder.clip_model, encoder.clip_tokenizer,
                         max_prompt_tokens=5)
-    assert short.encode(long_prompt).tokens == 5
+    with pytest.warns(FramePackWarning, match="keeps the first 5"):
+        assert short.encode(long_prompt).tokens == 5
     assert_relative_error(short.encode(long_prompt).llama, embedding.llama[:, :5], TOLERANCE[torch.float32])
+
+
+def test_a_prompt_within_the_limit_gives_no_warning(encoder):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FramePackWarning)
+        encoder.encode("a cat walks on the grass")
 
 
 def test_empty_prompt_keeps_the_closing_token(encoder):
