@@ -15,12 +15,12 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from engine.attention import BACKEND_NAMES
 from engine.errors import FramePackError
 from engine.sampling import SAMPLERS
+from engine.calibration import MagCacheCalibration
 from engine.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
 
 STEP_CACHES = ("teacache", "magcache")
@@ -292,9 +292,10 @@ class GenerationSettings(_Settings):
             raise FramePackError("MagCache needs per-step magnitude ratios calibrated for the model: record them once "
                                  "with `framepack calibrate-cache PROMPT --image IMAGE --out magcache.json` and pass "
                                  "magcache_calibration='magcache.json' (--magcache-calibration).")
-        if not Path(self.magcache_calibration).is_file():
-            raise FramePackError(f"magcache_calibration {Path(self.magcache_calibration).name!r} does not exist: "
-                                 "record it with framepack calibrate-cache --out magcache.json.")
+        # The file is small: read and fitted to this generation now, before any model loads.
+        calibration = MagCacheCalibration.load(self.magcache_calibration)
+        for branch in ("positive", "negative") if self.cfg != 1 else ("positive",):
+            calibration.ratios_for(branch, self.steps)
 
 
 @dataclass
