@@ -84,7 +84,8 @@ class MagCacheCalibration:
         except FileNotFoundError:
             raise FramePackError(f"The MagCache calibration {path.name!r} does not exist: {fix}.") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FramePackError(f"The MagCache calibration {path.name!r} is not readable JSON ({error}): {fix}.") from None
+            raise FramePackError(
+                f"The MagCache calibration {path.name!r} is not readable JSON ({error}): {fix}.") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise FramePackError(f"{path.name!r} is not a MagCache calibration (no \"format\": \"{FORMAT}\"): {fix}.")
         if data.get("version") != VERSION:
@@ -205,10 +206,9 @@ def command_calibrate_cache(args) -> int:
     if out.suffix.lower() != ".json" or not out.parent.is_dir():
         raise FramePackError(f"--out must be a .json file in an existing folder, got {out.name!r}: e.g. "
                              "--out magcache.json.")
-    if args.preset:
-        variant = "bidirectional" if model_settings.variant == "auto" else model_settings.variant
-    else:
-        variant = guess_variant(model_settings.transformer) if model_settings.variant == "auto" else model_settings.variant
+    variant = model_settings.variant
+    if variant == "auto":
+        variant = "bidirectional" if args.preset else guess_variant(model_settings.transformer)
     check_inputs_for_variant(variant, args.image, args.end_image, None)
     if args.preset:
         device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,7 +220,12 @@ def command_calibrate_cache(args) -> int:
         if not args.quiet and info["i"] == info["total_steps"] - 1:
             print(f"[calibrate-cache] section {info['section'] + 1}/{info['sections']} recorded", file=sys.stderr)
 
-    calibration = calibrate(engine, prompt, image=args.image, end_image=args.end_image, callback=progress, **options)
+    try:
+        calibration = calibrate(engine, prompt, image=args.image, end_image=args.end_image, callback=progress,
+                                **options)
+    except KeyboardInterrupt:
+        print("\nInterrupted: no calibration was written.", file=sys.stderr)
+        return 130
     calibration.save(out)
     ratios = ", ".join(f"{ratio:.3f}" for ratio in calibration.ratios["positive"])
     print(f"MagCache ratios over {calibration.sections} sections at {settings.steps} steps: {ratios}")
