@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import Engine, FramePackError
 from engine.benchmark import BenchSettings, run_benchmark
@@ -227,6 +228,40 @@ def test_cfg_keeps_the_two_branches_apart(dit, block_calls):
     positive, negative = policies[:2]
     assert not torch.equal(positive.signals[3], negative.signals[3])  # different prompts, different inputs
     assert any(policy.skipped for policy in policies)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the tensor -> host scalar reads (each one waits for the device) made while active."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cache", ["teacache", "magcache"])
+def test_a_decision_costs_at_most_one_host_read(dit, cache):
+    reads = []
+
+    def counted(policy):
+        decide = policy.should_skip
+
+        def should_skip(dit, tokens):
+            with HostReads(reads):
+                return decide(dit, tokens)
+
+        policy.should_skip = should_skip
+        return policy
+
+    make = (lambda branch: counted(TeaCache(8, 0.3))) if cache == "teacache" else (
+        lambda branch: counted(MagCache(8, [1.0] * 8, 1.0, 2, 0.2)))
+    sample(dit, Kept(make), steps=8, sections=2)
+    # TeaCache reads its distance once on each step between the first and the last; MagCache never reads.
+    assert len(reads) == (2 * 6 if cache == "teacache" else 0)
 
 
 # MagCache -------------------------------------------------------------------------------------------------------------
