@@ -194,6 +194,7 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
 
 
 def command_calibrate_cache(args) -> int:
+    from engine.cli import _quiet_libraries
     from engine.loading import guess_variant
     from engine.pipeline import Engine, check_inputs_for_variant
     from engine.settings import GenerationSettings, ModelSettings, given_flags
@@ -210,17 +211,19 @@ def command_calibrate_cache(args) -> int:
     if variant == "auto":
         variant = "bidirectional" if args.preset else guess_variant(model_settings.transformer)
     check_inputs_for_variant(variant, args.image, args.end_image, None)
-    if args.preset:
-        device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = Engine.from_preset(args.preset, variant=variant, device=device)
-    else:
-        engine = Engine.from_pretrained(**model_settings.as_dict())
+    if args.quiet:
+        _quiet_libraries()
 
     def progress(info):
         if not args.quiet and info["i"] == info["total_steps"] - 1:
             print(f"[calibrate-cache] section {info['section'] + 1}/{info['sections']} recorded", file=sys.stderr)
 
     try:
+        if args.preset:
+            device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            engine = Engine.from_preset(args.preset, variant=variant, device=device)
+        else:
+            engine = Engine.from_pretrained(**model_settings.as_dict())
         calibration = calibrate(engine, prompt, image=args.image, end_image=args.end_image, callback=progress,
                                 **options)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import FramePackError
+from engine.errors import FramePackError, FramePackWarning
 
 # The official app's default (about 2.1x fewer block passes on its own measurements; 0.1 gives about 1.6x).
 TEACACHE_THRESHOLD = 0.15
@@ -208,7 +208,8 @@ class StepCaches:
         calibration = MagCacheCalibration.load(settings.magcache_calibration)
         if model is not None and calibration.model and calibration.model != model:
             warnings.warn(f"The MagCache calibration was recorded for {calibration.model!r}, this model is {model!r}: "
-                          "its ratios may not fit; calibrate this model with framepack calibrate-cache.", stacklevel=2)
+                          "its ratios may not fit; calibrate this model with framepack calibrate-cache.",
+                          FramePackWarning, stacklevel=2)
         branches = BRANCHES if settings.cfg != 1 else BRANCHES[:1]
         return cls.magcache(settings.steps, calibration, settings.cache_threshold, settings.magcache_k,
                             settings.magcache_retention, branches)
