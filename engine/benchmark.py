@@ -11,8 +11,9 @@ What is reported, per run (one setting variant x one plan length):
 - analytic FLOPs per step (engine.flops), linear and attention apart;
 - seconds per step, per section and per output frame, after warm-up steps that are not recorded;
 - achieved TFLOP/s and MFU against a matmul peak measured on the same device in the same run;
-- peak device memory, host peak RSS, bytes streamed per step (0: weights stay resident) and cache steps skipped
-  (0: no step cache yet).
+- peak device memory, host peak RSS, bytes streamed per step (0: weights stay resident);
+- with `--cache teacache|magcache`, the model calls that ran the blocks and those the step cache skipped (MagCache
+  is first calibrated, untimed, on the same random weights and inputs: mechanics, not a real model's ratios).
 On CUDA every interval is measured with CUDA events and read after a synchronize; on the CPU with perf_counter.
 """
 
@@ -43,7 +44,8 @@ from engine.presets import DIT_PRESETS, randomize_weights_
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
-from engine.settings import DTYPE_NAMES, check_device
+from engine.settings import DTYPE_NAMES, STEP_CACHES, check_device
+from engine.step_cache import DEFAULT_THRESHOLDS, StepCaches
 from kernels.reference import relative_error
 
 SCHEMA = "framepack-bench/1"
@@ -77,6 +79,8 @@ class BenchSettings:
     prompt_tokens: int = 77  # valid tokens of a typical prompt; the rest of the 512 is padding
     matmul_size: int | None = None  # side of the square peak matmul; None: 8192 on cuda, 1024 on cpu
     threads: int | None = None  # CPU intra-op threads; None: torch's default
+    cache: str = "none"  # step cache: none, teacache or magcache
+    cache_threshold: float | None = None  # None: the cache's default (teacache 0.15, magcache 0.1)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -110,6 +114,10 @@ class BenchSettings:
             raise FramePackError(f"matmul_size must be at least 16, got {self.matmul_size}.")
         if self.threads is not None and self.threads < 1:
             raise FramePackError(f"threads must be at least 1, got {self.threads}.")
+        if self.cache not in ("none", *STEP_CACHES):
+            raise FramePackError(f"Unknown cache {self.cache!r}: choose none, {', '.join(STEP_CACHES)}.")
+        if self.cache_threshold is not None and not 0 <= self.cache_threshold < math.inf:
+            raise FramePackError(f"cache_threshold must be a finite number of at least 0, got {self.cache_threshold!r}.")
         find_nearest_bucket(self.resolution, self.resolution, self.resolution)  # raises for a bad resolution
         return self
 
@@ -117,7 +125,7 @@ class BenchSettings:
 # The fields --compare may vary, with how each value is read from the command line.
 COMPARABLE = {"preset": str, "device": str, "dtype": str, "resolution": int, "latent_window_size": int, "steps": int,
               "warmup": int, "attention": str, "seed": int, "variant": str, "prompt_tokens": int,
-              "threads": int}
+              "threads": int, "cache": str, "cache_threshold": float}
 
 
 def parse_compare(text: str | None) -> tuple[str, list] | None:
@@ -369,10 +377,10 @@ class SectionClock(RunnerHooks):
         })
 
 
-def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: int, device, dtype
-             ) -> tuple[list[dict], torch.Tensor]:
+def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: int, device, dtype,
+             step_caches: StepCaches | None = None) -> tuple[list[dict], torch.Tensor]:
     """Every section of a plan of `plan_length` sections through engine.runner.run_sections, timed by its hooks.
-    Returns one record per section and the last section's generated latents."""
+    Returns one record per section (with the step cache's counts) and the last section's generated latents."""
     plan = plan_sections(settings.variant, plan_length, settings.latent_window_size)
     noise_shape = (1, model.latent_channels, settings.latent_window_size, inputs.latent_height, inputs.latent_width)
     clock = SectionClock(Clock(device), model.config, inputs, noise_shape)
@@ -380,9 +388,35 @@ def run_plan(model, settings: BenchSettings, inputs: BenchInputs, plan_length: i
     generator = torch.Generator().manual_seed(settings.seed)  # every plan draws the same noise
     generated = None
     for output in run_sections(model, plan, inputs.for_plan(plan_length), _sampling(settings, settings.steps),
-                               generator, history, device=device, dtype=dtype, hooks=clock):
+                               generator, history, device=device, dtype=dtype, hooks=clock,
+                               make_step_cache=step_caches):
         generated = output.generated
+        counts = (step_caches.finish_section(output.section.index) if step_caches is not None
+                  else {"cache_steps_computed": output.steps, "cache_steps_skipped": 0})
+        clock.records[-1].update(counts)
     return clock.records, generated
+
+
+def bench_step_caches(model, settings: BenchSettings, inputs: BenchInputs, device, dtype) -> StepCaches | None:
+    """The step caches a variant asks for. MagCache is first calibrated here, untimed, on one section of these
+    random weights and inputs (the mechanics and their cost, not a real model's ratios)."""
+    if settings.cache == "none":
+        return None
+    threshold = DEFAULT_THRESHOLDS[settings.cache] if settings.cache_threshold is None else settings.cache_threshold
+    if settings.cache == "teacache":
+        return StepCaches.teacache(settings.steps, threshold)
+    from engine.calibration import CalibrationRecorder
+
+    recorder = CalibrationRecorder(settings.steps)
+    plan = plan_sections(settings.variant, 1, settings.latent_window_size)
+    history = initial_history(settings.variant, inputs.section_inputs.start_latent)
+    for output in run_sections(model, plan, inputs.for_plan(1), _sampling(settings, settings.steps),
+                               torch.Generator().manual_seed(settings.seed), history, device=device, dtype=dtype,
+                               make_step_cache=recorder):
+        recorder.finish_section(output.section.index)
+    calibration = recorder.calibration(model=f"preset:{settings.preset}", random_weights=True,
+                                       note="recorded by framepack bench on its random weights")
+    return StepCaches.magcache(settings.steps, calibration, threshold)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
@@ -408,15 +442,19 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tu
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warm_up(model, settings, inputs, device, dtype)
+        step_caches = bench_step_caches(model, settings, inputs, device, dtype)
         for plan_length in settings.sections:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            records, output = run_plan(model, settings, inputs, plan_length, device, dtype)
+            records, output = run_plan(model, settings, inputs, plan_length, device, dtype, step_caches)
             first_output = output if first_output is None else first_output
             step_seconds = [seconds for record in records for seconds in record["step_seconds"]]
             section_seconds = [record["seconds"] for record in records]
             step_summary, section_summary = summary(step_seconds), summary(section_seconds)
-            achieved = step.total / step_summary["mean"] / 1e12
+            computed = sum(record["cache_steps_computed"] for record in records)
+            skipped = sum(record["cache_steps_skipped"] for record in records)
+            # Only the steps that ran the blocks did the step's FLOPs (a skipped step runs embed and head only).
+            achieved = step.total * computed / (computed + skipped) / step_summary["mean"] / 1e12
             runs.append({
                 "settings": {**dataclasses.asdict(settings), "sections": list(settings.sections),
                              "device": str(device), "dtype": _dtype_name(dtype),
@@ -447,7 +485,8 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tu
                     **host_memory(),
                 },
                 "bytes_streamed_per_step": 0,  # weights stay resident: there is no offload yet
-                "cache_steps_skipped": 0,  # no step cache yet
+                "cache_steps_computed": computed,  # model calls that ran the blocks, over the plan
+                "cache_steps_skipped": skipped,  # model calls the step cache answered without running a block
                 "output_finite": bool(torch.isfinite(output).all()),
                 "sections": records,
             })
@@ -632,6 +671,13 @@ def _seconds(value: float) -> str:
     return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3f} s"
 
 
+def _cache_note(run: dict) -> str:
+    if run["settings"]["cache"] == "none":
+        return ""
+    calls = run["cache_steps_computed"] + run["cache_steps_skipped"]
+    return f"  {run['settings']['cache']}: {run['cache_steps_skipped']}/{calls} calls skipped"
+
+
 def format_results(results: dict) -> str:
     """A readable summary of run_benchmark's results for the terminal."""
     first = results["runs"][0]
@@ -664,7 +710,7 @@ def format_results(results: dict) -> str:
             f"{run['label'][:23]:<24}{run['plan_sections']:>5}{_seconds(step['mean']):>13}{_seconds(step['std']):>11}"
             f"{_seconds(run['seconds_per_section']['mean']):>12}{_seconds(run['seconds_per_output_frame']['mean']):>11}"
             f"{run['achieved_tflops']:>10.3g}{run['mfu'] * 100:>7.1f}%{_gib(run['memory']['device_peak_bytes']):>12}"
-            f"{_gib(run['memory']['host_peak_rss_bytes']):>12}")
+            f"{_gib(run['memory']['host_peak_rss_bytes']):>12}" + _cache_note(run))
     if results["comparisons"]:
         lines += ["", f"ratios to {results['comparisons'][0]['reference']} (first plan length):"]
         for item in results["comparisons"]:
@@ -716,6 +762,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=77, help="valid prompt tokens (default 77)")
     parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 8192 on cuda, 1024 on cpu)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadiest on a shared CPU)")
+    parser.add_argument("--cache", default="none", choices=["none", *STEP_CACHES],
+                        help="step cache (MagCache is first calibrated, untimed, on the random weights)")
+    parser.add_argument("--cache-threshold", type=float, help="the step cache's threshold (default: teacache 0.15, "
+                                                              "magcache 0.1)")
     parser.add_argument("--compare", metavar="KEY=V1,V2",
                         help=f"run each value on the same inputs and print ratios to the first; KEY: "
                              f"{', '.join(COMPARABLE)}")
@@ -738,7 +788,8 @@ def settings_from_args(args) -> BenchSettings:
         preset=args.preset, device=args.device, dtype=args.dtype, resolution=args.resolution,
         latent_window_size=args.latent_window_size, steps=args.steps, sections=parse_sections(args.sections),
         warmup=args.warmup, attention=args.attention, seed=args.seed, variant=args.variant,
-        prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads).validate()
+        prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads, cache=args.cache,
+        cache_threshold=args.cache_threshold).validate()
 
 
 def command_bench(args) -> int:

@@ -175,12 +175,16 @@ class _Progress:
                 self.steps.close()
             self.steps = tqdm(total=info["total_steps"], desc=f"section {info['section'] + 1}", unit="step",
                               position=1, leave=False)
+        if "cache_steps_skipped" in info:
+            self.steps.set_postfix(skipped=info["cache_steps_skipped"], refresh=False)
         self.steps.update(1)
 
     def section_done(self, section, frames: int):
         if self.sections is not None:
             self.sections.update(1)
-            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames)
+            stats = section.stats
+            skipped = {"skipped": stats["cache_steps_skipped"]} if "cache_steps_skipped" in stats else {}
+            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames, **skipped)
 
     def close(self):
         for bar in (self.steps, self.sections):
@@ -229,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="device, attention backends, versions")
     info.set_defaults(run=command_info)
     from engine.benchmark import add_bench_command
+    from engine.calibration import add_calibrate_command
 
     add_bench_command(commands)
+    add_calibrate_command(commands)
     return parser
 
 

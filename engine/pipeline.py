@@ -27,6 +27,7 @@ from engine.images import image_to_pixels, load_image, load_video_frames, resize
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.settings import GenerationSettings
+from engine.step_cache import StepCaches
 from engine.vae import decode_tiling
 from engine.video import Video
 
@@ -241,6 +242,9 @@ class Engine:
             raise GenerationCancelled("Generation was cancelled before the first section finished.")
         stats["cancelled"] = len(stats["sections"]) < collector.last.count
         stats["seconds"] = sum(s["seconds"] for s in stats["sections"])
+        for key in ("cache_steps_computed", "cache_steps_skipped"):
+            if key in stats["sections"][0]:
+                stats[key] = sum(s[key] for s in stats["sections"])
         return Video(frames=collector.frames(), fps=fps, stats=stats, metadata=collector.last.metadata,
                      latents=collector.last.latents)
 
@@ -252,13 +256,17 @@ class Engine:
 
     def stream(self, prompt: str, image=None, end_image=None, *, input_video=None,
                callback: Callable[[dict], None] | None = None,
-               cancel: threading.Event | Callable[[], bool] | None = None, **options) -> Iterator[SectionResult]:
+               cancel: threading.Event | Callable[[], bool] | None = None, step_caches: StepCaches | None = None,
+               **options) -> Iterator[SectionResult]:
         """Yields each finished section as soon as it is decoded (see SectionResult).
 
         callback(info) runs after every sampler step (info: section, sections, i, total_steps, x, denoised, sigma and
-        a uint8 latent preview); cancel (an Event or a function) is checked at each step and stops at the next one.
+        a uint8 latent preview, and with a step cache the section's cache_steps_computed/skipped so far); cancel (an
+        Event or a function) is checked at each step and stops at the next one. step_caches: an
+        engine.step_cache.StepCaches used instead of the one the `cache` option asks for (calibration records so).
         """
         settings = self.settings(prompt, **options)
+        step_caches = step_caches or StepCaches.from_settings(settings, model=self.name)
         check_inputs_for_variant(self.variant, image, end_image, input_video)
         mode = generation_mode(image, end_image, input_video)
         start_image = load_image(image, "start image") if image is not None else None
@@ -294,11 +302,11 @@ class Engine:
 
         metadata = self.metadata(settings, mode)
         latent_height, latent_width = inputs.start_latent.shape[-2:]
-        hooks = _EngineHooks(count, callback, cancel)
+        hooks = _EngineHooks(count, callback, cancel, step_caches)
         runs = run_sections(self.transformer, plan, inputs, SamplingOptions.of(settings), generator, history,
                             device=self.device, dtype=self.dtype,
                             decode=lambda latents: self.decode_latents(latents, settings.vae_decode),
-                            initial_pixels=initial_pixels, hooks=hooks)
+                            initial_pixels=initial_pixels, hooks=hooks, make_step_cache=step_caches)
         while True:
             try:
                 output = next(runs)
@@ -309,6 +317,8 @@ class Engine:
                      "seconds": time.perf_counter() - hooks.section_start,
                      "tokens": sections.tokens_per_section(latent_height, latent_width, window),
                      "prompt": prompts[section.index]}
+            if step_caches is not None:  # model calls that ran the blocks / were skipped, both branches counted
+                stats.update(step_caches.finish_section(section.index))
             yield SectionResult(section.index, count, section.video_position, output.frames, output.pending_frames,
                                 "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata)
 
@@ -359,8 +369,8 @@ class Engine:
 class _EngineHooks(RunnerHooks):
     """Progress callback with a latent preview, cancellation at each step, and the section clock."""
 
-    def __init__(self, count: int, callback, cancel):
-        self.count, self.callback, self.cancel = count, callback, cancel
+    def __init__(self, count: int, callback, cancel, step_caches: StepCaches | None = None):
+        self.count, self.callback, self.cancel, self.step_caches = count, callback, cancel, step_caches
         self.section_start = time.perf_counter()
 
     def section_started(self, section, context):
@@ -371,6 +381,8 @@ class _EngineHooks(RunnerHooks):
             raise GenerationCancelled()
         if self.callback is not None:
             extra = {"section": section.index, "sections": self.count}
+            if self.step_caches is not None:
+                extra.update(self.step_caches.counts(section.index))
             denoised = info.get("denoised")
             if denoised is not None and denoised.shape[1] == len(LATENT_RGB_FACTORS):
                 # The cheap linear latent -> RGB projection of the current x0 estimate.

@@ -13,12 +13,15 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.attention import BACKEND_NAMES
 from engine.errors import FramePackError
 from engine.sampling import SAMPLERS
+from engine.calibration import MagCacheCalibration
+from engine.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
 
 STEP_CACHES = ("teacache", "magcache")
 VARIANT_CHOICES = ("auto", "bidirectional", "f1")
@@ -114,6 +117,16 @@ def text(name: str, value) -> str:
 
 
 text.flag_type = str
+
+
+def file_path(name: str, value) -> str:
+    """A file's path, given as text or a path object; kept as text (it is recorded in the metadata)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return text(name, value)
+
+
+file_path.flag_type = str
 
 
 def section_prompt_list(name: str, value):
@@ -238,9 +251,16 @@ class GenerationSettings(_Settings):
     sampler: str = option("unipc", "unipc (bh1, the official), unipc_bh2 or euler", choice(*SAMPLERS))
     shift: float | None = option(None, "a fixed flux shift instead of the one from the token count",
                                  optional(number(0, 100, low_open=True)))
-    cache: str | None = option(None, "step caching: teacache or magcache", optional(choice(*STEP_CACHES)))
-    cache_threshold: float | None = option(None, "the step cache's threshold (default: the cache's own)",
-                                           optional(number(0)))
+    cache: str | None = option(None, "step caching: teacache or magcache (skips the DiT's blocks on some steps)",
+                               optional(choice(*STEP_CACHES)))
+    cache_threshold: float | None = option(None, "the step cache's threshold; higher skips more (default: teacache "
+                                           "0.15, magcache 0.1)", optional(number(0, fix="0 skips nothing")))
+    magcache_k: int | None = option(None, "MagCache: most steps skipped in a row (default 3)",
+                                    optional(integer(0, 1000)))
+    magcache_retention: float | None = option(None, "MagCache: fraction of the first steps always computed "
+                                              "(default 0.2)", optional(number(0, 1)))
+    magcache_calibration: str | None = option(None, "MagCache: the per-step ratios from framepack calibrate-cache "
+                                              "(a .json)", optional(file_path), metavar="JSON")
     section_prompts: list[str] | str | None = option(
         None, "suffixes spread over the video (lines or 'a|b'), or timestamped '[0s: ...] [2s: ...]'",
         section_prompt_list)
@@ -251,8 +271,31 @@ class GenerationSettings(_Settings):
                              "tiles as the official app's VAE decodes", choice("exact", "official"))
 
     def _check_together(self):
-        if self.cache is not None:
-            raise FramePackError(f"Step caching ({self.cache!r}) is not available in this version: leave cache unset.")
+        magcache_options = ("magcache_k", "magcache_retention", "magcache_calibration")
+        given = [name for name in ("cache_threshold", *magcache_options) if getattr(self, name) is not None]
+        if self.cache is None and given:
+            raise FramePackError(f"{given[0]} is set but cache is not: pass cache='teacache' or 'magcache' too, or "
+                                 f"leave {given[0]} unset.")
+        if self.cache is None:
+            return
+        # The defaults are written in, so the output's metadata records the values that ran.
+        if self.cache_threshold is None:
+            self.cache_threshold = DEFAULT_THRESHOLDS[self.cache]
+        if self.cache != "magcache":
+            for name in (name for name in given if name in magcache_options):
+                raise FramePackError(f"{name} is a MagCache option, but cache is {self.cache!r}: pass "
+                                     "cache='magcache' or leave it unset.")
+            return
+        self.magcache_k = MAGCACHE_K if self.magcache_k is None else self.magcache_k
+        self.magcache_retention = MAGCACHE_RETENTION if self.magcache_retention is None else self.magcache_retention
+        if self.magcache_calibration is None:
+            raise FramePackError("MagCache needs per-step magnitude ratios calibrated for the model: record them once "
+                                 "with `framepack calibrate-cache PROMPT --image IMAGE --out magcache.json` and pass "
+                                 "magcache_calibration='magcache.json' (--magcache-calibration).")
+        # The file is small: read and fitted to this generation now, before any model loads.
+        calibration = MagCacheCalibration.load(self.magcache_calibration)
+        for branch in ("positive", "negative") if self.cfg != 1 else ("positive",):
+            calibration.ratios_for(branch, self.steps)
 
 
 @dataclass

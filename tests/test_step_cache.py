@@ -1,0 +1,498 @@
+"""Step caching: TeaCache decides as the official app does, MagCache's mechanics and calibration, what a skipped step
+costs (no block runs), separate state per section, branch and generation, and the quality measurement.
+
+Most tests run the engine's section loop (engine.runner.run_sections) on a small random DiT without the VAE; a few
+go through Engine and the command on the tiny preset. Random weights make the numbers meaningless as quality; the
+tests check the mechanics and that the measurements work.
+"""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine import Engine, FramePackError
+from engine.benchmark import BenchSettings, run_benchmark
+from engine.calibration import CalibrationRecorder, MagCacheCalibration, calibrate
+from engine.cli import main
+from engine.conditioning import PromptEmbedding
+from engine.presets import TINY_DIT_CONFIG, tiny_dit
+from engine.runner import SamplingOptions, SectionInputs, run_sections
+from engine.sections import initial_history, plan_sections
+from engine.settings import GenerationSettings
+from engine.step_cache import MagCache, StepCaches, TeaCache, rescaled_distance
+
+# Written out again from the official app (diffusers_helper/models/hunyuan_video_packed.py), highest power first.
+OFFICIAL_COEFFICIENTS = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
+ENGINE_FAST = dict(steps=6, latent_window_size=2, fps=8, seconds=1)  # one section
+
+
+# The rules, written again independently -------------------------------------------------------------------------------
+
+
+def official_teacache_skips(signals, threshold):
+    """The official FramePack app's TeaCache over one section's modulated inputs: the steps it skips."""
+    count, skipped, accumulated, previous = len(signals), [], 0.0, None
+    for step, signal in enumerate(signals):
+        signal = np.asarray(signal, dtype=np.float64)
+        if step == 0 or step == count - 1:
+            calculate, accumulated = True, 0.0
+        else:
+            distance = np.abs(signal - previous).mean() / np.abs(previous).mean()
+            accumulated += np.polyval(OFFICIAL_COEFFICIENTS, distance)
+            calculate = accumulated >= threshold
+            if calculate:
+                accumulated = 0.0
+        previous = signal
+        if not calculate:
+            skipped.append(step)
+    return skipped
+
+
+def longest_run(steps):
+    longest = run = 0
+    for index, step in enumerate(steps):
+        run = run + 1 if index and steps[index - 1] == step - 1 else 1
+        longest = max(longest, run)
+    return longest
+
+
+# Fixtures and helpers -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small models on a shared CPU run fastest and steadiest on one thread (no spinning workers).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    config = {**TINY_DIT_CONFIG, "num_layers": 2, "num_single_layers": 2}
+    return tiny_dit(torch.Generator().manual_seed(0), config)
+
+
+@pytest.fixture
+def block_calls(dit):
+    """Every call of a transformer block, in order (forward hooks)."""
+    calls = []
+    handles = [block.register_forward_hook(lambda module, args, output: calls.append(module)) for block in dit.blocks]
+    yield calls
+    for handle in handles:
+        handle.remove()
+
+
+def section_inputs(dit, sections, seed=0):
+    config = dit.config
+    generator = torch.Generator().manual_seed(seed)
+
+    def prompt(tokens):
+        return PromptEmbedding(torch.randn(1, tokens, config.text_embed_dim, generator=generator),
+                               torch.randn(1, config.pooled_projection_dim, generator=generator))
+
+    return SectionInputs([prompt(7)] * sections, prompt(5),
+                         torch.randn(1, 6, config.image_proj_dim, generator=generator),
+                         torch.randn(1, config.in_channels, 1, 8, 8, generator=generator))
+
+
+def sample(dit, make_step_cache=None, steps=8, sections=2, cfg=1.0, variant="bidirectional"):
+    """The engine's section loop without the VAE; returns the latents of the whole video."""
+    inputs = section_inputs(dit, sections)
+    plan = plan_sections(variant, sections, 2)
+    options = SamplingOptions(steps=steps, latent_window_size=2, cfg=cfg)
+    outputs = list(run_sections(dit, plan, inputs, options, torch.Generator().manual_seed(1),
+                                initial_history(variant, inputs.start_latent), device="cpu", dtype=torch.float32,
+                                make_step_cache=make_step_cache))
+    return outputs[-1].latents
+
+
+class Kept(StepCaches):
+    """StepCaches that also keeps every policy it made, with its section and branch."""
+
+    def __init__(self, make_policy):
+        super().__init__(make_policy)
+        self.made = []
+
+    def __call__(self, section, branch):
+        policy = super().__call__(section, branch)
+        self.made.append((section.index, branch, policy))
+        return policy
+
+
+class WatchedTeaCache(TeaCache):
+    """TeaCache that also records, per call, the modulated input (copied) and how many blocks ran."""
+
+    def __init__(self, steps, threshold, block_calls):
+        super().__init__(steps, threshold)
+        self.block_calls, self.signals, self.blocks_run = block_calls, [], []
+
+    def run_blocks(self, dit, tokens):
+        self.signals.append(dit.first_block_modulated_input(tokens).clone())
+        before = len(self.block_calls)
+        image = super().run_blocks(dit, tokens)
+        self.blocks_run.append(len(self.block_calls) - before)
+        return image
+
+
+def replay_teacache(signals, threshold):
+    """A TeaCache fed recorded modulated inputs through a stand-in model; returns the steps it skipped."""
+    stand_in = SimpleNamespace(first_block_modulated_input=lambda tokens: tokens.signal,
+                               run_blocks=lambda tokens: tokens.image + 1)
+    policy = TeaCache(len(signals), threshold)
+    for signal in signals:
+        policy.run_blocks(stand_in, SimpleNamespace(image=torch.zeros(2), signal=signal))
+    return policy.skipped_steps
+
+
+def run_magcache(ratios, threshold, k, retention):
+    stand_in = SimpleNamespace(run_blocks=lambda tokens: tokens.image + 1)
+    policy = MagCache(len(ratios), ratios, threshold, k, retention)
+    for _ in ratios:
+        policy.run_blocks(stand_in, SimpleNamespace(image=torch.zeros(2)))
+    return policy.skipped_steps
+
+
+# TeaCache -------------------------------------------------------------------------------------------------------------
+
+
+def test_teacache_rescales_with_hunyuan_videos_polynomial():
+    distances = np.array([0.0, 0.01, 0.0314, 0.08, 0.15, 0.25, 0.4, 1.0, 3.0])
+    expected = np.polyval(OFFICIAL_COEFFICIENTS, distances)
+    np.testing.assert_allclose([rescaled_distance(d) for d in distances], expected, rtol=1e-12)
+    assert min(expected) > 0  # so a threshold of 0 never skips
+
+
+def test_teacache_replays_recorded_inputs_exactly_as_the_official_rule(dit, block_calls):
+    """Modulated inputs recorded from real sections, replayed at many thresholds: the same skipped steps."""
+    caches = Kept(lambda branch: WatchedTeaCache(12, 0.0, block_calls))
+    sample(dit, caches, steps=12, sections=3)
+    recorded = [policy.signals for _, _, policy in caches.made]
+    assert len(recorded) == 3 and all(len(signals) == 12 for signals in recorded)
+    patterns = set()
+    for signals in recorded:
+        for threshold in [*np.linspace(0.0, 2.0, 41), 1e9]:
+            expected = official_teacache_skips([signal.numpy() for signal in signals], threshold)
+            assert replay_teacache(signals, threshold) == expected, threshold
+            patterns.add(tuple(expected))
+    assert len(patterns) >= 4  # the thresholds cover skipping nothing, some steps and everything allowed
+
+
+def test_teacache_in_the_loop_decides_as_the_official_rule(dit, block_calls):
+    """Live: each section's decisions equal the official rule over the inputs that section actually saw (which
+    depend on the earlier skips), and a skipped step runs no block while a computed one runs them all."""
+    for threshold in (0.15, 0.4):
+        caches = Kept(lambda branch: WatchedTeaCache(10, threshold, block_calls))
+        sample(dit, caches, steps=10, sections=2)
+        skipped_any = False
+        for _, _, policy in caches.made:
+            assert policy.skipped_steps == official_teacache_skips([s.numpy() for s in policy.signals], threshold)
+            assert policy.blocks_run == [0 if step in policy.skipped_steps else len(dit.blocks) for step in range(10)]
+            skipped_any |= bool(policy.skipped_steps)
+        assert skipped_any, f"threshold {threshold} skipped nothing: the test would not test skipping"
+
+
+def test_threshold_zero_is_bit_identical_to_no_cache(dit):
+    reference = sample(dit, None)
+    caches = Kept(lambda branch: TeaCache(8, 0.0))
+    assert torch.equal(sample(dit, caches), reference)
+    assert all(policy.skipped == 0 and policy.computed == 8 for _, _, policy in caches.made)
+
+
+def test_huge_threshold_computes_only_the_first_and_last_step(dit, block_calls):
+    caches = Kept(lambda branch: TeaCache(9, 1e9))
+    sample(dit, caches, steps=9, sections=3)
+    assert len(caches.made) == 3
+    for _, _, policy in caches.made:
+        assert policy.computed == 2 and policy.skipped_steps == list(range(1, 8))
+    # 3 sections x 2 computed steps x every block, nothing more.
+    assert len(block_calls) == 3 * 2 * len(dit.blocks)
+
+
+def test_cfg_keeps_the_two_branches_apart(dit, block_calls):
+    caches = Kept(lambda branch: WatchedTeaCache(8, 0.3, block_calls))
+    sample(dit, caches, steps=8, sections=2, cfg=3.0)
+    made = [(section, branch) for section, branch, _ in caches.made]
+    assert made == [(0, "positive"), (0, "negative"), (1, "positive"), (1, "negative")]
+    policies = [policy for _, _, policy in caches.made]
+    assert len({id(policy) for policy in policies}) == 4
+    for policy in policies:
+        # Each branch saw exactly its own 8 calls and decided on its own inputs only.
+        assert policy.step == 8
+        assert policy.skipped_steps == official_teacache_skips([s.numpy() for s in policy.signals], 0.3)
+    positive, negative = policies[:2]
+    assert not torch.equal(positive.signals[3], negative.signals[3])  # different prompts, different inputs
+    assert any(policy.skipped for policy in policies)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the tensor -> host scalar reads (each one waits for the device) made while active."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cache", ["teacache", "magcache"])
+def test_a_decision_costs_at_most_one_host_read(dit, cache):
+    reads = []
+
+    def counted(policy):
+        decide = policy.should_skip
+
+        def should_skip(dit, tokens):
+            with HostReads(reads):
+                return decide(dit, tokens)
+
+        policy.should_skip = should_skip
+        return policy
+
+    make = (lambda branch: counted(TeaCache(8, 0.3))) if cache == "teacache" else (
+        lambda branch: counted(MagCache(8, [1.0] * 8, 1.0, 2, 0.2)))
+    sample(dit, Kept(make), steps=8, sections=2)
+    # TeaCache reads its distance once on each step between the first and the last; MagCache never reads.
+    assert len(reads) == (2 * 6 if cache == "teacache" else 0)
+
+
+# MagCache -------------------------------------------------------------------------------------------------------------
+
+
+def test_magcache_skips_at_most_k_in_a_row_after_the_retained_steps():
+    # Ratios of exactly 1: no drift, so only K, the retention and the last step limit skipping.
+    skipped = run_magcache([1.0] * 12, threshold=0.1, k=2, retention=0.25)  # 3 retained steps
+    assert skipped == [3, 4, 6, 7, 9, 10]
+    assert longest_run(skipped) == 2 and 11 not in skipped
+    assert run_magcache([1.0] * 12, 0.1, k=0, retention=0.25) == []
+    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.0) == list(range(1, 11))
+    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.5) == list(range(6, 11))
+
+
+def test_magcache_threshold_bounds_the_accumulated_drift():
+    # Ratio 1.1 each step: drift |1 - 1.1| = 0.1, then |1 - 1.21| = 0.21 (sum 0.31), then |1 - 1.331| (sum 0.641).
+    assert run_magcache([1.1] * 10, threshold=0.35, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
+    assert run_magcache([1.1] * 10, threshold=0.3, k=5, retention=0.0) == [1, 3, 5, 7]
+    assert run_magcache([1.1] * 10, threshold=0.05, k=5, retention=0.0) == []
+    # Shrinking residuals drift as much as growing ones.
+    assert run_magcache([0.9] * 10, threshold=0.35, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
+
+
+def test_magcache_skipped_steps_run_no_block(dit, block_calls):
+    caches = Kept(lambda branch: MagCache(10, [1.0] * 10, threshold=1.0, k=3, retention=0.2))
+    sample(dit, caches, steps=10, sections=2)
+    for _, _, policy in caches.made:
+        assert policy.skipped_steps == [2, 3, 4, 6, 7, 8]
+    assert len(block_calls) == 2 * 4 * len(dit.blocks)
+
+
+def test_magcache_needs_one_ratio_per_step():
+    with pytest.raises(FramePackError, match="calibrate for 10 steps"):
+        MagCache(10, [1.0] * 8)
+
+
+# Calibration ----------------------------------------------------------------------------------------------------------
+
+
+def test_calibration_records_the_residual_magnitude_ratios(dit, monkeypatch):
+    residuals = []
+    run_blocks = dit.run_blocks
+
+    def recording(tokens):
+        image = run_blocks(tokens)
+        residuals.append(image - tokens.image)
+        return image
+
+    monkeypatch.setattr(dit, "run_blocks", recording)
+    recorder = CalibrationRecorder(6)
+    sample(dit, recorder, steps=6, sections=3, cfg=2.0)
+    for index in list(recorder.live):
+        recorder.finish_section(index)
+    calibration = recorder.calibration(model="test")
+    assert calibration.sections == 3 and set(calibration.ratios) == {"positive", "negative"}
+    # Independently: calls alternate positive, negative; per section and branch, the mean over tokens of the ratio
+    # of per-token residual norms between consecutive steps, then the mean over sections.
+    for offset, branch in enumerate(("positive", "negative")):
+        per_section = []
+        for section in range(3):
+            calls = residuals[section * 12 + offset:(section + 1) * 12:2]
+            norms = [residual.double().norm(dim=-1) for residual in calls]
+            per_section.append([1.0] + [(b / a).mean().item() for a, b in zip(norms, norms[1:])])
+        expected = np.mean(per_section, axis=0)
+        np.testing.assert_allclose(calibration.ratios[branch], expected, rtol=1e-5, atol=2e-6)
+    assert not np.allclose(calibration.ratios["positive"], 1.0)
+
+
+def test_calibration_round_trip_gives_the_same_decisions(dit, tmp_path):
+    recorder = CalibrationRecorder(10)
+    sample(dit, recorder, steps=10, sections=2)
+    for index in list(recorder.live):
+        recorder.finish_section(index)
+    calibration = recorder.calibration(model="test-model", variant="bidirectional", bucket=[64, 64],
+                                       random_weights=True, note="random weights")
+    path = calibration.save(tmp_path / "magcache.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "framepack-magcache-calibration" and data["version"] == 1
+    assert data["random_weights"] is True and data["steps"] == 10 and len(data["ratios"]["positive"]) == 10
+    loaded = MagCacheCalibration.load(path)
+    assert loaded == calibration
+
+    def decisions(calibration):
+        caches = Kept(StepCaches.magcache(10, calibration, threshold=0.3, k=2, retention=0.2).make_policy)
+        latents = sample(dit, caches, steps=10, sections=2)
+        return [policy.skipped_steps for _, _, policy in caches.made], latents
+
+    (made, latents), (made_again, latents_again) = decisions(calibration), decisions(loaded)
+    assert made == made_again and any(made) and torch.equal(latents, latents_again)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "not readable JSON"),
+    ('{"steps": 2}', "is not a MagCache calibration"),
+    ('{"format": "framepack-magcache-calibration", "version": 99}', "version 99"),
+    ('{"format": "framepack-magcache-calibration", "version": 1, "steps": 3, "ratios": {"positive": [1, 1]}}',
+     "one positive ratio per step"),
+    ('{"format": "framepack-magcache-calibration", "version": 1, "steps": 2, "ratios": {"positive": [1, -1]}}',
+     "one positive ratio per step"),
+])
+def test_bad_calibration_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "magcache.json"
+    path.write_text(content)
+    with pytest.raises(FramePackError, match=message):
+        MagCacheCalibration.load(path)
+
+
+def test_calibration_must_fit_the_generation():
+    calibration = MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4})
+    with pytest.raises(FramePackError, match="recorded for 4 steps"):
+        StepCaches.magcache(6, calibration)
+    with pytest.raises(FramePackError, match="negative guidance branch"):
+        StepCaches.magcache(4, calibration, branches=("positive", "negative"))
+
+
+# Settings -------------------------------------------------------------------------------------------------------------
+
+
+def test_settings_write_the_cache_defaults_in(tmp_path):
+    assert GenerationSettings.from_options(cache="teacache").cache_threshold == 0.15
+    path = tmp_path / "magcache.json"
+    MagCacheCalibration(steps=25, ratios={"positive": [1.0] * 25}).save(path)
+    settings = GenerationSettings.from_options(cache="magcache", magcache_calibration=path)
+    assert (settings.cache_threshold, settings.magcache_k, settings.magcache_retention) == (0.1, 3, 0.2)
+    assert settings.magcache_calibration == str(path)
+    plain = GenerationSettings.from_options()
+    assert plain.cache is plain.cache_threshold is plain.magcache_k is None
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(cache_threshold=0.1), "cache_threshold is set but cache is not"),
+    (dict(cache="teacache", magcache_k=2), "magcache_k is a MagCache option"),
+    (dict(cache="magcache"), "framepack calibrate-cache"),
+    (dict(cache="magcache", magcache_calibration="missing.json"), "'missing.json' does not exist"),
+    (dict(cache="teacache", cache_threshold=-1), "cache_threshold must be"),
+    (dict(cache="tea"), "Unknown cache"),
+])
+def test_settings_refuse_cache_mistakes(options, message):
+    with pytest.raises(FramePackError, match=message):
+        GenerationSettings.from_options(**options)
+
+
+# Through the engine and the command -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_preset("tiny")
+
+
+def test_engine_stats_metadata_progress_and_a_clean_second_generation(engine):
+    plain = engine.generate("a cat", **ENGINE_FAST)
+    assert "cache_steps_skipped" not in plain.stats["sections"][0]
+    exact = engine.generate("a cat", cache="teacache", cache_threshold=0.0, **ENGINE_FAST)
+    assert torch.equal(exact.latents, plain.latents) and np.array_equal(exact.frames, plain.frames)
+    assert exact.stats["sections"][0]["cache_steps_computed"] == 6 and exact.stats["cache_steps_skipped"] == 0
+
+    seen = []
+    videos = [engine.generate("a cat", cache="teacache", cache_threshold=1e9, callback=seen.append, **ENGINE_FAST)
+              for _ in range(2)]
+    for video in videos:
+        section = video.stats["sections"][0]
+        assert (section["cache_steps_computed"], section["cache_steps_skipped"]) == (2, 4)
+        assert video.metadata["cache"] == "teacache" and video.metadata["cache_threshold"] == 1e9
+    # The second generation starts from a clean state: the same result, the same decisions.
+    assert torch.equal(videos[0].latents, videos[1].latents)
+    assert not torch.equal(videos[0].latents, plain.latents)
+    assert [info["cache_steps_skipped"] for info in seen] == [0, 1, 2, 3, 4, 4] * 2
+    # Nothing of a step cache is left on the model.
+    assert not any(isinstance(value, (StepCaches, TeaCache)) for value in vars(engine.transformer).values())
+
+
+def test_calibrate_then_generate_with_magcache_from_the_command(tmp_path, capsys):
+    calibration = tmp_path / "magcache.json"
+    fast = ["--preset", "tiny", "--steps", "8", "--latent-window-size", "2", "--fps", "8", "--seconds", "1"]
+    assert main(["calibrate-cache", "a cat", *fast, "--quiet", "--out", str(calibration)]) == 0
+    assert "random weights" in capsys.readouterr().out
+    data = json.loads(calibration.read_text())
+    assert data["steps"] == 8 and data["random_weights"] and data["model"] == "preset:tiny"
+    assert data["bucket"] == [64, 64] and data["sections"] == 1 and "mechanics" in data["note"]
+
+    out = tmp_path / "frames"
+    assert main(["generate", "a cat", *fast, "--quiet", "--cache", "magcache", "--magcache-calibration",
+                 str(calibration), "--cache-threshold", "10", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["cache"] == "magcache" and settings["cache_threshold"] == 10.0
+    assert settings["magcache_k"] == 3 and settings["magcache_retention"] == 0.2
+
+    # Steps that do not match the calibration: one line, exit 2.
+    capsys.readouterr()
+    code = main(["generate", "a cat", *fast, "--steps", "6", "--quiet", "--cache", "magcache",
+                 "--magcache-calibration", str(calibration), "--out", str(tmp_path / "v.mp4")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "recorded for 8 steps" in error[0]
+
+
+def test_calibrate_python_api_refuses_a_cache(engine):
+    with pytest.raises(FramePackError, match="without a step cache"):
+        calibrate(engine, "x", cache="teacache", **ENGINE_FAST)
+
+
+# Quality and speed measurement ----------------------------------------------------------------------------------------
+
+
+def test_bench_measures_steps_skipped_and_the_error_against_no_cache():
+    settings = BenchSettings(preset="tiny", device="cpu", resolution=64, latent_window_size=2, steps=8, warmup=0,
+                             matmul_size=64, threads=1, cache="teacache")
+    results = run_benchmark(settings, ("cache_threshold", [0.0, 0.15, 1e9]))
+    runs = {run["label"]: run for run in results["runs"]}
+    assert runs["cache_threshold=0.0"]["cache_steps_skipped"] == 0
+    assert runs["cache_threshold=1000000000.0"]["cache_steps_skipped"] == 6
+    for run in runs.values():
+        assert run["cache_steps_computed"] + run["cache_steps_skipped"] == 8
+        assert [section["cache_steps_skipped"] for section in run["sections"]] == [run["cache_steps_skipped"]]
+    errors = {item["label"]: item["output_relative_error_vs_reference"] for item in results["comparisons"]}
+    # The reference (threshold 0) is exactly the uncached model; skipping moves the result, more skipping more.
+    assert errors["cache_threshold=0.0"] == 0.0
+    assert 0 < errors["cache_threshold=1000000000.0"] < 10
+    if runs["cache_threshold=0.15"]["cache_steps_skipped"]:
+        assert 0 < errors["cache_threshold=0.15"] <= errors["cache_threshold=1000000000.0"]
+    print("\nrelative error of the final latents vs no cache (tiny, random weights):",
+          {label: f"{error:.3g} ({runs[label]['cache_steps_skipped']}/8 skipped)" for label, error in errors.items()})
+
+
+def test_bench_compares_none_teacache_and_magcache():
+    settings = BenchSettings(preset="tiny", device="cpu", resolution=64, latent_window_size=2, steps=8, warmup=0,
+                             matmul_size=64, threads=1)
+    results = run_benchmark(settings, ("cache", ["none", "teacache", "magcache"]))
+    runs = {run["label"]: run for run in results["runs"]}
+    assert runs["cache=none"]["cache_steps_skipped"] == 0 and runs["cache=none"]["cache_steps_computed"] == 8
+    assert runs["cache=magcache"]["settings"]["cache"] == "magcache"
+    assert all(run["cache_steps_computed"] >= 2 for run in runs.values())  # first and last step at least
+    assert results["comparisons"][0]["output_relative_error_vs_reference"] == 0.0
