@@ -114,6 +114,10 @@ def kept_configs(configs, named_args, major, minor, max_shared):
             continue
         if stages == 1:  # the last resort below
             continue
+        # Float32 runs each product as three TF32 products (launch.dot_precision): the split operands of p take
+        # registers a wide key tile does not leave. At head_dim >= 64 every tile tried spills some (bench/RESULTS.md).
+        if element_size == 4 and block_n > 32:
+            continue
         if hopper:
             # Hopper: 228 KB of shared memory affords deep pipelines.
             if stages < 3:

@@ -28,19 +28,27 @@ from kernels.triton_helpers import rounded_cast, tile_dot
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that spill no register on sm_80 and sm_90 at the model's shapes
+# (bench/kernel_resources.py --all; bench/RESULTS.md). Half precision: at most 64 float32 accumulator registers per
+# thread (128x128 tiles with four warps, or 128x256 with eight, hold 128 and spill). Float32 runs every product as
+# three TF32 products (launch.dot_precision), whose split operands take three times the registers: one small tile
+# (64x128 already spills 32 B on sm_80).
+_HALF_TILES = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 32, 8, 3), (64, 64, 64, 4, 4),
+               (128, 128, 128, 8, 2))
+_FLOAT32_TILES = ((64, 64, 32, 8, 3),)
+
+
+def _tile(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+            config.num_stages)
+
+
 def _gemm_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    # The configs that spill no register on sm_80 and sm_90 at the model's shapes (bench/kernel_resources.py --all;
-    # bench/RESULTS.md): at most 64 float32 accumulator registers per thread. 128x128 tiles with four warps, or
-    # 128x256 with eight, hold 128 and spill.
-    configs = []
-    for block_m, block_n, block_k, warps, stages in (
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 32, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 2),
-    ):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
+                          num_stages=stages)
+            for block_m, block_n, block_k, warps, stages in _HALF_TILES + _FLOAT32_TILES]
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -56,9 +64,12 @@ def kept_gemm_configs(configs, named_args, major, minor, max_shared):
     """The pruning rule on its own: the configs kept for a GPU of compute capability major.minor."""
     reduction = named_args["reduction"]
     element_size = named_args["Weight"].element_size()
+    tiles = _FLOAT32_TILES if element_size == 4 else _HALF_TILES
     kept = []
     for config in configs:
         block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        if _tile(config) not in tiles:
+            continue
         # The noisy and clean groups reduce over only channels * 4 = 64: a wide K tile would be mostly padding.
         if block_k > max(32, triton.next_power_of_2(reduction)):
             continue
