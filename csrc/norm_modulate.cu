@@ -10,6 +10,8 @@
 namespace framepack {
 namespace {
 
+constexpr int kScratchFloats = 32;  // block_sum's scratch: one float per warp of a 1024-thread block
+
 template <typename T>
 __device__ __forceinline__ float to_float(T value);
 template <>
@@ -71,7 +73,7 @@ __global__ void layer_norm_modulate_kernel(const T* __restrict__ x, HiddenLayout
                                            const T* __restrict__ scale, int64_t scale_batch_stride,
                                            T* __restrict__ out, int64_t tokens, int channels, float eps) {
   extern __shared__ float row[];
-  __shared__ float scratch[32];
+  __shared__ float scratch[kScratchFloats];
   const int64_t row_index = blockIdx.x;
   const int64_t batch = row_index / tokens;
   const int64_t token = row_index % tokens;
@@ -108,7 +110,7 @@ __global__ void gated_residual_layer_norm_modulate_kernel(
     const T* __restrict__ scale, int64_t scale_batch_stride, T* __restrict__ residual_out, T* __restrict__ norm_out,
     int64_t tokens, int channels, float eps) {
   extern __shared__ float row[];
-  __shared__ float scratch[32];
+  __shared__ float scratch[kScratchFloats];
   const int64_t row_index = blockIdx.x;
   const int64_t batch = row_index / tokens;
   const int64_t token = row_index % tokens;
@@ -136,6 +138,21 @@ int threads_for(int64_t channels) {
   return 64;
 }
 
+// A kernel may use 48 KB of shared memory (static + dynamic) unless it opts in to more, up to the GPU's per-block
+// limit (99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90). The rows of the widest models need the opt-in:
+// kMaxChannels floats are 48 KB on their own, plus the static reduction scratch.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kScratchBytes = kScratchFloats * sizeof(float);
+
+// Allow `kernel` `dynamic_bytes` of dynamic shared memory (a call only for rows wider than 12256 channels). On
+// failure the error is left for the caller's launch check (cudaGetLastError) and the kernel is not launched.
+template <typename Kernel>
+bool allow_dynamic_shared(Kernel kernel, size_t dynamic_bytes) {
+  if (dynamic_bytes + kScratchBytes <= kDefaultSharedBytes) return true;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)) ==
+         cudaSuccess;
+}
+
 template <typename Launch>
 void dispatch(ElementType type, Launch launch) {
   switch (type) {
@@ -155,6 +172,7 @@ void launch_layer_norm_modulate(ElementType type, const void* x, HiddenLayout x_
   const size_t shared_bytes = static_cast<size_t>(channels) * sizeof(float);
   dispatch(type, [&](auto tag) {
     using T = decltype(tag);
+    if (!allow_dynamic_shared(layer_norm_modulate_kernel<T>, shared_bytes)) return;
     layer_norm_modulate_kernel<T><<<static_cast<unsigned>(rows), threads_for(channels), shared_bytes, stream>>>(
         static_cast<const T*>(x), x_layout, static_cast<const T*>(shift), shift_batch_stride,
         static_cast<const T*>(scale), scale_batch_stride, static_cast<T*>(out), tokens, static_cast<int>(channels),
@@ -186,6 +204,7 @@ void launch_gated_residual_layer_norm_modulate(ElementType type, const void* x, 
   const size_t shared_bytes = static_cast<size_t>(channels) * sizeof(float);
   dispatch(type, [&](auto tag) {
     using T = decltype(tag);
+    if (!allow_dynamic_shared(gated_residual_layer_norm_modulate_kernel<T>, shared_bytes)) return;
     gated_residual_layer_norm_modulate_kernel<T>
         <<<static_cast<unsigned>(rows), threads_for(channels), shared_bytes, stream>>>(
             static_cast<const T*>(x), x_layout, static_cast<const T*>(gate), gate_batch_stride,

@@ -17,7 +17,8 @@ struct HiddenLayout {
   int64_t token_stride;
 };
 
-// Largest row the kernels keep in shared memory (float32 per channel, within the default 48 KB).
+// Largest row the kernels keep in shared memory: float32 per channel, 48 KB, which with the kernels' static scratch
+// is over the default 48 KB per block, so the launchers opt in to more (norm_modulate.cu: allow_dynamic_shared).
 constexpr int64_t kMaxChannels = 12288;
 
 // out = LayerNorm(x) * (1 + scale) + shift, LayerNorm without affine, statistics in float32.

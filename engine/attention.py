@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import BackendUnavailableError, FramePackError
+from kernels import verification
 from kernels.rotary import rotate_leading_tokens
 
 
@@ -47,6 +48,9 @@ class AttentionBackend:
     # Higher wins when "auto" chooses among the backends available for the device.
     auto_priority: int = 0
     needs_cuda: bool = False
+    # The GPU architectures ("sm_90") where "auto" may choose it; None: wherever it is available. Libraries
+    # validated by their makers on every GPU they support take None; our kernel only where it has been measured.
+    auto_architectures: tuple[str, ...] | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -73,7 +77,8 @@ def _lazy(module: str, attribute: str) -> Callable:
 # The fast backends live in their own modules and are imported only when used.
 register_backend(AttentionBackend(
     "triton", _lazy("engine.attention_backends", "triton_attention"), _module_present("triton"),
-    "pip install triton", auto_priority=10, needs_cuda=True))
+    "pip install triton", auto_priority=10, needs_cuda=True,
+    auto_architectures=verification.ATTENTION_MATCHES_SDPA))
 register_backend(AttentionBackend(
     "flash", _lazy("engine.attention_backends", "flash_attention"), _module_present("flash_attn"),
     "pip install flash-attn --no-build-isolation (or: pip install 'framepack-engine[flash]')",
@@ -93,10 +98,24 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b.name for b in _BACKENDS.values() if b.is_available() and (on_cuda or not b.needs_cuda)]
 
 
+def gpu_architecture(device: torch.device | str | None = None) -> str | None:
+    """"sm_90" and the like for a CUDA device (the current one when None); None without CUDA."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    return verification.architecture_name(*torch.cuda.get_device_capability(device))
+
+
 def resolve_backend(name: str, device: torch.device | str | None = None) -> AttentionBackend:
-    """The backend for `name`; "auto" picks the highest-priority one usable on `device`."""
+    """The backend for `name`; "auto" picks the highest-priority one usable on `device`.
+
+    "auto" never picks a backend on an architecture it has not been measured on: our Triton kernel only where a
+    recorded GPU run (bench/RESULTS.md) shows it at least matching SDPA (kernels.verification), so a first GPU run
+    uses flash-attn, SageAttention, xFormers or SDPA. attention="triton" always chooses it.
+    """
     if name == "auto":
+        architecture = gpu_architecture(device)
         usable = [_BACKENDS[n] for n in available_backends(device)]
+        usable = [b for b in usable if b.auto_architectures is None or architecture in b.auto_architectures]
         return max(usable, key=lambda b: b.auto_priority)
     if name not in _BACKENDS:
         raise FramePackError(f"Unknown attention backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}.")
@@ -105,3 +124,12 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> Atte
         raise BackendUnavailableError(
             f"Attention backend {name!r} is not installed: {backend.install_hint}, or use attention='sdpa'.")
     return backend
+
+
+def kernel_verification_lines(device: torch.device | str | None = None) -> list[str]:
+    """For `framepack info`: which kernels are verified on which architectures, and what "auto" picks here."""
+    architecture = gpu_architecture(device)
+    lines = verification.verification_lines(architecture)
+    measured = ", ".join(verification.ATTENTION_MATCHES_SDPA) or "none yet"
+    lines.append(f"  attention='auto' uses the Triton kernel only where a recorded run matches SDPA: {measured}")
+    return lines

@@ -198,7 +198,7 @@ def command_info(args) -> int:
     import torch
 
     from engine import __version__
-    from engine.attention import BACKEND_NAMES, available_backends, resolve_backend
+    from engine.attention import BACKEND_NAMES, available_backends, kernel_verification_lines, resolve_backend
     from engine.video import available_codecs
 
     print(f"framepack-engine {__version__}")
@@ -220,6 +220,7 @@ def command_info(args) -> int:
         device = "cpu"
     print(f"attention backends usable here: {', '.join(available_backends(device))} "
           f"(auto -> {resolve_backend('auto', device).name}; all: {', '.join(BACKEND_NAMES)})")
+    print("\n".join(kernel_verification_lines(device)))
     print(f"video encoders: {', '.join(available_codecs()[:16])}")
     return 0
 

@@ -26,6 +26,19 @@ def require_kernel_device(op_name: str, *tensors: torch.Tensor) -> None:
             "use the plain PyTorch path on this device, or set TRITON_INTERPRET=1 to run it slowly on CPU.")
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for tiles of `dtype`.
+
+    Half-precision tiles go to the tensor cores as they are. Float32 tiles need float32-accurate products (the
+    tests hold float32 to 1e-5): on a GPU, three TF32 tensor-core products per product ("tf32x3", error ~2**-22);
+    plain float32 FMA products ("ieee") would hold whole operand rows per thread and spill registers. The
+    interpreter multiplies in exact float32 either way.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if interpreting() else "tf32x3"
+
+
 def row_launch_settings(columns: int) -> tuple[int, int]:
     """Block size and warp count for a kernel that holds one whole row of `columns` elements in registers."""
     block = triton.next_power_of_2(columns)

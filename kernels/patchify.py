@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, require_kernel_device
+from kernels.launch import dot_precision, interpreting, require_kernel_device
 from kernels.reference import (BASE_PATCH_SIZE, GROUP_NAMES, PackedPatches, PatchGroup,  # noqa: F401 (re-exported)
                                check_patch_groups, packed_patchify_reference, patch_kernel_size, patch_output_dtype,
                                rope_pool, token_grid)
@@ -28,37 +28,65 @@ from kernels.triton_helpers import rounded_cast, tile_dot
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) that spill no register on sm_80 and sm_90 at the model's shapes
+# (bench/kernel_resources.py --all; bench/RESULTS.md). Half precision: at most 64 float32 accumulator registers per
+# thread (128x128 tiles with four warps, or 128x256 with eight, hold 128 and spill). Float32 runs every product as
+# three TF32 products (launch.dot_precision), whose split operands take three times the registers: one small tile
+# (64x128 already spills 32 B on sm_80).
+_HALF_TILES = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 32, 8, 3), (64, 64, 64, 4, 4),
+               (128, 128, 128, 8, 2))
+_FLOAT32_TILES = ((64, 64, 32, 8, 3),)
+
+
+def _tile(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+            config.num_stages)
+
+
 def _gemm_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_m, block_n, block_k, warps, stages in (
-        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 128, 8, 2), (64, 256, 32, 8, 3),
-    ):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
+                          num_stages=stages)
+            for block_m, block_n, block_k, warps, stages in _HALF_TILES + _FLOAT32_TILES]
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
     if interpreting() or not torch.cuda.is_available():
         return configs[:1]
-    reduction = named_args["reduction"]
     device = named_args["Weight"].device
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    major, minor = torch.cuda.get_device_capability(device)
+    return kept_gemm_configs(configs, {**named_args, **kwargs}, major, minor, max_shared)
+
+
+def kept_gemm_configs(configs, named_args, major, minor, max_shared):
+    """The pruning rule on its own: the configs kept for a GPU of compute capability major.minor."""
+    reduction = named_args["reduction"]
     element_size = named_args["Weight"].element_size()
+    tiles = _FLOAT32_TILES if element_size == 4 else _HALF_TILES
     kept = []
     for config in configs:
         block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        if _tile(config) not in tiles:
+            continue
         # The noisy and clean groups reduce over only channels * 4 = 64: a wide K tile would be mostly padding.
         if block_k > max(32, triton.next_power_of_2(reduction)):
             continue
-        shared = config.num_stages * (block_m + block_n) * block_k * element_size
-        if shared > max_shared:
+        if _shared_memory_estimate(config, element_size) > max_shared:
+            continue
+        # A 128-wide K tile of gathered latents needs registers that Ampere and Ada, without Hopper's
+        # shared-memory MMA operands, do not have: it spills there.
+        if block_k > 64 and major < 9:
             continue
         kept.append(config)
-    return kept or configs[-3:-2]
+    return kept or [min(configs, key=lambda c: _shared_memory_estimate(c, element_size))]
+
+
+def _shared_memory_estimate(config, element_size):
+    """An upper bound: every pipeline stage holds one gathered latent tile and one weight tile."""
+    block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (block_m + block_n) * block_k * element_size
 
 
 @triton.autotune(configs=_gemm_configs(), key=["reduction", "inner", "KERNEL_T", "KERNEL_H", "KERNEL_W"],
@@ -75,16 +103,18 @@ def _patch_embed_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < total_rows
-    rows = rows.to(tl.int64)
     batch = rows // tokens_per_sample
     token = rows % tokens_per_sample
     # The token's patch origin in the latents, in (t, h, w) row-major order as conv3d + flatten gives.
     patch_t = (token // (grid_h * grid_w)) * KERNEL_T
     patch_h = ((token // grid_w) % grid_h) * KERNEL_H
     patch_w = (token % grid_w) * KERNEL_W
-    row_base = batch * stride_l_batch
+    # Addresses: a 64-bit offset per row to its sample, 32-bit offsets within the sample (the host checks they
+    # fit). Full 64-bit offsets per gathered element cost enough registers to spill.
+    sample_base = Latents + batch.to(tl.int64) * stride_l_batch
     outputs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     output_ok = outputs < inner
+    weight_base = Weight + outputs[None, :] * stride_w_out
 
     accumulator = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, reduction, BLOCK_K):
@@ -99,19 +129,17 @@ def _patch_embed_kernel(
         t = tl.minimum(patch_t[:, None] + offset_t[None, :], frames - 1)
         h = tl.minimum(patch_h[:, None] + offset_h[None, :], height - 1)
         w = tl.minimum(patch_w[:, None] + offset_w[None, :], width - 1)
-        latent_ptrs = (Latents + row_base[:, None] + channel[None, :].to(tl.int64) * stride_l_channel
-                       + t * stride_l_frame + h * stride_l_row + w * stride_l_column)
-        patches = tl.load(latent_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        weights = tl.load(Weight + outputs[None, :].to(tl.int64) * stride_w_out + ks[:, None],
-                          mask=k_ok[:, None] & output_ok[None, :], other=0.0)
+        offsets = (channel * stride_l_channel)[None, :] + t * stride_l_frame + h * stride_l_row + w * stride_l_column
+        patches = tl.load(sample_base[:, None] + offsets, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        weights = tl.load(weight_base + ks[:, None], mask=k_ok[:, None] & output_ok[None, :], other=0.0)
         if CAST_LATENTS:
             patches = rounded_cast(patches.to(tl.float32), weights.dtype, EMULATE_BF16)
         accumulator = tile_dot(patches, weights, accumulator, DOT_PRECISION, EMULATE_BF16)
 
     if HAS_BIAS:
         accumulator += tl.load(Bias + outputs, mask=output_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = (Out + batch[:, None] * stride_o_batch + (token_offset + token)[:, None] * stride_o_token
-                + outputs[None, :])
+    out_ptrs = (Out + batch.to(tl.int64)[:, None] * stride_o_batch
+                + (token_offset + token).to(tl.int64)[:, None] * stride_o_token + outputs[None, :])
     tl.store(out_ptrs, rounded_cast(accumulator, Out.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & output_ok[None, :])
 
@@ -137,7 +165,8 @@ def _pooled_rope_kernel(
     cos_sum = tl.zeros([BLOCK_ROWS, HEAD_DIM], dtype=tl.float32)
     sin_sum = tl.zeros([BLOCK_ROWS, HEAD_DIM], dtype=tl.float32)
     # Average pooling over the token's cell of the base grid, edge cells repeated as replicate padding does.
-    for cell in tl.static_range(POOL_T * POOL_H * POOL_W):
+    # A loop, not unrolled: 64 cells of the 4x group unrolled keep every load in flight at once and spill.
+    for cell in range(POOL_T * POOL_H * POOL_W):
         t = tl.minimum(origin_t + cell // (POOL_H * POOL_W), fine_t - 1)
         h = tl.minimum(origin_h + (cell // POOL_W) % POOL_H, fine_h - 1)
         w = tl.minimum(origin_w + cell % POOL_W, fine_w - 1)
@@ -213,6 +242,14 @@ def _launch_patch_embed(group, tokens, token_offset, length, emulate_bf16):
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     reduction = weight.shape[1]
+    # The kernel addresses within one sample's latents, and within the weight, with 32-bit offsets.
+    sample_extent = sum((size - 1) * stride for size, stride in zip(latents.shape[1:], latents.stride()[1:]))
+    weight_extent = (inner - 1) * weight.stride(0) + reduction
+    if max(sample_extent, weight_extent, batch * length) >= 2**31:
+        raise ValueError(
+            f"packed_patchify: latents {tuple(latents.shape)} (strides {latents.stride()}) or weight "
+            f"{tuple(weight.shape)} span 2**31 elements or more per sample: split the batch or pass contiguous "
+            "latents.")
     bias = group.bias if group.bias is not None else weight
     total_rows = batch * length
 
@@ -225,7 +262,7 @@ def _launch_patch_embed(group, tokens, token_offset, length, emulate_bf16):
         token_offset, length, total_rows, frames, height, width, grid_h, grid_w, inner, reduction,
         KERNEL_T=kernel[0], KERNEL_H=kernel[1], KERNEL_W=kernel[2], HAS_BIAS=group.bias is not None,
         CAST_LATENTS=latents.dtype != tokens.dtype,
-        DOT_PRECISION="ieee" if tokens.dtype == torch.float32 else "tf32", EMULATE_BF16=emulate_bf16,
+        DOT_PRECISION=dot_precision(tokens.dtype), EMULATE_BF16=emulate_bf16,
     )
 
 

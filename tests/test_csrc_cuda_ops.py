@@ -7,6 +7,7 @@ temporary folder with the single define a CUDA build has there.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,17 +49,46 @@ def test_csrc_has_sources():
     assert [p.name for p in CPP_SOURCES] == ["ops.cpp"]
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_kernels_compile(tmp_path, source, arch):
+# The opt-in shared memory per block of each architecture CI compiles for (CUDA programming guide).
+MAX_SHARED_BYTES = {"sm_80": 166912, "sm_90": 232448}
+
+
+@pytest.fixture(scope="module", params=sorted(MAX_SHARED_BYTES))
+def compiled(request, tmp_path_factory):
+    """(arch, nvcc's output) of compiling csrc's CUDA source for an architecture, with ptxas -v."""
     nvcc = nvcc_or_skip()
+    out = tmp_path_factory.mktemp(request.param) / "out.o"
     result = subprocess.run(
-        [nvcc, "-c", str(source), "-o", str(tmp_path / "out.o"), f"-arch={arch}", "-std=c++20", "-O3",
-         "-Xcompiler", "-Wall", "-I", str(CSRC)],
+        [nvcc, "-c", str(CUDA_SOURCES[0]), "-o", str(out), f"-arch={request.param}", "-std=c++20", "-O3",
+         "-Xcompiler", "-Wall", "-Xptxas", "-v", "-I", str(CSRC)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "out.o").stat().st_size > 0
-    assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
+    assert out.stat().st_size > 0
+    return request.param, result.stderr
+
+
+def test_cuda_kernels_compile(compiled):
+    _, log = compiled
+    assert "warning" not in log.lower(), log[-4000:]
+
+
+def test_widest_rows_fit_shared_memory(compiled):
+    # The row kernels keep a row of up to kMaxChannels floats in dynamic shared memory beside their static scratch.
+    arch, log = compiled
+    header = (CSRC / "norm_modulate.h").read_text()
+    max_channels = int(re.search(r"kMaxChannels = (\d+);", header)[1])
+    assert max_channels == cuda_ops._MAX_CHANNELS
+    static = [int(n) for n in re.findall(r"Used \d+ registers.*?(\d+) bytes smem", log)]
+    assert static, log[-4000:]
+    widest = max_channels * 4 + max(static)
+    assert widest <= MAX_SHARED_BYTES[arch]
+    # Over the 48 KB every kernel gets by default, the launchers must opt in to more.
+    source = CUDA_SOURCES[0].read_text()
+    if widest > 48 * 1024:
+        dynamic_launches = source.count("shared_bytes, stream>>>")
+        opt_ins = len(re.findall(r"allow_dynamic_shared\(\w+<T>, shared_bytes\)", source))
+        assert dynamic_launches == opt_ins == 2
+        assert "cudaFuncAttributeMaxDynamicSharedMemorySize" in source
 
 
 @pytest.mark.parametrize("source", CPP_SOURCES, ids=lambda p: p.name)
@@ -113,7 +143,7 @@ def test_loader_falls_back_without_the_extension(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("channels", [97, 3072])
+@pytest.mark.parametrize("channels", [97, 3072, cuda_ops._MAX_CHANNELS])
 def test_compiled_ops_match_triton_twins(dtype, channels):
     if not cuda_ops.cuda_ops_available():
         pytest.skip(f"{cuda_ops.EXTENSION_MODULE} is not built: {cuda_ops.BUILD_HINT}")
