@@ -26,6 +26,7 @@ import torch
 from kernels import cuda_ops
 from kernels.attention import packed_attention, packed_attention_reference
 from kernels.launch import interpreting
+from kernels.reference import random_rope_tables, relative_error
 from kernels.norm import (
     gated_residual,
     gated_residual_layer_norm_modulate,
@@ -98,10 +99,6 @@ def _triton_runs(device) -> str | None:
     return "Triton needs CUDA (or TRITON_INTERPRET=1)"
 
 
-def _rope_tables(batch, tokens, head_dim, device):
-    angles = torch.rand(batch, tokens, head_dim // 2, device=device) * 2 * math.pi
-    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
-
 
 def attention_case(shapes: Shapes, device, dtype, padded=False) -> Case:
     from engine.attention import sdpa_attention
@@ -110,7 +107,7 @@ def attention_case(shapes: Shapes, device, dtype, padded=False) -> Case:
     batch = 2 if padded else shapes.batch
     tokens, heads, head_dim = shapes.tokens, shapes.heads, shapes.head_dim
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-    cos, sin = _rope_tables(1, shapes.image_tokens, head_dim, device)
+    cos, sin = random_rope_tables(1, shapes.image_tokens, head_dim, device)
     valid = [tokens, tokens - shapes.text_tokens // 2] if padded else [tokens] * batch
     valid_lengths = torch.tensor(valid, device=device) if padded else None
     args = (q, k, v, cos, sin, shapes.image_tokens, valid_lengths)
@@ -188,7 +185,7 @@ def gated_residual_layer_norm_modulate_case(shapes, device, dtype) -> Case:
 def rms_norm_rotary_case(shapes, device, dtype) -> Case:
     x = torch.randn(shapes.batch, shapes.tokens, shapes.heads, shapes.head_dim, device=device, dtype=dtype)
     weight = torch.rand(shapes.head_dim, device=device, dtype=dtype) + 0.5
-    cos, sin = _rope_tables(1, shapes.image_tokens, shapes.head_dim, device)
+    cos, sin = random_rope_tables(1, shapes.image_tokens, shapes.head_dim, device)
     case = _glue_case("rms_norm_rotary", shapes, device, dtype, rms_norm_rotary, rms_norm_rotary_reference, None,
                       (x, weight, 1e-6, cos, sin, shapes.image_tokens), (x, x, cos, sin))
     case.shape.update(heads=shapes.heads, head_dim=shapes.head_dim, rotary_length=shapes.image_tokens)
@@ -251,10 +248,6 @@ def _first_tensor(output):
     return output[-1] if isinstance(output, tuple) else output
 
 
-def _relative_error(actual, expected) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
 
 def run_case(case: Case, device, repeats=5) -> list[dict]:
     """Time every implementation of a case and check each against the case's oracle."""
@@ -273,7 +266,7 @@ def run_case(case: Case, device, repeats=5) -> list[dict]:
             "op": case.op, "implementation": name, "ms": milliseconds,
             case.unit: case.work / (milliseconds * 1e-3) / 1e12 if case.unit == "TFLOP/s"
             else case.work / (milliseconds * 1e-3) / 1e9,
-            "relative_error_vs_" + case.oracle: _relative_error(output, reference),
+            "relative_error_vs_" + case.oracle: relative_error(output, reference),
             "shape": case.shape,
         })
     for name, reason in case.skipped.items():

@@ -25,6 +25,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def random_rope_tables(batch: int, tokens: int, head_dim: int, device="cpu"):
+    """cos/sin tables (batch, tokens, head_dim) of random angles, each repeated for its interleaved pair as the DiT
+    builds them: inputs for testing and timing the rotary kernels."""
+    angles = torch.rand(batch, tokens, head_dim // 2, device=device) * 2 * math.pi
+    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+
+
 # --- norms and modulation -----------------------------------------------------------------------------------------
 
 LAYER_NORM_EPS = 1e-6

@@ -1,13 +1,12 @@
 """kernels.attention.packed_attention against its PyTorch reference, under the Triton interpreter on CPU."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import attention
 from kernels.attention import packed_attention, packed_attention_reference
+from kernels.reference import random_rope_tables
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
 # (batch, tokens, heads, head_dim, rotary_length, valid_lengths, rope_batch). The interpreter runs 32x16 tiles,
@@ -26,16 +25,11 @@ SHAPES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def rope_tables(rope_batch, rotary_length, head_dim):
-    """cos/sin of random angles, repeated per interleaved pair as the DiT builds them."""
-    angles = torch.rand(rope_batch, rotary_length, head_dim // 2) * 2 * math.pi
-    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
-
 
 def make_inputs(batch, tokens, heads, head_dim, rotary_length, valid, rope_batch, dtype):
     # Scale so the softmax is neither uniform nor one-hot: every key's weight matters.
     q, k, v = (torch.randn(batch, tokens, heads, head_dim).mul(1.5).to(dtype) for _ in range(3))
-    cos, sin = rope_tables(rope_batch, rotary_length, head_dim) if rotary_length else (None, None)
+    cos, sin = random_rope_tables(rope_batch, rotary_length, head_dim) if rotary_length else (None, None)
     valid_lengths = torch.tensor(valid) if valid is not None else None
     return q, k, v, cos, sin, rotary_length, valid_lengths
 
@@ -79,7 +73,7 @@ def test_strided_views_of_a_fused_projection():
     # q, k, v as views of one (batch, tokens, 3, heads, head_dim) projection, as the DiT produces them.
     qkv = torch.randn(2, 41, 3, 2, 64)
     q, k, v = qkv.unbind(2)
-    cos, sin = rope_tables(1, 33, 64)
+    cos, sin = random_rope_tables(1, 33, 64)
     valid_lengths = torch.tensor([41, 35])
     out = packed_attention(q, k, v, cos, sin, 33, valid_lengths)
     expected = packed_attention_reference(q, k, v, cos, sin, 33, valid_lengths)

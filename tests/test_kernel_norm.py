@@ -1,7 +1,5 @@
 """kernels.norm's fused glue ops against their eager references, under the Triton interpreter on CPU."""
 
-import math
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from kernels.norm import (
     rms_norm_rotary,
     rms_norm_rotary_reference,
 )
+from kernels.reference import random_rope_tables
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -33,10 +32,6 @@ def hidden_inputs(batch, tokens, channels, dtype):
     shift, scale, gate = (torch.randn(batch, 3 * channels) * 0.5).to(dtype).chunk(3, dim=1)
     return x, y, shift, scale, gate
 
-
-def rope_tables(rope_batch, rotary_length, head_dim):
-    angles = torch.rand(rope_batch, rotary_length, head_dim // 2) * 2 * math.pi
-    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -74,7 +69,7 @@ def test_rms_norm_rotary(shape, dtype, round_before_weight):
     batch, tokens, heads, head_dim, rotary_length, rope_batch = shape
     x = (torch.randn(batch, tokens, heads, head_dim) * 3).to(dtype)
     weight = (torch.rand(head_dim) + 0.5).to(dtype)
-    cos, sin = rope_tables(rope_batch, rotary_length, head_dim) if rotary_length else (None, None)
+    cos, sin = random_rope_tables(rope_batch, rotary_length, head_dim) if rotary_length else (None, None)
     out = rms_norm_rotary(x, weight, 1e-6, cos, sin, rotary_length, round_before_weight)
     expected = rms_norm_rotary_reference(x, weight, 1e-6, cos, sin, rotary_length, round_before_weight)
     assert out.dtype == dtype
@@ -85,7 +80,7 @@ def test_rms_norm_rotary_on_a_view_of_a_fused_projection():
     qkv = torch.randn(2, 9, 3, 2, 64)
     k = qkv[:, :, 1]
     weight = torch.rand(64) + 0.5
-    cos, sin = rope_tables(1, 6, 64)
+    cos, sin = random_rope_tables(1, 6, 64)
     expected = rms_norm_rotary_reference(k, weight, 1e-6, cos, sin, 6)
     assert_relative_error(rms_norm_rotary(k, weight, 1e-6, cos, sin, 6), expected, 1e-5)
 
@@ -124,7 +119,7 @@ def test_parity_checks_can_fail():
 
     heads = torch.randn(2, 11, 3, 64)
     weight = torch.rand(64) + 0.5
-    cos, sin = rope_tables(1, 7, 64)
+    cos, sin = random_rope_tables(1, 7, 64)
     expected = rms_norm_rotary_reference(heads, weight, 1e-6, cos, sin, 7)
     assert relative_error(rms_norm_rotary(heads, weight, 1e-6, cos, -sin, 7), expected) > 100 * tolerance
     assert relative_error(rms_norm_rotary(heads, weight, 1e-6, cos[:, :6], sin[:, :6], 6), expected) > 100 * tolerance
