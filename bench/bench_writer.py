@@ -103,12 +103,63 @@ def run_one_encode(args) -> dict:
     return {"frames": sum(lengths), "sections": len(lengths), "seconds": seconds, "bytes": size}
 
 
+def run_engine(args) -> dict:
+    """The tiny preset end to end: Engine.stream's sections through SectionOutputFile, as `framepack generate`
+    writes them; then, outside the measured peak, one encode of the final frames for the comparison."""
+    import engine.video as video
+    from engine import Engine
+    from engine.output import SectionOutputFile
+
+    encoding = [0.0]
+    for name in ("add", "publish"):  # the writer thread's work: encoding each segment and joining the file
+        original = getattr(video._VideoSink, name)
+
+        def timed(self, *arguments, _original=original, **keywords):
+            started = time.perf_counter()
+            try:
+                return _original(self, *arguments, **keywords)
+            finally:
+                encoding[0] += time.perf_counter() - started
+
+        setattr(video._VideoSink, name, timed)
+    variant = "f1" if args.direction == "forward" else "bidirectional"
+    engine = Engine.from_preset("tiny", variant=variant)
+    engine.notice = None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"out{args.suffix}"
+        started = time.perf_counter()
+        output = SectionOutputFile(path, args.fps, codec=args.codec)
+        sections = 0
+        for result in engine.stream("a cat walks", seconds=args.seconds, fps=args.fps, steps=1,
+                                    resolution=args.resolution):
+            output.add(result)
+            sections += 1
+        output.close()
+        seconds = time.perf_counter() - started
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        frames = _decode(path)
+        one_encode = Path(folder) / f"one{args.suffix}"
+        started = time.perf_counter()
+        video.encode_video(frames, one_encode, args.fps, codec=args.codec)
+        one_encode_seconds = time.perf_counter() - started
+    return {"frames": len(frames), "sections": sections, "seconds": seconds, "writer_encode_seconds": encoding[0],
+            "one_encode_seconds": one_encode_seconds, "peak_rss_mib_generation": peak_rss_mib,
+            "height": int(frames.shape[1]), "width": int(frames.shape[2])}
+
+
+def _decode(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
 def child(args) -> int:
     import torch  # noqa: F401  (the engine's process always holds torch: both modes pay its memory)
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = usage.ru_utime + usage.ru_stime
-    result = run_writer(args) if args.mode == "writer" else run_one_encode(args)
+    result = {"writer": run_writer, "one-encode": run_one_encode, "engine": run_engine}[args.mode](args)
     result["cpu_before"] = cpu_before
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
@@ -120,7 +171,8 @@ def child(args) -> int:
 def measure(args, mode: str, seconds: float) -> dict:
     command = [sys.executable, "-m", "bench.bench_writer", "--child", mode, "--seconds", str(seconds),
                "--fps", str(args.fps), "--width", str(args.width), "--height", str(args.height),
-               "--direction", args.direction, "--pace", args.pace, "--suffix", args.suffix] + (["--codec", args.codec] if args.codec else [])
+               "--direction", args.direction, "--pace", args.pace, "--suffix", args.suffix,
+               "--resolution", str(args.resolution)] + (["--codec", args.codec] if args.codec else [])
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -138,7 +190,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-at", type=float, default=60.0,
                         help="length at which the writer is compared with one encode")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--child", choices=("writer", "one-encode"), help=argparse.SUPPRESS)
+    parser.add_argument("--engine", action="store_true",
+                        help="the tiny preset end to end (Engine.stream -> SectionOutputFile) instead of synthetic "
+                             "frames; compares the writer's encode time with one encode of the final frames")
+    parser.add_argument("--resolution", type=int, default=64, help="with --engine: the bucket resolution")
+    parser.add_argument("--child", choices=("writer", "one-encode", "engine"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         args.mode, args.seconds = args.child, float(args.seconds)
@@ -147,6 +203,18 @@ def main(argv=None) -> int:
     results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "settings": vars(args),
                "runs": []}
     lengths = [float(s) for s in args.seconds.split(",")]
+    if args.engine:
+        for seconds in lengths:
+            result = {"mode": "engine", "video_seconds": seconds, **measure(args, "engine", seconds)}
+            results["runs"].append(result)
+            print(f"engine {seconds:6.0f} s video: {result['frames']:5d} frames ({result['height']}x"
+                  f"{result['width']}) in {result['sections']:3d} sections, {result['seconds']:6.1f} s; writer "
+                  f"encoding {result['writer_encode_seconds']:.2f} s vs one encode of the final frames "
+                  f"{result['one_encode_seconds']:.2f} s ({result['writer_encode_seconds'] / result['one_encode_seconds']:.2f}x); "
+                  f"peak RSS {result['peak_rss_mib_generation']:.0f} MiB", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     for seconds in lengths:
         modes = ["writer"] + (["one-encode"] if seconds == args.compare_at else [])
         for mode in modes:
