@@ -486,3 +486,111 @@ def test_fusing_into_a_layer_without_float_weights_says_to_go_live(two_loras):
     assert isinstance(dit.linear_layers()["single_transformer_blocks.0.proj_mlp"].base, Int8Linear)
     inputs = section_inputs(TINY_CONFIG, "f1", seed=13)
     assert_relative_error(run(dit, inputs), run(expected, inputs), TOLERANCE[torch.float32])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine, the command and the loader
+
+
+FAST = dict(steps=2, latent_window_size=2, fps=8, seconds=1)
+
+
+def random_framepack_lora(path, dit, seed, prefix="lora_unet_"):
+    """A kohya-layout LoRA over every linear layer of `dit`, in FramePack's names."""
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for name, layer in dit.linear_layers().items():
+        adapters[name] = (torch.randn(2, layer.in_features, generator=generator) / layer.in_features ** 0.5,
+                          torch.randn(layer.out_features, 2, generator=generator) * 0.3, 4.0)
+    return write_kohya(path, adapters)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from engine import Engine
+
+    return Engine.from_preset("tiny")
+
+
+def test_engine_loads_several_loras_and_records_them(tmp_path, tiny_engine):
+    engine = tiny_engine
+    base = engine.generate("a cat walks", **FAST).frames
+    weights = {key: value.clone() for key, value in engine.transformer.state_dict().items()}
+    first = random_framepack_lora(tmp_path / "first.safetensors", engine.transformer, seed=20)
+    second = random_framepack_lora(tmp_path / "second.safetensors", engine.transformer, seed=21)
+    assert engine.load_lora(first, 0.8) == "first"
+    assert engine.load_lora(second, 0.5, name="motion", mode="live") == "motion"
+    video = engine.generate("a cat walks", **FAST)
+    assert not (video.frames == base).all()
+    assert [(item["name"], item["file"], item["strength"], item["mode"]) for item in video.metadata["loras"]] == [
+        ("first", "first.safetensors", 0.8, "fused"), ("motion", "second.safetensors", 0.5, "live")]
+    assert str(tmp_path) not in json.dumps(video.metadata)  # the file's name only, never the machine's folders
+    engine.set_lora_strength("first", 0.0)
+    engine.set_lora_strength("motion", 0.0)
+    assert (engine.generate("a cat walks", **FAST).frames == base).all()
+    engine.unload_lora("first")
+    engine.unload_lora("motion")
+    assert "loras" not in engine.metadata(engine.settings("a cat walks"), "t2v")
+    assert all(torch.equal(value, weights[key]) for key, value in engine.transformer.state_dict().items())
+
+
+def test_the_command_takes_repeated_loras(tmp_path, tiny_engine):
+    from engine.cli import main
+
+    first = random_framepack_lora(tmp_path / "first.safetensors", tiny_engine.transformer, seed=22)
+    second = random_framepack_lora(tmp_path / "second.safetensors", tiny_engine.transformer, seed=23)
+    out = tmp_path / "frames"
+    command = ["generate", "x", "--preset", "tiny", "--steps", "2", "--latent-window-size", "2", "--fps", "8",
+               "--seconds", "1", "--quiet", "--out", str(out)]
+    assert main([*command, "--lora", f"{first}:0.5", "--lora", str(second), "--lora-mode", "live"]) == 0
+    recorded = json.loads((out / "settings.json").read_text())["loras"]
+    assert [(item["name"], item["strength"], item["mode"]) for item in recorded] == [
+        ("first", 0.5, "live"), ("second", 1.0, "live")]
+
+
+@pytest.mark.parametrize("lora,message", [("missing.safetensors", "does not exist"), ("{tmp}/style.ckpt", "pickle"),
+                                          ("{tmp}/style.safetensors:x2", "does not exist")])
+def test_the_command_checks_loras_before_loading(tmp_path, capsys, lora, message):
+    from engine.cli import main
+
+    (tmp_path / "style.ckpt").write_bytes(b"never opened")
+    (tmp_path / "style.safetensors").write_bytes(b"never opened")
+    code = main(["generate", "x", "--preset", "tiny", "--quiet", "--out", str(tmp_path / "v.mp4"),
+                 "--lora", lora.format(tmp=tmp_path)])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_settings_parse_lora_flags_and_pairs(tmp_path):
+    import argparse
+
+    from engine.settings import ModelSettings, add_flags, given_flags
+
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ModelSettings)
+    args = parser.parse_args(["--lora", f"{path}:0.7", "--lora", str(path), "--lora-mode", "live"])
+    settings = ModelSettings.from_options(**given_flags(args, ModelSettings))
+    assert settings.lora == [(str(path), 0.7), (str(path), 1.0)] and settings.lora_mode == "live"
+    assert ModelSettings.from_options(lora=(path, -0.5)).lora == [(str(path), -0.5)]
+    assert ModelSettings.from_options(lora=settings.lora).lora == settings.lora  # checks are idempotent
+    with pytest.raises(FramePackError, match="lora strength must be a finite number"):
+        ModelSettings.from_options(lora=f"{path}:inf")
+
+
+@pytest.mark.parametrize("mode", ["fused", "live"])
+def test_the_loader_attaches_the_settings_loras(tmp_path, two_loras, mode):
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+
+    dit, _ = make_dit()
+    expected, _ = make_dit()
+    settings = ModelSettings.from_options(lora=[f"{two_loras[0]}:0.5", str(two_loras[1])], lora_mode=mode)
+    loras = transform_dit(dit, settings)
+    assert [(item["name"], item["strength"], item["mode"]) for item in loras.describe()] == [
+        ("first", 0.5, mode), ("second", 1.0, mode)]
+    reference = LoraSet(expected)
+    reference.load(two_loras[0], 0.5, mode="fused")
+    reference.load(two_loras[1], 1.0, mode="fused")
+    inputs = section_inputs(TINY_CONFIG, "bidirectional", seed=14)
+    assert_relative_error(run(dit, inputs), run(expected, inputs), TOLERANCE[torch.float32])
