@@ -377,6 +377,18 @@ class LowRankBranch(nn.Module):
     def forward(self, x):
         return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias) * (self.scale * self.strength)
 
+    def add_to(self, y, x):
+        """y + forward(x), accumulated into y by one GEMM where it can be (y is the base layer's fresh output): the
+        scale is applied to the rank-wide activations, so no output-sized temporary is made."""
+        if y.dtype != self.up.dtype or not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
+            return y + self(x).to(y.dtype)
+        factor = self.scale * self.strength
+        hidden = F.linear(x.to(self.down.dtype), self.down) * factor
+        y.view(-1, y.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), self.up.t())
+        if self.bias is not None:
+            y.add_(self.bias, alpha=factor)
+        return y
+
 
 class LoraLinear(nn.Module):
     """A linear layer (nn.Linear, or any module with in_features and out_features, a quantized one too) with
@@ -404,7 +416,7 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         for branch in self.branches.values():
             if branch.strength != 0:
-                y = y + branch(x).to(y.dtype)
+                y = branch.add_to(y, x)
         return y
 
 

@@ -361,6 +361,36 @@ def test_live_strength_changes_without_touching_the_weights(two_loras):
     assert all(torch.equal(value, weights[key]) for key, value in dit.state_dict().items())
 
 
+def test_lora_b_bias_fused_and_live_and_the_in_place_branch(tmp_path, shapes):
+    """A lora_B bias (PEFT's lora_bias) adds strength * scale * bias in both modes; the live branch accumulated into
+    the layer's output in place equals the plain out-of-place sum used when gradients are wanted."""
+    generator = torch.Generator().manual_seed(15)
+    name = "transformer_blocks.0.ff.net.2"
+    out_features, in_features = shapes[name]
+    down, up = torch.randn(3, in_features, generator=generator), torch.randn(out_features, 3, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    save_file({f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up,
+               f"diffusion_model.{name}.lora_B.bias": bias, f"diffusion_model.{name}.alpha": torch.tensor(6.0)},
+              tmp_path / "bias.safetensors")
+    fused, _ = make_dit()
+    live, _ = make_dit()
+    layer = fused.linear_layers()[name]
+    expected_weight = layer.weight.detach() + 0.7 * 2.0 * up @ down
+    expected_bias = layer.bias.detach() + 0.7 * 2.0 * bias
+    with_lora(fused, tmp_path / "bias.safetensors", "fused", 0.7)
+    with_lora(live, tmp_path / "bias.safetensors", "live", 0.7)
+    assert_relative_error(layer.weight.detach(), expected_weight, 1e-6)
+    assert_relative_error(layer.bias.detach(), expected_bias, 1e-6)
+    x = torch.randn(2, 5, in_features, generator=generator)
+    expected = torch.nn.functional.linear(x, expected_weight, expected_bias)
+    with torch.no_grad():
+        in_place = live.linear_layers()[name](x)
+    plain = live.linear_layers()[name](x.requires_grad_())
+    assert plain.requires_grad
+    assert_relative_error(in_place, expected, TOLERANCE[torch.float32])
+    assert_relative_error(plain.detach(), expected, TOLERANCE[torch.float32])
+
+
 def test_live_branch_follows_the_float32_output_projection(tmp_path, shapes):
     """A live adapter on proj_out computes in float32 once set_output_precision(float32) converts the layer."""
     dit, _ = make_dit(dtype=torch.bfloat16)
