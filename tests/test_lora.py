@@ -359,6 +359,11 @@ def test_live_strength_changes_without_touching_the_weights(two_loras):
     inputs = section_inputs(TINY_CONFIG, "bidirectional", seed=10)
     assert_relative_error(run(dit, inputs), run(reference, inputs), TOLERANCE[torch.float32])
     assert all(torch.equal(value, weights[key]) for key, value in dit.state_dict().items())
+    # Other base weights load strictly under the live wrappers, which keep their adapters.
+    other, _ = make_dit(seed=5)
+    dit.load_state_dict(other.state_dict())
+    with_lora(other, two_loras[0], "fused", 0.25)
+    assert_relative_error(run(dit, inputs), run(other, inputs), TOLERANCE[torch.float32])
 
 
 def test_lora_b_bias_fused_and_live_and_the_in_place_branch(tmp_path, shapes):
