@@ -70,6 +70,7 @@ _BLOCKS = (("double_blocks.", "transformer_blocks.", _DOUBLE_BLOCK),
            ("single_blocks.", "single_transformer_blocks.", _SINGLE_BLOCK),
            ("txt_in.individual_token_refiner.blocks.", "context_embedder.token_refiner.refiner_blocks.",
             _REFINER_BLOCK))
+# The layers outside the blocks: the model's own and its text refiner's (txt_in), each by its prefix.
 _TOP_LEVEL = {
     "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
     "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
@@ -77,14 +78,17 @@ _TOP_LEVEL = {
     "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
     "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "txt_in.input_embedder": "context_embedder.proj_in",
-    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
-    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
-    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
-    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
+_TEXT_REFINER = {
+    "input_embedder": "proj_in",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "c_embedder.linear_1": "time_text_embed.text_embedder.linear_1",
+    "c_embedder.linear_2": "time_text_embed.text_embedder.linear_2",
+}
+_UNINDEXED = (("", "", _TOP_LEVEL), ("txt_in.", "context_embedder.", _TEXT_REFINER))
 # HunyuanVideo's final modulation gives (shift, scale); ours (the checkpoint's norm_out) gives (scale, shift).
 _SWAPPED_HALVES = {"final_layer.adaLN_modulation.1"}
 
@@ -185,9 +189,10 @@ def _hunyuan_video_names(layer_names) -> dict[str, list[str]]:
                 targets = [f"{our_prefix}{index}.{name}" for name in ours]
                 if all(target in present for target in targets):
                     names[f"{original_prefix}{index}.{original}"] = targets
-    for original, ours in _TOP_LEVEL.items():
-        if ours in present:
-            names[original] = [ours]
+    for original_prefix, our_prefix, table in _UNINDEXED:
+        for original, ours in table.items():
+            if our_prefix + ours in present:
+                names[original_prefix + original] = [our_prefix + ours]
     return names
 
 
