@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
 from engine.lora import LoraLinear, LoraSet, read_lora
-from tests.dit_helpers import TINY_CONFIG, diffusers_config, diffusers_kwargs, randomize_weights_, section_inputs
-from tests.utils import TOLERANCE, assert_relative_error, relative_error
+from tests.utils import (TINY_CONFIG, TOLERANCE, assert_relative_error, diffusers_config, diffusers_kwargs,
+                         randomize_weights_, relative_error, section_inputs)
 
 # HunyuanVideo's module names -> FramePack's (the checkpoint's), written out as the spec the loader must meet.
 # Several names are one fused projection whose output rows are ours, in this order.
