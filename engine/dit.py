@@ -721,6 +721,12 @@ class FramePackDiT(nn.Module):
         return self.x_embedder.proj.weight.dtype
 
     @property
+    def compute_device(self) -> torch.device:
+        """The device the blocks compute on: the patch embedder's (streamed blocks visit it; their weights may not
+        be there between visits)."""
+        return self.x_embedder.proj.weight.device
+
+    @property
     def latent_channels(self) -> int:
         return self.config.in_channels
 

@@ -619,11 +619,10 @@ def _put(parameter: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _branch_dtype_and_device(base: nn.Module, dit) -> tuple[torch.dtype, torch.device]:
-    """The branch computes in the layer's float dtype (float32 for the float32 output projection); over a quantized
-    layer, in the DiT's compute dtype."""
+    """The branch computes in the layer's float dtype (float32 for the float32 output projection), over a quantized
+    layer in the DiT's compute dtype; it lives on the device the DiT computes on, so a branch added while blocks
+    stream (their weights on the host between visits) stays resident there."""
     weight = getattr(base, "weight", None)
-    tensors = [weight] if isinstance(weight, torch.Tensor) else [*base.parameters(), *base.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
     if isinstance(weight, torch.Tensor) and weight.dtype in _FLOAT_WEIGHT_DTYPES:
-        return weight.dtype, device
-    return dit.compute_dtype, device
+        return weight.dtype, dit.compute_device
+    return dit.compute_dtype, dit.compute_device
