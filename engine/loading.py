@@ -669,7 +669,7 @@ def transform_dit(dit, settings):
     if settings.lora_mode == "fused":  # into the float weights, before any quantization
         for path, strength in settings.lora or ():
             loras.load(path, strength)
-    # (weight quantization acts here)
+    # (weight quantization acts here, after `loras.release_originals()`: quantized layers cannot take them back)
     if settings.lora_mode == "live":  # around the layers as they will run, quantized or not
         for path, strength in settings.lora or ():
             loras.load(path, strength)

@@ -240,25 +240,23 @@ def _joined(entry: _Entry, module: str, name: str, peft: dict, rslora: bool) -> 
         missing = "lora_up" if not entry.up or len(entry.up) < len(entry.down) else "lora_down"
         raise FramePackError(f"LoRA {name!r} has no {missing} weight for {module!r}: the file is incomplete; "
                              "download it again.")
-    parts = sorted(entry.down)
-    downs, ups, biases = [], [], []
-    for part in parts:
+    parts = []
+    for part in sorted(entry.down):
         down, up = entry.down[part].float(), entry.up[part].float()
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise FramePackError(
                 f"LoRA {name!r}: {module!r} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, which "
                 "are not a matching pair of low-rank matrices (convolution LoRAs are not supported).")
-        scale = _scale(down.shape[0], entry.alpha, module, peft, rslora)
-        downs.append(down)
-        ups.append(up * scale if len(parts) > 1 else up)
         bias = entry.up_bias.get(part)
-        biases.append(None if bias is None else (bias.float() * scale if len(parts) > 1 else bias.float()))
+        parts.append(LowRank(down, up, _scale(down.shape[0], entry.alpha, module, peft, rslora),
+                             None if bias is None else bias.float()))
     if len(parts) == 1:
-        return LowRank(downs[0], ups[0], scale, biases[0])
-    if any(bias is not None for bias in biases) and not all(bias is not None for bias in biases):
+        return parts[0]
+    if len({part.up_bias is None for part in parts}) > 1:
         raise FramePackError(f"LoRA {name!r}: only some parts of {module!r} have a bias: the file is inconsistent.")
-    up_bias = torch.cat(biases) if biases[0] is not None else None
-    return LowRank(torch.cat(downs), torch.block_diag(*ups), 1.0, up_bias)
+    # Each part's scale folded into its lora_up; the parts' output rows stacked in order.
+    return LowRank(torch.cat([part.down for part in parts]), torch.block_diag(*(part.up * part.scale for part in parts)),
+                   1.0, None if parts[0].up_bias is None else torch.cat([part.delta_bias() for part in parts]))
 
 
 def _split(adapter: LowRank, original: str, targets: list[str], shapes: dict[str, tuple[int, int]],
@@ -322,21 +320,33 @@ def read_lora(path: str | Path, shapes: dict[str, tuple[int, int]]) -> LoraWeigh
     if not family:
         family = "diffusers/PEFT" if kinds & {"lora_A", "lora_B"} else "kohya/musubi-tuner"
     hunyuan = _hunyuan_video_names(shapes)
-    ours = {target: [target] for target in shapes}
+    ours = set(shapes)
     flattened = {module.replace(".", "_"): module for module in [*ours, *hunyuan]}
     peft = _peft_config(file, metadata)
 
-    adapters: dict[str, LowRank] = {}
+    # Names first: a file for another model is refused whole, before any shape is looked at.
+    resolved: dict[str, str] = {}
     unmatched = [*stray]
-    naming = set()
-    for module, entry in entries.items():
+    for module in entries:
         local = module[len(prefix):] if module.startswith(prefix) else None
         if local is not None and local not in ours and local not in hunyuan:
             local = flattened.get(local)
         if local is None:
             unmatched.append(module)
-            continue
-        naming.add("FramePack names" if local in ours else "HunyuanVideo names")
+        else:
+            resolved[module] = local
+    naming = {"FramePack names" if local in ours else "HunyuanVideo names" for local in resolved.values()}
+    layout = f"{family}, {' and '.join(sorted(naming)) or 'unknown names'}"
+    if unmatched:
+        shown = ", ".join(repr(module) for module in unmatched[:4])
+        raise FramePackError(
+            f"LoRA {name!r} does not fit this model: {len(unmatched)} of its {len(modules) + len(stray)} modules "
+            f"match no linear layer of the FramePack DiT, e.g. {shown} (layout detected: {layout}); it is probably "
+            "a LoRA for another model: use one trained for FramePack or HunyuanVideo.")
+
+    adapters: dict[str, LowRank] = {}
+    for module, local in resolved.items():
+        entry = entries[module]
         if not entry.down and not entry.up:  # an alpha without weights: nothing to apply
             continue
         adapter = _joined(entry, module, name, peft, rslora)
@@ -352,13 +362,6 @@ def read_lora(path: str | Path, shapes: dict[str, tuple[int, int]]) -> LoraWeigh
                 raise FramePackError(f"LoRA {name!r} has two adapters for layer {target!r} (one from {module!r}): "
                                      "the file mixes naming schemes; use a clean export.")
             adapters[target] = part
-    layout = f"{family}, {' and '.join(sorted(naming)) or 'unknown names'}"
-    if unmatched:
-        shown = ", ".join(repr(module) for module in unmatched[:4])
-        raise FramePackError(
-            f"LoRA {name!r} does not fit this model: {len(unmatched)} of its {len(modules) + len(stray)} modules "
-            f"match no linear layer of the FramePack DiT, e.g. {shown} (layout detected: {layout}); it is probably "
-            "a LoRA for another model: use one trained for FramePack or HunyuanVideo.")
     return LoraWeights(layout, adapters)
 
 
@@ -458,6 +461,7 @@ class LoadedLora:
     mode: str
     adapters: dict[str, LowRank]
     key: str  # its branches' name inside LoraLinear (module names cannot hold dots)
+    permanent: bool = False  # fused, and its layers' originals released (see LoraSet.release_originals)
 
 
 class LoraSet:
@@ -505,9 +509,9 @@ class LoraSet:
         return name
 
     def unload(self, name: str) -> None:
-        lora = self._get(name)
-        del self.loaded[name]
+        lora = self._changeable(name)
         layers = self.dit.linear_layers()
+        del self.loaded[name]
         if lora.mode == "fused":
             self._refresh_fused(lora.adapters, layers)
             return
@@ -518,14 +522,23 @@ class LoraSet:
                 self.dit.replace_layer(target, wrapper.base)
 
     def set_strength(self, name: str, strength: float) -> None:
-        lora = self._get(name)
-        lora.strength = _checked_strength(strength)
+        strength = _checked_strength(strength)
+        lora = self._changeable(name)
+        lora.strength = strength
         layers = self.dit.linear_layers()
         if lora.mode == "fused":
             self._refresh_fused(lora.adapters, layers)
             return
         for target in lora.adapters:
             layers[target].branches[lora.key].strength = lora.strength
+
+    def release_originals(self) -> None:
+        """Drops the host copies of the fused layers' original weights (when those layers are about to be quantized,
+        the copies could never be put back): the fused LoRAs so far stay merged for good, and unloading them or
+        changing their strengths is refused from then on."""
+        self._originals.clear()
+        for lora in self.loaded.values():
+            lora.permanent = lora.permanent or lora.mode == "fused"
 
     def describe(self) -> list[dict]:
         """What output metadata records of each LoRA."""
@@ -534,11 +547,20 @@ class LoraSet:
 
     # ---- inside -----------------------------------------------------------------------------------------------------
 
-    def _get(self, name: str) -> LoadedLora:
+    def _changeable(self, name: str) -> LoadedLora:
+        """The LoRA, once it is sure that its weights can be changed (checked before anything changes)."""
         if name not in self.loaded:
             loaded = ", ".join(repr(key) for key in self.loaded) or "none"
             raise FramePackError(f"No LoRA named {name!r} is loaded (loaded: {loaded}).")
-        return self.loaded[name]
+        lora = self.loaded[name]
+        if lora.permanent:
+            raise FramePackError(f"LoRA {name!r} was merged into the weights before they were quantized, for good: "
+                                 "reload the model to change it, or load LoRAs with lora_mode='live'.")
+        if lora.mode == "fused":
+            layers = self.dit.linear_layers()
+            for target in lora.adapters:
+                _float_layer(layers[target], target)
+        return lora
 
     def _attach_live(self, target: str, layer: nn.Module, lora: LoadedLora, adapter: LowRank) -> None:
         if not isinstance(layer, LoraLinear):
@@ -553,7 +575,7 @@ class LoraSet:
         for target in targets:
             layer = _float_layer(layers[target], target)
             contributions = [(lora.strength, lora.adapters[target]) for lora in self.loaded.values()
-                             if lora.mode == "fused" and target in lora.adapters]
+                             if lora.mode == "fused" and not lora.permanent and target in lora.adapters]
             if target not in self._originals:
                 if not contributions:
                     continue
