@@ -655,3 +655,23 @@ def test_the_loader_attaches_the_settings_loras(tmp_path, two_loras, mode):
     reference.load(two_loras[1], 1.0, mode="fused")
     inputs = section_inputs(TINY_CONFIG, "bidirectional", seed=14)
     assert_relative_error(run(dit, inputs), run(expected, inputs), TOLERANCE[torch.float32])
+
+
+def test_loras_with_the_step_cache(tmp_path, tiny_engine):
+    """TeaCache decides on the first block's modulated input, which a LoRA on norm1 changes: live and fused LoRAs
+    make the same decisions and the same video; skipped steps skip the adapters with the blocks."""
+    engine = tiny_engine
+    path = random_framepack_lora(tmp_path / "style.safetensors", engine.transformer, seed=24)
+    options = dict(FAST, steps=6, cache="teacache", cache_threshold=0.5)  # skips some steps, not all
+    runs = {}
+    for mode in ("fused", "live"):
+        engine.load_lora(path, 0.7, mode=mode)
+        decisions = []
+        runs[mode] = (engine.generate("a cat walks", callback=lambda info: decisions.append(
+            info["cache_steps_skipped"]), **options), decisions)
+        engine.unload_lora("style")
+    (fused, fused_decisions), (live, live_decisions) = runs["fused"], runs["live"]
+    assert live_decisions == fused_decisions and fused.stats["cache_steps_skipped"] > 0
+    assert_relative_error(live.latents, fused.latents, TOLERANCE[torch.float32])
+    plain = engine.generate("a cat walks", **options)
+    assert relative_error(fused.latents, plain.latents) > 0.01
