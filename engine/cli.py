@@ -114,6 +114,8 @@ def command_generate(args) -> int:
 
             device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             engine = Engine.from_preset(args.preset, variant=variant, device=device)
+            for path, strength in model_settings.lora or ():
+                engine.load_lora(path, strength, mode=model_settings.lora_mode)
         else:
             engine = Engine.from_pretrained(**model_settings.as_dict())
     except KeyboardInterrupt as interruption:

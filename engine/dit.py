@@ -689,6 +689,24 @@ class FramePackDiT(nn.Module):
         """Every transformer block in the order run_blocks runs them: double-stream, then single-stream."""
         return [*self.transformer_blocks, *self.single_transformer_blocks]
 
+    def linear_layers(self) -> dict[str, nn.Module]:
+        """Every linear layer by its checkpoint name ("transformer_blocks.0.attn.to_q"): what LoRA adapters and
+        quantized weights address. A layer is any module with `in_features` and `out_features` (nn.Linear, or what
+        `replace_layer` put in its place); the modules inside a listed layer are not listed."""
+        layers, inside = {}, None
+        for name, module in self.named_modules():
+            if inside is not None and name.startswith(inside):
+                continue
+            if hasattr(module, "in_features") and hasattr(module, "out_features"):
+                layers[name], inside = module, name + "."
+        return layers
+
+    def replace_layer(self, name: str, layer: nn.Module) -> None:
+        """Put `layer` where the linear layer `name` (a key of `linear_layers()`) is; the blocks use it from then on."""
+        if name not in self.linear_layers():
+            raise KeyError(f"the DiT has no linear layer {name!r}")
+        self.set_submodule(name, layer)
+
     def set_block_stream(self, stream=None) -> "FramePackDiT":
         """stream(blocks) -> an iterator handing run_blocks each block once its weights are where it computes
         (engine.offload's streamer); None: the blocks as they are."""
@@ -701,6 +719,12 @@ class FramePackDiT(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype the blocks compute in: the patch embedder's weights'."""
         return self.x_embedder.proj.weight.dtype
+
+    @property
+    def compute_device(self) -> torch.device:
+        """The device the blocks compute on: the patch embedder's (streamed blocks visit it; their weights may not
+        be there between visits)."""
+        return self.x_embedder.proj.weight.device
 
     @property
     def latent_channels(self) -> int:

@@ -659,9 +659,21 @@ def guess_variant(transformer_source) -> str:
     return "f1" if "f1" in name.split("_") or "_f1" in name else "bidirectional"
 
 
-def transform_dit(dit, settings) -> None:
+def transform_dit(dit, settings):
     """The stage between reading the DiT's weights and placing it: where LoRA merging and quantization act on it
-    (in place, while its weights are still the memory-mapped host tensors). Nothing to do yet."""
+    (in place, while its weights are still on the host). Fused LoRAs merge into the float weights before they are
+    quantized; live ones wrap the layers after, so they run beside the quantized base. Returns the LoraSet."""
+    from engine.lora import LoraSet
+
+    loras = LoraSet(dit, default_mode=settings.lora_mode)
+    if settings.lora_mode == "fused":  # into the float weights, before any quantization
+        for path, strength in settings.lora or ():
+            loras.load(path, strength)
+    # (weight quantization acts here, after `loras.release_originals()`: quantized layers cannot take them back)
+    if settings.lora_mode == "live":  # around the layers as they will run, quantized or not
+        for path, strength in settings.lora or ():
+            loras.load(path, strength)
+    return loras
 
 
 def load_engine(engine_class, settings, *, allow_download: bool | None = None, cache_dir=None,
@@ -683,7 +695,7 @@ def load_engine(engine_class, settings, *, allow_download: bool | None = None, c
 
     dit = FramePackDiT.from_pretrained(settings.transformer, dtype=dtype, device="cpu",
                                        allow_download=allow_download, cache_dir=cache_dir).eval()
-    transform_dit(dit, settings)
+    loras = transform_dit(dit, settings)
     dit = dit.to(device)
     dit.set_output_precision(float32=True)  # the official app's high-quality float32 output projection
     dit.set_attention_backend(settings.attention)
@@ -698,4 +710,5 @@ def load_engine(engine_class, settings, *, allow_download: bool | None = None, c
     images = ImageEncoder.from_pretrained(settings.image_encoder, device=device, dtype=encoder_dtype,
                                           allow_download=allow_download, cache_dir=cache_dir)
     return engine_class(dit, vae, text_encoder, images, variant=variant, device=device, dtype=dtype,
-                        name=str(Path(str(settings.transformer)).name), release_encoders=release_encoders)
+                        name=str(Path(str(settings.transformer)).name), release_encoders=release_encoders,
+                        loras=loras)

@@ -24,6 +24,7 @@ from engine.buckets import find_nearest_bucket
 from engine.conditioning import PromptEmbedding
 from engine.errors import FramePackError
 from engine.images import image_to_pixels, load_image, load_video_frames, resize_and_center_crop
+from engine.lora import LoraSet
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.settings import GenerationSettings
@@ -133,11 +134,12 @@ class Engine:
 
     def __init__(self, transformer, vae, text_encoder, image_encoder=None, variant: str = "bidirectional",
                  device="cpu", dtype=torch.bfloat16, name: str = "framepack", notice: str | None = None,
-                 default_resolution: int = 640, release_encoders: bool = False):
+                 default_resolution: int = 640, release_encoders: bool = False, loras=None):
         """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: engine.conditioning.TextEncoder (or any
         object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder.
         release_encoders: drop the text and image encoders once a generation's prompts and images are encoded
-        (frees their memory for the DiT; later generations can then only reuse prompts already encoded)."""
+        (frees their memory for the DiT; later generations can then only reuse prompts already encoded).
+        loras: the engine.lora.LoraSet already attached to the transformer (the loader's), else an empty one."""
         if variant not in sections.VARIANTS:
             raise FramePackError(f"Unknown variant {variant!r}: choose 'bidirectional' or 'f1'.")
         self.transformer = transformer
@@ -152,6 +154,7 @@ class Engine:
         self.release_encoders_after_use = release_encoders
         # Said once per generation, e.g. that a preset's random weights make noise.
         self.notice = notice
+        self.loras = loras if loras is not None else LoraSet(transformer)
 
     # ---- construction ---------------------------------------------------------------------------------------------
 
@@ -181,6 +184,22 @@ class Engine:
         from engine.presets import build_preset_engine
 
         return build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
+
+    # ---- LoRAs ------------------------------------------------------------------------------------------------------
+
+    def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str | None = None) -> str:
+        """Attaches a LoRA (.safetensors in the kohya/musubi-tuner, diffusers/PEFT or ComfyUI layout, for FramePack
+        or HunyuanVideo); several add up, each with its strength. mode: "fused" (merged into the weights, full
+        speed) or "live" (a branch beside them); default: the model's lora_mode. Returns its name (default: the
+        file's stem), which unload_lora and set_lora_strength take."""
+        return self.loras.load(path, strength, name, mode)
+
+    def unload_lora(self, name: str) -> None:
+        """Detaches a LoRA; with none left on a layer, its weights are the original ones bit for bit."""
+        self.loras.unload(name)
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        self.loras.set_strength(name, strength)
 
     # ---- encoders and the VAE -------------------------------------------------------------------------------------
 
@@ -252,6 +271,8 @@ class Engine:
         """What an output file records: the engine, the model, the mode and every setting that is set."""
         meta = {"engine": "framepack-engine", "model": self.name, "variant": self.variant, "mode": mode}
         meta.update({key: value for key, value in settings.as_dict().items() if value is not None})
+        if len(self.loras):
+            meta["loras"] = self.loras.describe()
         return meta
 
     def stream(self, prompt: str, image=None, end_image=None, *, input_video=None,

@@ -15,10 +15,12 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from engine.attention import BACKEND_NAMES
 from engine.errors import FramePackError
+from engine.lora import LORA_MODES, check_lora_source
 from engine.sampling import SAMPLERS
 from engine.calibration import MagCacheCalibration
 from engine.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
@@ -179,6 +181,35 @@ def check_device(name: str):
     return device
 
 
+def lora_list(name: str, value):
+    """None, or LoRA files each with a strength: "PATH[:STRENGTH]" texts, (path, strength) pairs, or a list of them.
+    Returns [(path, strength), ...]; a missing file or a pickle file is refused here, before any model loads."""
+    if value is None:
+        return None
+    single = isinstance(value, (str, Path)) or (isinstance(value, (list, tuple)) and len(value) == 2
+                                                 and isinstance(value[1], numbers.Real))
+    loras = []
+    for item in [value] if single else value:
+        if isinstance(item, Path):
+            item = str(item)
+        if isinstance(item, str):
+            path, _, tail = item.rpartition(":")
+            try:
+                item = (path, float(tail)) if path else (item, 1.0)
+            except ValueError:  # no strength given: the colon belongs to the path (C:\...)
+                item = (item, 1.0)
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, Path))):
+            raise _fail(name, item, "'PATH[:STRENGTH]' or a (path, strength) pair", "e.g. 'style.safetensors:0.8'")
+        path = text(name, str(item[0]))
+        check_lora_source(path)
+        loras.append((path, number(-100, 100, fix="1 applies the LoRA as trained")(f"{name} strength", item[1])))
+    return loras or None
+
+
+lora_list.flag_type = str
+lora_list.flag_action = "append"
+
+
 def option(default, help: str, check: Callable, *, flag: bool = True, metavar: str | None = None):
     """A dataclass field carrying its check and help text (read by `options()` and the command line)."""
     return field(default=default, metadata={"check": check, "help": help, "flag": flag, "metavar": metavar})
@@ -316,6 +347,11 @@ class ModelSettings(_Settings):
     vram_budget_gb: float | None = option(None, "device memory budget in GB (default: the free memory)",
                                           optional(number(0.5, 10_000)))
     quantize: str | None = option(None, "weight quantization (not available yet)", optional(text))
+    lora: list[tuple[str, float]] | None = option(
+        None, "a LoRA file as PATH[:STRENGTH] (kohya/musubi-tuner, diffusers/PEFT or ComfyUI layout); repeat for several",
+        lora_list, metavar="PATH[:STRENGTH]")
+    lora_mode: str = option("fused", "fused: merged into the weights (full speed); live: a branch beside them "
+                            "(strengths change without reloading)", choice(*LORA_MODES))
     offline: bool = option(False, "never download: use the local Hugging Face cache only", boolean)
 
     def _check_together(self):
@@ -339,8 +375,10 @@ def add_flags(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
         if check.flag_type is bool:
             parser.add_argument(flag, action="store_true", default=None, help=item.metadata["help"])
             continue
+        # A list option's flag may repeat (flag_action "append"): each use adds one value.
         parser.add_argument(flag, type=check.flag_type, default=None, choices=getattr(check, "choices", None),
-                            metavar=item.metadata["metavar"], help=item.metadata["help"] + default)
+                            action=getattr(check, "flag_action", "store"), metavar=item.metadata["metavar"],
+                            help=item.metadata["help"] + default)
 
 
 def given_flags(args, settings_class, skip: tuple[str, ...] = ()) -> dict:
