@@ -1,4 +1,4 @@
-"""The `framepack` command: generate a video, show what this machine offers.
+"""The `framepack` command: generate a video, show what this machine offers, benchmark, quantize a checkpoint.
 
 A user mistake prints one line naming the problem and the fix and exits with status 2, never a traceback.
 Ctrl-C during generation stops at the next step and keeps (and saves) every finished section.
@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=command_info)
     from engine.benchmark import add_bench_command
     from engine.calibration import add_calibrate_command
+    from engine.quant import add_quantize_command
 
     add_bench_command(commands)
     add_calibrate_command(commands)
+    add_quantize_command(commands)
     return parser
 
 
