@@ -114,6 +114,12 @@ def command_generate(args) -> int:
 
             device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             engine = Engine.from_preset(args.preset, variant=variant, device=device)
+            if model_settings.quantize:  # the preset's random float weights, quantized as a checkpoint's would be
+                from engine.loading import transform_text_encoder
+                from engine.quant import QuantScheme, quantize_dit
+
+                quantize_dit(engine.transformer, QuantScheme(model_settings.quantize))
+                transform_text_encoder(engine.text_encoder, model_settings)
             for path, strength in model_settings.lora or ():
                 engine.load_lora(path, strength, mode=model_settings.lora_mode)
         else:

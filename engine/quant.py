@@ -229,6 +229,18 @@ class QuantizedLinear(nn.Module):
                 f"format={self.format}{group}")
 
 
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters as weights, not stored values: a quantized layer counts in_features * out_features
+    (+ bias) whatever its storage holds."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            count += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+        else:
+            count += sum(p.numel() for p in module.parameters(recurse=False))
+    return count
+
+
 def quantized_layers(model: nn.Module) -> list[QuantizedLinear]:
     return [module for module in model.modules() if isinstance(module, QuantizedLinear)]
 

@@ -109,3 +109,15 @@ def test_quantized_matmul_on_gpu_real_shapes(scheme):
         expected = quantized_matmul_reference(x, tensors["weight"], tensors["weight_scale"],
                                               tensors.get("weight_zero"))
         assert_relative_error(out, expected, 1e-2)
+
+
+def test_benchmark_case_runs_at_tiny_shapes():
+    # bench/ is outside the CI test path: make sure a quantized-matmul case builds, runs and agrees with its oracle.
+    from bench.bench_kernels import CASES, TINY, run_case
+
+    records = run_case(CASES["quant_matmul_int4"](TINY, torch.device("cpu"), torch.float32), torch.device("cpu"), 1)
+    assert {r["implementation"] for r in records} == {"eager", "triton", "float-weight"}
+    for record in records:
+        # The float weight it stands for is a different matmul: near, not equal.
+        bound = 0.2 if record["implementation"] == "float-weight" else TOLERANCE[torch.float32]
+        assert record["TFLOP/s"] > 0 and record["relative_error_vs_eager"] <= bound
