@@ -15,7 +15,7 @@ from engine.dit import FramePackDiT
 from engine.errors import FramePackError
 from engine.quant import (METADATA_KEY, QuantizedLinear, QuantScheme, quantize_dit, quantize_llama, quantize_weight,
                           quantized_layers, quantized_weight_bytes, write_quantized_checkpoint)
-from tests.dit_helpers import TINY_CONFIG, randomize_weights_, section_inputs
+from tests.utils import TINY_CONFIG, randomize_weights_, section_inputs
 from tests.utils import assert_relative_error, relative_error
 
 SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"), "int4": QuantScheme("int4")}
@@ -25,10 +25,10 @@ SMALL_CONFIG = {**TINY_CONFIG, "num_attention_heads": 2, "attention_head_dim": 1
 INPUT_SIZE = dict(height=6, width=8, window=2)
 CONFIGS = {"tiny": TINY_CONFIG, "small": SMALL_CONFIG}
 # Relative error of the DiT's output against the unquantized model on random inputs (float32), measured over seeds
-# 0-2 (tiny / small): fp8 6.7e-3 / 9.0e-3, int8 1.8e-3 / 2.4e-3, int4 group 64 3.1e-2 / 3.5e-2 (group 128:
-# 2.5e-2 / 4.4e-2). The bounds leave about 2x; a scale on the wrong channels, a flipped zero point or sign gives
+# 0-2 (tiny / small): fp8 7.2e-3 / 1.2e-2, int8 2.4e-3 / 2.4e-3, int4 group 64 3.6e-2 / 5.2e-2 (group 128:
+# 3.8e-2 / 4.1e-2). The bounds leave about 2x; a scale on the wrong channels, a flipped zero point or sign gives
 # errors of order 0.1 to 1 (test_the_bounds_catch_a_broken_quantization).
-DIT_ERROR_BOUND = {"fp8": 2e-2, "int8": 5e-3, "int4": 7e-2}
+DIT_ERROR_BOUND = {"fp8": 2.5e-2, "int8": 5e-3, "int4": 0.1}
 # The Llama encoder's hidden states (every layer; default init): measured at most fp8 5.7e-2, int8 1.6e-2, int4 0.19.
 LLAMA_ERROR_BOUND = {"fp8": 0.1, "int8": 3e-2, "int4": 0.35}
 
