@@ -356,8 +356,7 @@ def write_quantized_checkpoint(source, out: str | Path, scheme: QuantScheme, all
         raise FramePackError(f"{out.name!r} already exists: choose a new output path (nothing is overwritten).")
     config = read_dit_config(source, allow_download=allow_download)
     config.pop("quantization", None)
-    with torch.device("meta"):
-        layout = FramePackDiT.from_config(config)
+    layout = FramePackDiT.from_config(config, device="meta")  # names and shapes only: no memory
     layers = layout.block_linears(modulation=scheme.modulation)
     quantized = {name + ".weight" for name, _ in layers}
     metadata = {"format": "pt", **scheme.metadata()}
