@@ -218,6 +218,38 @@ def patchify_case(shapes, device, dtype) -> Case:
     return Case("packed_patchify", "eager", implementations, flops, "TFLOP/s", shape, skipped)
 
 
+def quant_matmul_case(shapes, device, dtype, scheme_name) -> Case:
+    """The MLP's up projection (hidden -> 4 * hidden) over a section's tokens with a quantized weight: the Triton
+    dequantizing matmul, the plain path (dequantize, then matmul) and the float weight it stands for (the cuBLAS
+    matmul it replaces); fp8 also through torch._scaled_mm on fp8 tensor cores."""
+    from engine.quant import QuantScheme, quantize_weight
+    from kernels.quant_matmul import fp8_scaled_matmul, quantized_matmul, quantized_matmul_reference
+
+    scheme = QuantScheme(*{"int4": ("int4", 64)}.get(scheme_name, (scheme_name,)))
+    rows, in_features, out_features = shapes.tokens, shapes.hidden, 4 * shapes.hidden
+    weight = torch.randn(out_features, in_features, device=device) / math.sqrt(in_features)
+    stored = quantize_weight(weight, scheme)
+    args = (stored["weight"], stored["weight_scale"], stored.get("weight_zero"))
+    x = torch.randn(rows, in_features, device=device, dtype=dtype)
+    float_weight = weight.to(dtype)
+    implementations = {"eager": lambda: quantized_matmul_reference(x, *args),
+                       "float-weight": lambda: torch.nn.functional.linear(x, float_weight)}
+    skipped = {}
+    if (reason := _triton_runs(device)) is None:
+        implementations["triton"] = lambda: quantized_matmul(x, *args)
+    else:
+        skipped["triton"] = reason
+    if scheme.format == "fp8":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+            implementations["scaled_mm"] = lambda: fp8_scaled_matmul(x, stored["weight"], stored["weight_scale"])
+        else:
+            skipped["scaled_mm"] = "needs fp8 tensor cores (CUDA compute capability 8.9+)"
+    shape = {"rows": rows, "in_features": in_features, "out_features": out_features, "format": scheme.format,
+             "group_size": scheme.group_size}
+    return Case(f"quant_matmul_{scheme_name}", "eager", implementations, 2.0 * rows * in_features * out_features,
+                "TFLOP/s", shape, skipped)
+
+
 CASES = {
     "attention": attention_case,
     "attention_padded": lambda shapes, device, dtype: attention_case(shapes, device, dtype, padded=True),
@@ -226,6 +258,9 @@ CASES = {
     "gated_residual_layer_norm_modulate": gated_residual_layer_norm_modulate_case,
     "rms_norm_rotary": rms_norm_rotary_case,
     "packed_patchify": patchify_case,
+    "quant_matmul_fp8": lambda shapes, device, dtype: quant_matmul_case(shapes, device, dtype, "fp8"),
+    "quant_matmul_int8": lambda shapes, device, dtype: quant_matmul_case(shapes, device, dtype, "int8"),
+    "quant_matmul_int4": lambda shapes, device, dtype: quant_matmul_case(shapes, device, dtype, "int4"),
 }
 
 

@@ -13,7 +13,9 @@ What is reported, per run (one setting variant x one plan length):
 - achieved TFLOP/s and MFU against a matmul peak measured on the same device in the same run;
 - peak device memory, host peak RSS, bytes streamed per step (0: weights stay resident);
 - with `--cache teacache|magcache`, the model calls that ran the blocks and those the step cache skipped (MagCache
-  is first calibrated, untimed, on the same random weights and inputs: mechanics, not a real model's ratios).
+  is first calibrated, untimed, on the same random weights and inputs: mechanics, not a real model's ratios);
+- the weights' bytes as stored (`--quantize fp8|int8|int4` quantizes the blocks' linears, engine.quant), and with
+  --compare each variant's output error against the first variant's on the same inputs.
 On CUDA every interval is measured with CUDA events and read after a synchronize; on the CPU with perf_counter.
 """
 
@@ -41,6 +43,8 @@ from engine.conditioning import PromptEmbedding
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
 from engine.presets import DIT_PRESETS, randomize_weights_
+from engine.quant import FORMATS as QUANTIZE_FORMATS
+from engine.quant import QuantScheme, parameter_count, quantize_dit
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.sections import (CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES, VARIANTS, initial_history,
                              plan_sections)
@@ -81,6 +85,7 @@ class BenchSettings:
     threads: int | None = None  # CPU intra-op threads; None: torch's default
     cache: str = "none"  # step cache: none, teacache or magcache
     cache_threshold: float | None = None  # None: the cache's default (teacache 0.15, magcache 0.1)
+    quantize: str = "none"  # "none" or an engine.quant format: the blocks' linears quantized after the random fill
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -112,6 +117,8 @@ class BenchSettings:
             raise FramePackError(f"sections must be positive integers, got {self.sections!r}; e.g. --sections 1,4,16.")
         if self.matmul_size is not None and self.matmul_size < 16:
             raise FramePackError(f"matmul_size must be at least 16, got {self.matmul_size}.")
+        if self.quantize != "none" and self.quantize not in QUANTIZE_FORMATS:
+            raise FramePackError(f"Unknown quantize {self.quantize!r}: choose none, {', '.join(QUANTIZE_FORMATS)}.")
         if self.threads is not None and self.threads < 1:
             raise FramePackError(f"threads must be at least 1, got {self.threads}.")
         if self.cache not in ("none", *STEP_CACHES):
@@ -125,7 +132,7 @@ class BenchSettings:
 # The fields --compare may vary, with how each value is read from the command line.
 COMPARABLE = {"preset": str, "device": str, "dtype": str, "resolution": int, "latent_window_size": int, "steps": int,
               "warmup": int, "attention": str, "seed": int, "variant": str, "prompt_tokens": int,
-              "threads": int, "cache": str, "cache_threshold": float}
+              "threads": int, "cache": str, "cache_threshold": float, "quantize": str}
 
 
 def parse_compare(text: str | None) -> tuple[str, list] | None:
@@ -180,18 +187,21 @@ def check_fits(preset: str, needed_bytes: int, available_bytes: int | None, devi
 
 
 def random_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               check_memory: bool = True, preset: str = "custom") -> FramePackDiT:
+               check_memory: bool = True, preset: str = "custom", quantize: str = "none") -> FramePackDiT:
     """A FramePackDiT of random weights allocated directly on `device` in `dtype`.
 
     Built on the meta device (no memory, no init), then allocated empty on the device and filled in place there.
     Filled by engine.presets.randomize_weights_ (float32 draws from one seeded generator, cast on the device), so the
-    same seed gives the same weights (up to rounding) in every dtype.
+    same seed gives the same weights (up to rounding) in every dtype. With `quantize` (an engine.quant format) the
+    blocks' linears are then quantized, one layer at a time: every format starts from the same float weights.
     """
     model = FramePackDiT.from_config(config, device="meta", dtype=dtype)
     if check_memory:
         check_fits(preset, weight_bytes(model), free_memory_bytes(device), device, dtype)
     model = model.to_empty(device=device)
     randomize_weights_(model, torch.Generator(device=device).manual_seed(seed), scale=0.5)
+    if quantize != "none":
+        quantize_dit(model, QuantScheme(quantize))
     return model.eval()
 
 
@@ -435,7 +445,7 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tu
         inputs.latent_height, inputs.latent_width, inputs.text_tokens, inputs.image_tokens)
     step = flop_counter.step_flops(model.config, sequence)
     frames_per_section = PIXEL_FRAMES_PER_LATENT_FRAME * settings.latent_window_size
-    parameters = sum(parameter.numel() for parameter in model.parameters())
+    parameters = parameter_count(model)
 
     runs, first_output = [], None
     with torch.inference_mode():
@@ -585,13 +595,14 @@ def _run_variants(variants, results: dict, outputs: list, log) -> None:
             if peak_key not in results["matmul_peak"]:
                 log(f"measuring the matmul peak on {device} ({_dtype_name(dtype)})")
                 results["matmul_peak"][peak_key] = measure_matmul_peak(device, dtype, variant.matmul_size)
-            key = (variant.preset, str(device), dtype, variant.seed)
+            key = (variant.preset, str(device), dtype, variant.seed, variant.quantize)
             if key != model_key:
                 model = None  # free the previous model before building the next (two 13B models rarely fit)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 log(f"building preset {variant.preset!r} with random weights on {device} ({_dtype_name(dtype)})")
-                model = random_dit(DIT_PRESETS[variant.preset], device, dtype, variant.seed, preset=variant.preset)
+                model = random_dit(DIT_PRESETS[variant.preset], device, dtype, variant.seed, preset=variant.preset,
+                                   quantize=variant.quantize)
                 model_key = key
             log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} steps")
             runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key])
@@ -624,6 +635,7 @@ def _comparisons(runs: list[dict], outputs: list, variants) -> list[dict]:
             "speedup": reference_step / step,
             "achieved_tflops_ratio": run["achieved_tflops"] / reference["achieved_tflops"],
             "device_peak_bytes_ratio": memory / reference_memory if memory and reference_memory else None,
+            "weight_bytes_ratio": run["model"]["weight_bytes"] / reference["model"]["weight_bytes"],
             # Same seed, same inputs: how far this variant's last section is from the reference's.
             "output_relative_error_vs_reference": _relative_error(output, outputs[0]),
         })
@@ -717,7 +729,8 @@ def format_results(results: dict) -> str:
             error = item["output_relative_error_vs_reference"]
             memory = item["device_peak_bytes_ratio"]
             lines.append(f"  {item['label']:<24} time x{item['seconds_per_step_ratio']:.3f}  speedup "
-                         f"x{item['speedup']:.3f}  memory {'-' if memory is None else f'x{memory:.3f}'}  output "
+                         f"x{item['speedup']:.3f}  memory {'-' if memory is None else f'x{memory:.3f}'}  weights "
+                         f"x{item['weight_bytes_ratio']:.3f}  output "
                          f"rel. error {'-' if error is None else f'{error:.2e}'}")
     multi_plan = [item for item in results["constant_work"] if len(item["plan_sections"]) > 1]
     if multi_plan:
@@ -766,6 +779,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="step cache (MagCache is first calibrated, untimed, on the random weights)")
     parser.add_argument("--cache-threshold", type=float, help="the step cache's threshold (default: teacache 0.15, "
                                                               "magcache 0.1)")
+    parser.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_FORMATS],
+                        help="quantize the blocks' linears (engine.quant) after the random fill (default none)")
     parser.add_argument("--compare", metavar="KEY=V1,V2",
                         help=f"run each value on the same inputs and print ratios to the first; KEY: "
                              f"{', '.join(COMPARABLE)}")
@@ -789,7 +804,7 @@ def settings_from_args(args) -> BenchSettings:
         latent_window_size=args.latent_window_size, steps=args.steps, sections=parse_sections(args.sections),
         warmup=args.warmup, attention=args.attention, seed=args.seed, variant=args.variant,
         prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads, cache=args.cache,
-        cache_threshold=args.cache_threshold).validate()
+        cache_threshold=args.cache_threshold, quantize=args.quantize).validate()
 
 
 def command_bench(args) -> int:

@@ -1,4 +1,4 @@
-"""The `framepack` command: generate a video, show what this machine offers.
+"""The `framepack` command: generate a video, show what this machine offers, benchmark, quantize a checkpoint.
 
 A user mistake prints one line naming the problem and the fix and exits with status 2, never a traceback.
 Ctrl-C during generation stops at the next step and keeps (and saves) every finished section.
@@ -114,6 +114,12 @@ def command_generate(args) -> int:
 
             device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             engine = Engine.from_preset(args.preset, variant=variant, device=device)
+            if model_settings.quantize:  # the preset's random float weights, quantized as a checkpoint's would be
+                from engine.loading import transform_text_encoder
+                from engine.quant import QuantScheme, quantize_dit
+
+                quantize_dit(engine.transformer, QuantScheme(model_settings.quantize))
+                transform_text_encoder(engine.text_encoder, model_settings)
             for path, strength in model_settings.lora or ():
                 engine.load_lora(path, strength, mode=model_settings.lora_mode)
         else:
@@ -237,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=command_info)
     from engine.benchmark import add_bench_command
     from engine.calibration import add_calibrate_command
+    from engine.quant import add_quantize_command
 
     add_bench_command(commands)
     add_calibrate_command(commands)
+    add_quantize_command(commands)
     return parser
 
 

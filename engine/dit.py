@@ -611,12 +611,14 @@ class FramePackDiT(nn.Module):
         """Loads a repo id, a model folder (config.json + safetensors, sharded or not) or a single .safetensors file
         (ComfyUI-style too, fp8 with scales included; its config read off its tensors unless `config` is given).
 
-        The model is built on the meta device and its parameters take the memory-mapped tensors as they are.
+        The model is built on the meta device and its parameters take the memory-mapped tensors as they are; layers
+        a checkpoint stores quantized (`framepack quantize`, community fp8 files) become engine.quant.QuantizedLinear
+        modules holding the stored bytes.
         """
         from engine.loading import load_dit_checkpoint
 
         config, state_dict = load_dit_checkpoint(source, dtype=dtype, config=config, allow_download=allow_download,
-                                                 cache_dir=cache_dir)
+                                                 cache_dir=cache_dir, keep_quantized=True)
         name = Path(str(source)).name
         try:
             with torch.device("meta"):
@@ -625,6 +627,10 @@ class FramePackDiT(nn.Module):
             raise ModelSourceError(
                 f"The config of {name!r} does not describe a FramePack transformer ({type(error).__name__}: {error}): "
                 "download its config.json again.") from None
+        if "quantization" in config:  # quantized layers are built as such and take the stored bytes as they are
+            from engine.quant import QuantScheme, build_quantized_layers
+
+            build_quantized_layers(model, state_dict, QuantScheme.from_dict(config["quantization"]))
         expected = model.state_dict()
         for key, tensor in state_dict.items():
             if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
@@ -706,6 +712,27 @@ class FramePackDiT(nn.Module):
         if name not in self.linear_layers():
             raise KeyError(f"the DiT has no linear layer {name!r}")
         self.set_submodule(name, layer)
+
+    def block_linears(self, modulation: bool = True) -> list[tuple[str, nn.Module]]:
+        """(state-dict name, module) of every linear layer inside the transformer blocks, in run order: what weight
+        quantization (and LoRA) replaces. The adaptive-modulation projections are included only with `modulation`.
+        Any module with in_features / out_features counts, so an already replaced layer is found again."""
+        found = []
+        for prefix, blocks in (("transformer_blocks", self.transformer_blocks),
+                               ("single_transformer_blocks", self.single_transformer_blocks)):
+            for index, block in enumerate(blocks):
+                modulation_layers = {id(m.linear) for m in block.modules() if isinstance(m, AdaptiveModulation)}
+                taken = []
+                for name, module in block.named_modules():
+                    if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+                        continue
+                    if any(name.startswith(outer + ".") for outer in taken):
+                        continue  # a layer inside a wrapper that was found already
+                    taken.append(name)
+                    if id(module) in modulation_layers and not modulation:
+                        continue
+                    found.append((f"{prefix}.{index}.{name}", module))
+        return found
 
     def set_block_stream(self, stream=None) -> "FramePackDiT":
         """stream(blocks) -> an iterator handing run_blocks each block once its weights are where it computes

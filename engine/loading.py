@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.errors import ModelSourceError
+from kernels.reference import FP8_DTYPES, dequantize_reference
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -355,6 +356,13 @@ class _Checkpoint:
     def keys(self) -> list[str]:
         return list(self.handles)
 
+    def keys_of(self, file: Path) -> list[str]:
+        return [key for key, (owner, _) in self.handles.items() if owner == file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading it."""
+        return tuple(self.handles[key][1].get_slice(key).get_shape())
+
     def get(self, key: str) -> torch.Tensor:
         file, handle = self.handles[key]
         try:
@@ -402,13 +410,19 @@ def _apply_scale(weight: torch.Tensor, scale: torch.Tensor, key: str) -> torch.T
         "use a checkpoint with per-tensor or per-output-channel scales.")
 
 
-def _read(checkpoint: _Checkpoint, dtype: torch.dtype | None, rename=lambda key: key) -> dict[str, torch.Tensor]:
-    """All weights, renamed by `rename` (None drops a key), fp8 scales folded in when a dtype is asked for."""
-    keys = checkpoint.keys()
-    fold_scales = dtype is not None and _is_scaled(keys)
-    key_set = set(keys)
-    state_dict = {}
-    for key in keys:
+def _iter_tensors(checkpoint: _Checkpoint, dtype: torch.dtype | None, rename=lambda key: key, keys=None):
+    """(name, tensor) of the checkpoint's weights (of `keys` when given), renamed by `rename` (None drops a key),
+    fp8 scales folded in when a dtype is asked for; the layers of a pre-quantized checkpoint (`framepack quantize`)
+    come back dequantized then."""
+    from engine.quant import QuantScheme
+
+    all_keys = checkpoint.keys()
+    key_set = set(all_keys)
+    ours = dtype is not None and QuantScheme.from_metadata(checkpoint.metadata) is not None
+    fold_scales = dtype is not None and not ours and _is_scaled(all_keys)
+    for key in all_keys if keys is None else keys:
+        if ours and key.endswith((".weight_scale", ".weight_zero")):
+            continue
         if fold_scales and (key.endswith(_WEIGHT_SCALE_SUFFIXES + _DROPPED_SUFFIXES)
                             or key.rsplit(".", 1)[-1] == _SCALED_FP8_MARKER):
             continue
@@ -416,15 +430,74 @@ def _read(checkpoint: _Checkpoint, dtype: torch.dtype | None, rename=lambda key:
         if name is None:
             continue
         tensor = checkpoint.get(key)
-        if fold_scales and key.endswith(".weight"):
-            layer = key[: -len(".weight")]
+        layer = key[: -len(".weight")]
+        if ours and key.endswith(".weight") and layer + ".weight_scale" in key_set:
+            zero = checkpoint.get(layer + ".weight_zero") if layer + ".weight_zero" in key_set else None
+            in_features = None if zero is None else _int4_in_features(checkpoint, layer)
+            tensor = dequantize_reference(tensor, checkpoint.get(layer + ".weight_scale"), zero, in_features)
+        elif fold_scales and key.endswith(".weight"):
             scale_key = next((layer + s for s in _WEIGHT_SCALE_SUFFIXES if layer + s in key_set), None)
             if scale_key is not None:
                 tensor = _apply_scale(tensor, checkpoint.get(scale_key), key)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        state_dict[name] = tensor
-    return state_dict
+        yield name, tensor
+
+
+def _int4_in_features(checkpoint: _Checkpoint, layer: str) -> int:
+    """An int4 layer's input width is not in its padded storage: the checkpoint records it beside the layer."""
+    from engine.quant import INT4_WIDTHS_KEY
+
+    widths = json.loads(checkpoint.metadata.get(INT4_WIDTHS_KEY, "{}"))
+    packed = checkpoint.shape(layer + ".weight")
+    return widths.get(layer, 2 * packed[1])
+
+
+def _read(checkpoint: _Checkpoint, dtype: torch.dtype | None, rename=lambda key: key) -> dict[str, torch.Tensor]:
+    """All weights, renamed by `rename` (None drops a key), fp8 scales folded in when a dtype is asked for."""
+    return dict(_iter_tensors(checkpoint, dtype, rename))
+
+
+def _read_keeping_quantized(checkpoint: _Checkpoint, dtype: torch.dtype, rename) -> tuple[dict, object]:
+    """All weights renamed, quantized layers kept in their stored bytes (memory-mapped, never copied) and floats cast
+    to `dtype`; returns (state dict, engine.quant.QuantScheme or None).
+
+    A pre-quantized checkpoint of ours is taken as stored. In a community fp8 file (ComfyUI / kijai / musubi-tuner:
+    e4m3 or e5m2 weights with a per-tensor or per-channel scale, or none), every 2-D fp8 weight becomes our fp8
+    layout: the values as stored and a float32 scale per output channel; the scale keys, input scales and markers
+    are dropped, and any other fp8 tensor is folded to `dtype` as before."""
+    from engine.quant import QuantScheme
+
+    scheme = ours = QuantScheme.from_metadata(checkpoint.metadata)
+    keys = checkpoint.keys()
+    key_set = set(keys)
+    state_dict = {}
+    for key in keys:
+        name = rename(key)
+        if name is None:
+            continue
+        if ours is not None:
+            tensor = checkpoint.get(key)
+            stored = key.endswith((".weight_scale", ".weight_zero")) or tensor.dtype in FP8_DTYPES
+            state_dict[name] = tensor if stored or not tensor.is_floating_point() else tensor.to(dtype)
+            continue
+        if key.endswith(_WEIGHT_SCALE_SUFFIXES + _DROPPED_SUFFIXES) or key.rsplit(".", 1)[-1] == _SCALED_FP8_MARKER:
+            continue
+        tensor = checkpoint.get(key)
+        layer = key[: -len(".weight")]
+        scale_key = next((layer + s for s in _WEIGHT_SCALE_SUFFIXES if layer + s in key_set), None)
+        if tensor.dtype in FP8_DTYPES and tensor.ndim == 2 and key.endswith(".weight"):
+            scale = checkpoint.get(scale_key).float() if scale_key else torch.ones(1)
+            if scale.numel() not in (1, tensor.shape[0]):
+                _apply_scale(tensor, scale, key)  # raises the error naming the layout
+            state_dict[name] = tensor
+            state_dict[name[: -len("weight")] + "weight_scale"] = scale.reshape(-1).expand(tensor.shape[0]).clone()
+            scheme = scheme or QuantScheme("fp8", modulation=True)
+            continue
+        if scale_key is not None and key.endswith(".weight"):
+            tensor = _apply_scale(tensor, checkpoint.get(scale_key), key)
+        state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state_dict, scheme
 
 
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -459,24 +532,36 @@ def _check_dit_keys(keys: list[str], name: str) -> None:
             "point at the FramePack transformer checkpoint.")
 
 
-def load_dit_state_dict(path: str | Path, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+def load_dit_state_dict(path: str | Path, dtype: torch.dtype | None = torch.bfloat16,
+                        keep_quantized: bool = False):
     """A DiT checkpoint (folder or single file) with the checkpoint's diffusers-style keys, cast to `dtype`.
 
     Single-file prefixes (`model.diffusion_model.`, `diffusion_model.`) are stripped and keys outside them (a VAE or
-    text encoder bundled in the same file) left out; fp8 weights are multiplied by their scales before the cast.
+    text encoder bundled in the same file) left out; fp8 weights are multiplied by their scales before the cast, and
+    the layers of a pre-quantized checkpoint dequantized. With `keep_quantized`, quantized layers stay in their
+    stored bytes instead (engine.quant's layout) and the result is (state dict, QuantScheme or None).
     """
     files = _weight_files(path)
+    dtype = dtype if dtype is not None else torch.bfloat16
     with _Checkpoint(files) as checkpoint:
-        prefix = _dit_prefix(checkpoint.keys())
-
-        def rename(key: str) -> str | None:
-            if not prefix:
-                return key
-            return key[len(prefix):] if key.startswith(prefix) else None
-
-        state_dict = _read(checkpoint, dtype if dtype is not None else torch.bfloat16, rename)
+        rename = _dit_rename(checkpoint.keys())
+        if keep_quantized:
+            state_dict, scheme = _read_keeping_quantized(checkpoint, dtype, rename)
+        else:
+            state_dict, scheme = _read(checkpoint, dtype, rename), None
     _check_dit_keys(list(state_dict), Path(path).name)
-    return state_dict
+    return (state_dict, scheme) if keep_quantized else state_dict
+
+
+def _dit_rename(keys: list[str]):
+    prefix = _dit_prefix(keys)
+
+    def rename(key: str) -> str | None:
+        if not prefix:
+            return key
+        return key[len(prefix):] if key.startswith(prefix) else None
+
+    return rename
 
 
 def _block_count(keys, prefix: str) -> int:
@@ -541,21 +626,61 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 def load_dit_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["transformer"],
                         config: dict | None = None, allow_download: bool | None = None,
-                        cache_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                        cache_dir: str | Path | None = None, keep_quantized: bool = False) -> tuple[dict, dict]:
     """(config, state_dict) of the FramePack DiT from a repo id, a folder or a single .safetensors file.
 
     A folder's config.json is used as it is; a single file's config comes from `config`, else from a JSON "config"
     entry in its metadata, else from `infer_dit_config`. The state dict has the checkpoint's diffusers-style keys.
+    With `keep_quantized`, quantized layers (a pre-quantized checkpoint, or a community fp8 file) stay quantized and
+    the config gains a "quantization" entry (engine.quant.QuantScheme.as_dict()).
     """
     path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
-    state_dict = load_dit_state_dict(path, dtype)
+    loaded = load_dit_state_dict(path, dtype, keep_quantized=keep_quantized)
+    state_dict, scheme = loaded if keep_quantized else (loaded, None)
     if config is None:
-        if path.is_dir():
-            config = read_config(path)
-        else:
-            embedded = read_safetensors_metadata(path).get("config")
-            config = json.loads(embedded) if embedded else infer_dit_config(state_dict)
-    return dict(config), state_dict
+        config = _dit_config(path, state_dict)
+    config = dict(config)
+    if scheme is not None:
+        config["quantization"] = scheme.as_dict()
+    return config, state_dict
+
+
+def _dit_config(path: Path, state_dict) -> dict:
+    if path.is_dir():
+        return read_config(path)
+    embedded = read_safetensors_metadata(path).get("config")
+    return json.loads(embedded) if embedded else infer_dit_config(state_dict)
+
+
+def read_dit_config(source, allow_download: bool | None = None, cache_dir=None) -> dict:
+    """The DiT's config from a folder, a single file's metadata, or its tensor shapes (read from the header only)."""
+    path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
+    with _Checkpoint(_weight_files(path)) as checkpoint:
+        rename = _dit_rename(checkpoint.keys())
+        shapes = {rename(key): torch.empty(checkpoint.shape(key), device="meta") for key in checkpoint.keys()
+                  if rename(key) is not None}
+    return _dit_config(path, shapes)
+
+
+@contextlib.contextmanager
+def dit_source_shards(source, dtype: torch.dtype = DEFAULT_DTYPES["transformer"], allow_download=None,
+                      cache_dir=None):
+    """The weight files of a DiT source, for reading one at a time: a list of (file name, read) where read() yields
+    (name, tensor) with the DiT's own keys, fp8 scales folded and floats cast to `dtype`. A pre-quantized checkpoint
+    is refused: quantize from the full-precision one."""
+    from engine.quant import METADATA_KEY
+
+    path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
+    files = _weight_files(path)
+    with _Checkpoint(files) as checkpoint:
+        if METADATA_KEY in checkpoint.metadata:
+            raise ModelSourceError(
+                f"{Path(path).name!r} is already quantized ({checkpoint.metadata[METADATA_KEY]}): quantize from the "
+                "full-precision (bf16) checkpoint instead.")
+        rename = _dit_rename(checkpoint.keys())
+        _check_dit_keys([name for key in checkpoint.keys() if (name := rename(key)) is not None], Path(path).name)
+        yield [(file.name, lambda file=file: _iter_tensors(checkpoint, dtype, rename, checkpoint.keys_of(file)))
+               for file in files]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -662,18 +787,37 @@ def guess_variant(transformer_source) -> str:
 def transform_dit(dit, settings):
     """The stage between reading the DiT's weights and placing it: where LoRA merging and quantization act on it
     (in place, while its weights are still on the host). Fused LoRAs merge into the float weights before they are
-    quantized; live ones wrap the layers after, so they run beside the quantized base. Returns the LoraSet."""
+    quantized; live ones wrap the layers after, so they run beside the quantized base. Returns the LoraSet.
+
+    `settings.quantize` quantizes the blocks' linears (layers a checkpoint already stores quantized in another format
+    are dequantized and quantized again); without it a quantized checkpoint stays as it is. Quantized layers use the
+    Triton dequantizing matmul when fused kernels are on."""
     from engine.lora import LoraSet
+    from engine.quant import QuantScheme, quantize_dit, quantized_layers, set_quantized_kernels
 
     loras = LoraSet(dit, default_mode=settings.lora_mode)
     if settings.lora_mode == "fused":  # into the float weights, before any quantization
         for path, strength in settings.lora or ():
             loras.load(path, strength)
-    # (weight quantization acts here, after `loras.release_originals()`: quantized layers cannot take them back)
+    if settings.quantize is not None:
+        scheme = QuantScheme(settings.quantize)
+        stale = [layer for layer in quantized_layers(dit) if layer.scheme != scheme]
+        if stale or not quantized_layers(dit):
+            loras.release_originals()  # quantized layers cannot take the originals back
+            quantize_dit(dit, scheme)
+    set_quantized_kernels(dit, settings.fused_kernels)
     if settings.lora_mode == "live":  # around the layers as they will run, quantized or not
         for path, strength in settings.lora or ():
             loras.load(path, strength)
     return loras
+
+
+def transform_text_encoder(text_encoder, settings) -> None:
+    """`settings.quantize` quantizes the Llama text encoder's linears too (CLIP-L is small and stays as it is)."""
+    from engine.quant import QuantScheme, quantize_llama
+
+    if settings.quantize is not None and text_encoder.llama_model is not None:
+        quantize_llama(text_encoder.llama_model, QuantScheme(settings.quantize))
 
 
 def load_engine(engine_class, settings, *, allow_download: bool | None = None, cache_dir=None,
@@ -693,10 +837,18 @@ def load_engine(engine_class, settings, *, allow_download: bool | None = None, c
     encoder_dtype = torch.float32 if device.type == "cpu" else DEFAULT_DTYPES["text_encoder"]
     vae_dtype = torch.float32 if device.type == "cpu" else DEFAULT_DTYPES["vae"]
 
+    if settings.fp8_compute:
+        from engine.quant import check_fp8_compute_device
+
+        check_fp8_compute_device(device)
     dit = FramePackDiT.from_pretrained(settings.transformer, dtype=dtype, device="cpu",
                                        allow_download=allow_download, cache_dir=cache_dir).eval()
     loras = transform_dit(dit, settings)
     dit = dit.to(device)
+    if settings.fp8_compute:
+        from engine.quant import set_fp8_compute
+
+        set_fp8_compute(dit, True)
     dit.set_output_precision(float32=True)  # the official app's high-quality float32 output projection
     dit.set_attention_backend(settings.attention)
     dit.set_fused_kernels(settings.fused_kernels)
@@ -705,8 +857,14 @@ def load_engine(engine_class, settings, *, allow_download: bool | None = None, c
         device=device)
     if settings.vram_budget_gb is not None:
         vae.memory_budget_bytes = int(settings.vram_budget_gb * 2**30)
-    text_encoder = TextEncoder.from_pretrained(settings.base, device=device, dtype=encoder_dtype,
-                                               allow_download=allow_download, cache_dir=cache_dir)
+    # A quantized text encoder is read on the host and quantized there, then placed.
+    text_encoder = TextEncoder.from_pretrained(settings.base, device="cpu" if settings.quantize else device,
+                                               dtype=encoder_dtype, allow_download=allow_download,
+                                               cache_dir=cache_dir)
+    if settings.quantize:
+        transform_text_encoder(text_encoder, settings)
+        text_encoder.llama_model.to(device)
+        text_encoder.clip_model.to(device)
     images = ImageEncoder.from_pretrained(settings.image_encoder, device=device, dtype=encoder_dtype,
                                           allow_download=allow_download, cache_dir=cache_dir)
     return engine_class(dit, vae, text_encoder, images, variant=variant, device=device, dtype=dtype,

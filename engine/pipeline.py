@@ -164,7 +164,8 @@ class Engine:
         """Options (engine.settings.ModelSettings): transformer, base, image_encoder (each a Hugging Face repo id,
         looked up in the local cache first and downloaded when allowed, or a local folder in the repo's layout, or
         for the transformer a single .safetensors file), variant ("auto" reads "F1" in the transformer's name),
-        device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb, quantize, offline."""
+        device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb, quantize (fp8, int8,
+        int4), fp8_compute, offline."""
         from engine.loading import load_engine
         from engine.settings import ModelSettings
 

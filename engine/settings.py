@@ -21,6 +21,7 @@ from typing import Any, Callable
 from engine.attention import BACKEND_NAMES
 from engine.errors import FramePackError
 from engine.lora import LORA_MODES, check_lora_source
+from engine.quant import FORMATS as QUANTIZE_FORMATS
 from engine.sampling import SAMPLERS
 from engine.calibration import MagCacheCalibration
 from engine.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
@@ -346,7 +347,11 @@ class ModelSettings(_Settings):
                                  boolean)
     vram_budget_gb: float | None = option(None, "device memory budget in GB (default: the free memory)",
                                           optional(number(0.5, 10_000)))
-    quantize: str | None = option(None, "weight quantization (not available yet)", optional(text))
+    quantize: str | None = option(None, "quantize the DiT's block linears and the Llama text encoder's weights: "
+                                  "fp8, int8 or int4 (a quantized checkpoint stays quantized without it)",
+                                  optional(choice(*QUANTIZE_FORMATS)))
+    fp8_compute: bool = option(False, "fp8 weights multiply fp8 activations on fp8 tensor cores (Ada/Hopper)",
+                               boolean)
     lora: list[tuple[str, float]] | None = option(
         None, "a LoRA file as PATH[:STRENGTH] (kohya/musubi-tuner, diffusers/PEFT or ComfyUI layout); repeat for several",
         lora_list, metavar="PATH[:STRENGTH]")
@@ -358,9 +363,9 @@ class ModelSettings(_Settings):
         choice(*BACKEND_NAMES)("attention", self.attention)
         if self.device is not None:
             check_device(self.device)
-        if self.quantize is not None:
-            raise FramePackError(
-                f"Weight quantization ({self.quantize!r}) is not available in this version: leave quantize unset.")
+        if self.fp8_compute and self.quantize not in (None, "fp8"):
+            raise FramePackError(f"fp8_compute multiplies fp8 weights, but quantize is {self.quantize!r}: "
+                                 "pass quantize='fp8' or leave fp8_compute off.")
 
 
 def add_flags(parser, settings_class, skip: tuple[str, ...] = ()) -> None:

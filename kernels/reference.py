@@ -232,3 +232,82 @@ def check_patch_groups(noisy, clean, clean_2x, clean_4x):
     if len(head_dims) > 1:
         raise ValueError(f"packed_patchify: RoPE tables disagree on head_dim: {sorted(head_dims)}.")
     return groups
+
+
+# --- weight-only quantized matmuls --------------------------------------------------------------------------------
+#
+# A quantized linear weight (out_features, in_features) is stored as one of
+#   fp8   float8_e4m3fn (or float8_e5m2) values and a float32 scale per output channel: w = q * scale[n]
+#   int8  int8 values in [-127, 127] and a float32 scale per output channel:         w = q * scale[n]
+#   int4  uint8 bytes of two 4-bit values in [0, 15] along the input dimension (element 2j in the low nibble,
+#         2j + 1 in the high one), the input dimension padded to a multiple of the group size; a scale and a zero
+#         point per (output channel, group):                                        w = (q - zero[n, g]) * scale[n, g]
+# The storage dtype says which (float8 -> fp8, int8 -> int8, uint8 -> int4); the int4 group size is the padded input
+# width over the number of groups, so a weight's tensors describe it completely.
+
+FP8_E4M3_MAX = 448.0
+INT8_MAX = 127
+INT4_MAX = 15
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# int4 group sizes: powers of two, so a kernel's K tile never straddles two groups.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def weight_format(weight: torch.Tensor) -> str:
+    """'fp8', 'int8' or 'int4', from the storage dtype of a quantized weight."""
+    if weight.dtype in FP8_DTYPES:
+        return "fp8"
+    if weight.dtype == torch.int8:
+        return "int8"
+    if weight.dtype == torch.uint8:
+        return "int4"
+    raise ValueError(f"{weight.dtype} is not a quantized weight dtype (float8, int8, or uint8 for packed int4).")
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """(rows, even columns) integers in [0, 15] -> (rows, columns / 2) uint8, element 2j in the low nibble."""
+    values = values.to(torch.uint8)
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (rows, bytes) uint8 -> (rows, 2 * bytes) uint8 in [0, 15]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def int4_group_size(packed: torch.Tensor, scale: torch.Tensor) -> int:
+    return 2 * packed.shape[1] // scale.shape[1]
+
+
+def dequantize_reference(weight, scale, zero=None, in_features=None, dtype=torch.float32) -> torch.Tensor:
+    """The float weight (out_features, in_features) a quantized one stands for, computed in float32, in `dtype`."""
+    format_name = weight_format(weight)
+    if format_name in ("fp8", "int8"):
+        return (weight.float() * scale.float()[:, None]).to(dtype)
+    groups = scale.shape[1]
+    values = unpack_int4(weight).float().reshape(weight.shape[0], groups, -1)
+    dequantized = ((values - zero.float()[:, :, None]) * scale.float()[:, :, None]).reshape(weight.shape[0], -1)
+    return dequantized[:, :in_features].to(dtype)
+
+
+def quantized_matmul_reference(x, weight, scale, zero=None, bias=None) -> torch.Tensor:
+    """x @ w.T + bias with w the dequantized weight rounded to x's dtype: the plain path of a quantized linear."""
+    dequantized = dequantize_reference(weight, scale, zero, x.shape[-1], x.dtype)
+    return F.linear(x, dequantized, None if bias is None else bias.to(x.dtype))
+
+
+def quantize_activations_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (row) fp8 e4m3 quantization of activations (rows, features): (values, float32 scales (rows, 1))."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_scaled_matmul_reference(x, weight, scale, bias=None) -> torch.Tensor:
+    """The fp8 compute path in plain float32: activations quantized to e4m3 per token, multiplied by the e4m3 weight,
+    rescaled by both scales (+ bias); the result in x's dtype. x: (..., in_features)."""
+    rows = x.reshape(-1, x.shape[-1])
+    values, token_scale = quantize_activations_fp8_reference(rows)
+    out = (values.float() @ weight.float().t()) * token_scale * scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -300,3 +300,23 @@ def test_tiny_preset_on_cuda(tmp_path):
         assert run["settings"]["dtype"] == "bfloat16" and run["seconds_per_step"]["mean"] > 0
     assert results["matmul_peak"] and all(peak["dtype"] == "bfloat16" for peak in results["matmul_peak"].values())
     assert results["comparisons"][1]["output_relative_error_vs_reference"] < 2e-2
+
+
+def test_compare_quantize_reports_bytes_and_error_on_the_same_weights(tmp_path):
+    from engine.quant import QuantScheme, quantized_weight_bytes
+
+    results = bench(tmp_path, "--compare", "quantize=none,int8,int4")
+    none, int8, int4 = (run["model"] for run in results["runs"])
+    assert none["parameters"] == int8["parameters"] == int4["parameters"]
+    # The weight bytes drop by exactly the block linears' float32 bytes minus their quantized bytes.
+    model = benchmark.random_dit(benchmark.DIT_PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    layers = [layer for _, layer in model.block_linears()]
+    for run, scheme in ((int8, QuantScheme("int8")), (int4, QuantScheme("int4"))):
+        saved = sum(4 * layer.weight.numel() - quantized_weight_bytes(layer.out_features, layer.in_features, scheme)
+                    for layer in layers)
+        assert run["weight_bytes"] == none["weight_bytes"] - saved
+    _, int8_ratio, int4_ratio = results["comparisons"]
+    assert int8_ratio["weight_bytes_ratio"] < 1 and int4_ratio["weight_bytes_ratio"] < int8_ratio["weight_bytes_ratio"]
+    # Same float weights and inputs: the error is quantization's alone, int4's above int8's.
+    assert 0 < int8_ratio["output_relative_error_vs_reference"] < int4_ratio["output_relative_error_vs_reference"] < 0.1
+    assert all(run["bytes_streamed_per_step"] == 0 for run in results["runs"])

@@ -1,0 +1,354 @@
+"""Quantized weights (engine/quant.py): accuracy per format, bytes, checkpoints written and loaded quantized, community
+fp8 files, and the options that turn it on."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from engine.dit import FramePackDiT
+from engine.errors import FramePackError
+from engine.quant import (METADATA_KEY, QuantizedLinear, QuantScheme, quantize_dit, quantize_llama, quantize_weight,
+                          quantized_layers, quantized_weight_bytes, write_quantized_checkpoint)
+from tests.utils import TINY_CONFIG, randomize_weights_, section_inputs
+from tests.utils import assert_relative_error, relative_error
+
+SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"), "int4": QuantScheme("int4")}
+# The real head size and block structure at a reduced width and depth (the "small" preset's blocks, 2 heads).
+SMALL_CONFIG = {**TINY_CONFIG, "num_attention_heads": 2, "attention_head_dim": 128, "rope_axes_dim": [16, 56, 56],
+                "num_layers": 2, "num_single_layers": 2, "mlp_ratio": 4.0, "text_embed_dim": 64}
+INPUT_SIZE = dict(height=6, width=8, window=2)
+CONFIGS = {"tiny": TINY_CONFIG, "small": SMALL_CONFIG}
+# Relative error of the DiT's output against the unquantized model on random inputs (float32), measured over seeds
+# 0-2 (tiny / small): fp8 7.2e-3 / 1.2e-2, int8 2.4e-3 / 2.4e-3, int4 group 64 3.6e-2 / 5.2e-2 (group 128:
+# 3.8e-2 / 4.1e-2). The bounds leave about 2x; a scale on the wrong channels, a flipped zero point or sign gives
+# errors of order 0.1 to 1 (test_the_bounds_catch_a_broken_quantization).
+DIT_ERROR_BOUND = {"fp8": 2.5e-2, "int8": 5e-3, "int4": 0.1}
+# The Llama encoder's hidden states (every layer; default init): measured at most fp8 5.7e-2, int8 1.6e-2, int4 0.19.
+LLAMA_ERROR_BOUND = {"fp8": 0.1, "int8": 3e-2, "int4": 0.35}
+
+def random_dit(config, seed=0):
+    return randomize_weights_(FramePackDiT.from_config(config), seed=seed, scale=0.5).eval()
+
+
+def dit_output(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def dits():
+    return {name: random_dit(config) for name, config in CONFIGS.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One weight
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("fp8"), QuantScheme("int8"), QuantScheme("int4", 64),
+                                    QuantScheme("int4", 128), QuantScheme("int4", 32)], ids=str)
+def test_each_value_lands_within_half_a_step(scheme):
+    weight = torch.randn(40, 200) * 0.05 + 0.01
+    weight[3] *= 50  # one loud output channel: its scale must not leak into the others
+    stored = quantize_weight(weight, scheme)
+    layer = QuantizedLinear(200, 40, False, scheme)
+    for name, tensor in stored.items():
+        setattr(layer, name, nn.Parameter(tensor, requires_grad=False))
+    error = (layer.dequantize() - weight).abs()
+    if scheme.format == "fp8":
+        # e4m3 keeps 3 mantissa bits: half a unit in the last place is 2^-4 of the value (2^-9 * scale near zero).
+        step_bound = torch.maximum(weight.abs() * 2.0 ** -4, stored["weight_scale"][:, None] * 2.0 ** -9)
+    elif scheme.format == "int8":
+        step_bound = stored["weight_scale"][:, None] / 2
+    else:
+        scale = stored["weight_scale"].float().repeat_interleave(scheme.group_size, dim=1)[:, :200]
+        step_bound = scale * 0.51  # half a step, plus the float16 zero point's rounding
+    assert (error <= step_bound * 1.0001 + 1e-12).all()
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES), ids=str)
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_dit_output_error_per_format_is_bounded(dits, size, scheme):
+    model = dits[size]
+    quantized = quantize_dit(copy.deepcopy(model), SCHEMES[scheme])
+    layers = quantized_layers(quantized)
+    assert len(layers) == len(model.block_linears()) and all(layer.format == scheme for layer in layers)
+    for seed in range(2):
+        inputs = section_inputs(CONFIGS[size], seed=seed, **INPUT_SIZE)
+        error = relative_error(dit_output(quantized, inputs), dit_output(model, inputs))
+        assert 1e-5 < error <= DIT_ERROR_BOUND[scheme], f"{size} {scheme} seed {seed}: {error:.2e}"
+
+
+@pytest.mark.parametrize("breakage", ["scale on the wrong channels", "zero point sign", "value sign"])
+def test_the_bounds_catch_a_broken_quantization(dits, breakage):
+    """The bounds above are tight enough to fail a plausible bug."""
+    model = dits["tiny"]
+    scheme = "int4" if breakage == "zero point sign" else "int8"
+    quantized = quantize_dit(copy.deepcopy(model), SCHEMES[scheme])
+    with torch.no_grad():
+        for layer in quantized_layers(quantized):
+            if breakage == "scale on the wrong channels":
+                layer.weight_scale.copy_(layer.weight_scale.flip(0))
+            elif breakage == "zero point sign":
+                layer.weight_zero.copy_(-layer.weight_zero)
+            else:
+                layer.weight.copy_(-layer.weight)
+    inputs = section_inputs(TINY_CONFIG, **INPUT_SIZE)
+    assert relative_error(dit_output(quantized, inputs), dit_output(model, inputs)) > 5 * DIT_ERROR_BOUND[scheme]
+
+
+def test_modulation_quantized_is_measured_harmless(dits):
+    """Quantizing the adaptive-modulation projections too (the default) adds little to the error of the rest."""
+    model = dits["small"]
+    inputs = section_inputs(SMALL_CONFIG, seed=3, **INPUT_SIZE)
+    expected = dit_output(model, inputs)
+    for scheme in SCHEMES.values():
+        without = QuantScheme(scheme.format, scheme.group_size, modulation=False)
+        error_without = relative_error(dit_output(quantize_dit(copy.deepcopy(model), without), inputs), expected)
+        error_with = relative_error(dit_output(quantize_dit(copy.deepcopy(model), scheme), inputs), expected)
+        assert error_with <= 1.5 * error_without, (scheme.format, error_with, error_without)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES), ids=str)
+def test_llama_hidden_states_error_is_bounded(scheme):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaModel(config).eval()
+    quantized = quantize_llama(copy.deepcopy(model), SCHEMES[scheme])
+    assert len(quantized_layers(quantized)) == 3 * 7  # q, k, v, o, gate, up, down per layer
+    assert isinstance(quantized.embed_tokens, nn.Embedding)
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens, output_hidden_states=True).hidden_states
+        actual = quantized(tokens, output_hidden_states=True).hidden_states
+    errors = [relative_error(a, e) for a, e in zip(actual[1:], expected[1:])]
+    assert 1e-5 < max(errors) <= LLAMA_ERROR_BOUND[scheme], errors
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bytes
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("fp8"), QuantScheme("int8"), QuantScheme("int4", 64),
+                                    QuantScheme("int4", 128)], ids=str)
+def test_weight_bytes_equal_the_formula(dits, scheme):
+    model = dits["small"]
+    layers = model.block_linears()
+    float_bytes = sum(layer.weight.numel() * 2 for _, layer in layers)  # as bf16
+    quantized = quantize_dit(copy.deepcopy(model), scheme)
+    stored = sum(t.numel() * t.element_size() for layer in quantized_layers(quantized) for t in layer.stored_tensors())
+    expected = sum(quantized_weight_bytes(layer.out_features, layer.in_features, scheme) for _, layer in layers)
+    assert stored == expected
+    # Plain arithmetic: out*in bytes + 4*out (fp8, int8); out*in/2 + 4*out*in/group (int4, widths divide here).
+    by_hand = sum(layer.out_features * layer.in_features * (1 if scheme.format != "int4" else 0.5)
+                  + 4 * layer.out_features * (1 if scheme.format != "int4" else layer.in_features / scheme.group_size)
+                  for _, layer in layers)
+    assert stored == by_hand
+    assert stored / float_bytes == pytest.approx({"fp8": 0.5, "int8": 0.5, "int4": 0.25}[scheme.format], rel=0.15)
+
+
+def test_dtype_conversion_keeps_the_stored_format(dits):
+    quantized = quantize_dit(copy.deepcopy(dits["tiny"]), SCHEMES["fp8"]).to(torch.bfloat16)
+    layer = quantized_layers(quantized)[0]
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_kernel_path_matches_the_plain_path(dits):
+    """QuantizedLinear.use_kernel runs the Triton matmul (here under the interpreter): the same DiT output."""
+    from engine.quant import set_quantized_kernels
+
+    quantized = quantize_dit(copy.deepcopy(dits["tiny"]), SCHEMES["int4"])
+    inputs = section_inputs(TINY_CONFIG, height=4, width=4, window=1)
+    plain = dit_output(quantized, inputs)
+    kernel = dit_output(set_quantized_kernels(quantized, True), inputs)
+    assert_relative_error(kernel, plain, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+from tests.fixtures import (framepack_transformer_folder, single_file_dit_fp8_scaled,  # noqa: E402,F401
+                            tiny_dit_model, write_framepack_transformer, write_single_file_dit)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("fp8"), QuantScheme("int8"), QuantScheme("int4", 128)], ids=str)
+def test_quantized_checkpoint_round_trip_is_identical(tmp_path, framepack_transformer_folder, scheme):
+    out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "quantized", scheme)
+    source_shards = sorted(p.name for p in framepack_transformer_folder.glob("*.safetensors"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == source_shards and len(source_shards) > 1
+    index = json.loads(next(out.glob("*.index.json")).read_text())
+    assert set(index["weight_map"].values()) == set(source_shards)
+    from engine.loading import read_safetensors_metadata
+
+    stored = json.loads(read_safetensors_metadata(out)[METADATA_KEY])
+    assert (stored["format"], stored["group_size"]) == (scheme.format, scheme.group_size)
+
+    loaded = FramePackDiT.from_pretrained(out, dtype=torch.float32)
+    in_memory = quantize_dit(FramePackDiT.from_pretrained(framepack_transformer_folder, dtype=torch.float32), scheme)
+    assert len(quantized_layers(loaded)) == len(quantized_layers(in_memory)) > 0
+    for layer in quantized_layers(loaded):
+        assert layer.scheme == scheme
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    inputs = section_inputs(TINY_DIT_CONFIG)
+    assert torch.equal(dit_output(loaded, inputs), dit_output(in_memory, inputs))
+
+
+def test_single_file_output_carries_its_config(tmp_path, framepack_transformer_folder):
+    out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "dit_int8.safetensors",
+                                     QuantScheme("int8"))
+    loaded = FramePackDiT.from_pretrained(out, dtype=torch.float32)
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    assert loaded.config.num_layers == TINY_DIT_CONFIG["num_layers"] and quantized_layers(loaded)
+    with pytest.raises(FramePackError, match="already exists"):
+        write_quantized_checkpoint(framepack_transformer_folder, out, QuantScheme("int8"))
+    with pytest.raises(FramePackError, match="already quantized"):
+        write_quantized_checkpoint(out, tmp_path / "again", QuantScheme("int4"))
+
+
+def test_loading_float_weights_of_a_quantized_checkpoint_dequantizes(tmp_path, framepack_transformer_folder):
+    from engine.loading import load_dit_checkpoint
+
+    out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "q", QuantScheme("int4", 32))
+    loaded = FramePackDiT.from_pretrained(out, dtype=torch.float32)
+    _, state_dict = load_dit_checkpoint(out, dtype=torch.float32)
+    for layer_name, layer in loaded.block_linears():
+        assert torch.equal(state_dict[layer_name + ".weight"], layer.dequantize())
+
+
+LOAD_PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from engine.dit import FramePackDiT
+    from engine.quant import quantized_layers
+    import engine.loading, huggingface_hub, safetensors.torch  # imported before measuring: their memory is not the load's
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    peak, anonymous = status("VmHWM"), status("RssAnon")
+    model = FramePackDiT.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    print(json.dumps({"peak_increase": status("VmHWM") - peak, "anonymous_increase": status("RssAnon") - anonymous,
+                      "quantized": len(quantized_layers(model))}))
+""")
+
+
+def write_bf16_folder(folder, config):
+    """A model folder (config.json + two bf16 shards) of random weights, written without diffusers: it is only
+    read back here."""
+    from safetensors.torch import save_file
+
+    state_dict = {k: v.to(torch.bfloat16).contiguous() for k, v in random_dit(config).state_dict().items()}
+    keys = sorted(state_dict)
+    folder.mkdir(parents=True)
+    for index, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: state_dict[k] for k in part}, str(folder / f"model-0000{index + 1}-of-00002.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pre_quantized_load_makes_no_float_copy(tmp_path):
+    """The loader assigns the memory-mapped quantized bytes: loading raises the process's peak memory (file pages
+    included) by far less than the model's bf16 size, which a float copy would add, and its private memory not at
+    all (the quantized weights stay file-backed)."""
+    config = {**SMALL_CONFIG, "num_attention_heads": 4, "num_layers": 3, "num_single_layers": 4}
+    source = write_bf16_folder(tmp_path / "source", config)
+    bf16_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    assert bf16_bytes > 40 * 2**20
+    out = write_quantized_checkpoint(source, tmp_path / "int4", QuantScheme("int4", 128))
+    result = subprocess.run([sys.executable, "-c", LOAD_PEAK_SCRIPT, str(out)], capture_output=True, text=True,
+                            check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["quantized"] == 3 * 14 + 4 * 6  # every block linear (modulation included)
+    assert measured["peak_increase"] < 0.5 * bf16_bytes, (measured, bf16_bytes)
+    assert measured["anonymous_increase"] < 0.05 * bf16_bytes, (measured, bf16_bytes)
+
+
+@pytest.mark.parametrize("layout", ["scaled e4m3 (scale_weight)", "scaled e4m3 (weight_scale)", "plain e4m3"])
+def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp_path, layout):
+    from engine.loading import load_dit_checkpoint
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    state_dict = tiny_dit_model().to(torch.bfloat16).state_dict()
+    path = write_single_file_dit(tmp_path / "dit_fp8.safetensors", state_dict, fp8=torch.float8_e4m3fn,
+                                 scaled=layout != "plain e4m3", prefix="model.diffusion_model.",
+                                 scale_style="weight_scale" if "weight_scale" in layout else "scale_weight")
+    model = FramePackDiT.from_pretrained(path, dtype=torch.float32)
+    layers = quantized_layers(model)
+    assert len(layers) > 20 and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
+    # The oracle: a float model from the same file with the scales folded into float32 weights.
+    config, float_state_dict = load_dit_checkpoint(path, dtype=torch.float32)
+    oracle = FramePackDiT.from_config(config)
+    oracle.load_state_dict(float_state_dict)
+    inputs = section_inputs(TINY_DIT_CONFIG)
+    assert_relative_error(dit_output(model, inputs), dit_output(oracle.eval(), inputs), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Options
+
+
+from tests.fixtures import flux_redux_folder, hunyuan_video_base_folder  # noqa: E402,F401
+
+
+def test_engine_from_pretrained_quantize(framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_folder):
+    from engine import Engine
+
+    engine = Engine.from_pretrained(transformer=framepack_transformer_folder, base=hunyuan_video_base_folder,
+                                    image_encoder=flux_redux_folder, device="cpu", dtype=torch.float32,
+                                    attention="sdpa", quantize="int8")
+    assert {layer.format for layer in quantized_layers(engine.transformer)} == {"int8"}
+    assert len(quantized_layers(engine.transformer)) == len(engine.transformer.block_linears())
+    assert quantized_layers(engine.text_encoder.llama_model)
+    video = engine.generate("a cat walks", seconds=1, resolution=64, steps=1, latent_window_size=2, fps=8)
+    assert len(video.frames) == 4 * 3 - 3
+
+
+def test_quantize_options_are_checked_up_front():
+    from engine.settings import ModelSettings
+
+    with pytest.raises(FramePackError, match="fp8, int8, int4"):
+        ModelSettings.from_options(quantize="int3")
+    with pytest.raises(FramePackError, match="quantize='fp8'"):
+        ModelSettings.from_options(quantize="int8", fp8_compute=True)
+    assert ModelSettings.from_options(quantize="int4").quantize == "int4"
+    with pytest.raises(FramePackError, match="group size"):
+        QuantScheme("int4", 100)
+
+
+def test_fp8_compute_needs_fp8_tensor_cores():
+    from engine.quant import check_fp8_compute_device, set_fp8_compute
+
+    with pytest.raises(FramePackError, match="fp8 tensor cores"):
+        check_fp8_compute_device(torch.device("cpu"))
+    with pytest.raises(FramePackError, match="fp8 e4m3 weights"):
+        set_fp8_compute(quantize_dit(random_dit(TINY_CONFIG), SCHEMES["int8"]), True)
+
+
+def test_quantize_command(tmp_path, framepack_transformer_folder, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(framepack_transformer_folder), str(out), "--format", "int4", "--group-size",
+                 "128"]) == 0
+    assert "group size 128" in capsys.readouterr().out
+    assert {layer.scheme.group_size for layer in quantized_layers(FramePackDiT.from_pretrained(out))} == {128}
+    assert main(["quantize", str(framepack_transformer_folder), str(out), "--format", "int8"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "r"), "--format", "int8",
+                 "--group-size", "64"]) == 2
+    assert "int4 only" in capsys.readouterr().err
