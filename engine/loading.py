@@ -23,12 +23,13 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.errors import ModelSourceError
+from engine.errors import FramePackWarning, ModelSourceError
 from kernels.reference import FP8_DTYPES, dequantize_reference
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -795,8 +796,15 @@ def transform_dit(dit, settings):
     from engine.lora import LoraSet
     from engine.quant import QuantScheme, quantize_dit, quantized_layers, set_quantized_kernels
 
-    loras = LoraSet(dit, default_mode=settings.lora_mode)
-    if settings.lora_mode == "fused":  # into the float weights, before any quantization
+    lora_mode = settings.lora_mode
+    if lora_mode == "fused" and settings.lora and quantized_layers(dit):
+        # A checkpoint stored quantized (community fp8, `framepack quantize`) has no float weights to merge into.
+        warnings.warn(FramePackWarning(
+            "The transformer's weights are stored quantized, so the LoRAs run live beside them (lora_mode='live') "
+            "instead of being merged: load the bf16 checkpoint to merge them."), stacklevel=2)
+        lora_mode = "live"
+    loras = LoraSet(dit, default_mode=lora_mode)
+    if lora_mode == "fused":  # into the float weights, before any quantization
         for path, strength in settings.lora or ():
             loras.load(path, strength)
     if settings.quantize is not None:
@@ -806,7 +814,7 @@ def transform_dit(dit, settings):
             loras.release_originals()  # quantized layers cannot take the originals back
             quantize_dit(dit, scheme)
     set_quantized_kernels(dit, settings.fused_kernels)
-    if settings.lora_mode == "live":  # around the layers as they will run, quantized or not
+    if lora_mode == "live":  # around the layers as they will run, quantized or not
         for path, strength in settings.lora or ():
             loras.load(path, strength)
     return loras

@@ -675,3 +675,39 @@ def test_loras_with_the_step_cache(tmp_path, tiny_engine):
     assert_relative_error(live.latents, fused.latents, TOLERANCE[torch.float32])
     plain = engine.generate("a cat walks", **options)
     assert relative_error(fused.latents, plain.latents) > 0.01
+
+
+def test_fused_loras_over_a_quantized_checkpoint_run_live(tmp_path):
+    """A community fp8 file has no float weights to merge into: fused LoRAs run live beside them, with a warning,
+    and equal live LoRAs over the same checkpoint."""
+    from engine.dit import FramePackDiT
+    from engine.errors import FramePackWarning
+    from engine.loading import transform_dit
+    from engine.quant import quantized_layers
+    from engine.settings import ModelSettings
+    from tests.fixtures import tiny_dit_model, write_single_file_dit
+
+    path = write_single_file_dit(tmp_path / "FramePackI2V_HY_fp8_e4m3fn_scaled.safetensors",
+                                 tiny_dit_model().to(torch.bfloat16).state_dict(), fp8=torch.float8_e4m3fn,
+                                 scaled=True, prefix="model.diffusion_model.")
+    outputs = {}
+    for mode in ("fused", "live"):
+        dit = FramePackDiT.from_pretrained(path, dtype=torch.float32).eval()
+        assert quantized_layers(dit)
+        lora = random_framepack_lora(tmp_path / "lora.safetensors", dit, seed=30)
+        settings = ModelSettings.from_options(transformer=str(path), lora=[f"{lora}:0.7"], lora_mode=mode)
+        if mode == "fused":
+            with pytest.warns(FramePackWarning, match="run live"):
+                loras = transform_dit(dit, settings)
+        else:
+            loras = transform_dit(dit, settings)
+        assert [item["mode"] for item in loras.describe()] == ["live"]
+        inputs = section_inputs(dict(dit.config.__dict__, rope_axes_dim=list(dit.config.rope_axes_dim)), "f1",
+                                seed=31)
+        with torch.no_grad():
+            outputs[mode] = dit(**inputs, return_dict=False)[0]
+    assert torch.equal(outputs["fused"], outputs["live"])
+    base = FramePackDiT.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        without = base(**inputs, return_dict=False)[0]
+    assert relative_error(outputs["live"], without) > 1e-3  # the LoRA does act
