@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,6 +352,8 @@ class LiveJob:
 
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: dict = field(default_factory=dict)
+    # (version, progress) of the recent updates, so a watcher that looks between steps misses none of them.
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))
     preview: object = None  # the latest uint8 (T, H, W, 3) latent preview tensor
     preview_version: int = 0
     version: int = 0
@@ -426,7 +429,6 @@ class Worker(threading.Thread):
                 stats.setdefault("sections", []).append(result.stats)
                 stats["seconds"] = sum(section["seconds"] for section in stats["sections"])
                 store.section_finished(job.id, done, output.frame_count, stats)
-                progress.section_finished()
         except FramePackError as error:
             return self._end(job, resume_files, "failed", str(error))
         except Exception as error:  # an engine bug or an out-of-memory: the job fails, the server goes on
@@ -452,25 +454,24 @@ class _ProgressClock:
         self.start = time.perf_counter()
         self.earlier_seconds = stats.get("seconds", 0.0)  # a resumed job's finished sections
         self.steps_done = 0
-        live.progress = {"section": sections_done + 1, "step": 0, "steps": steps, "seconds": self.earlier_seconds,
-                         "eta_seconds": None}
-        live.version += 1
+        self._publish({"section": sections_done + 1, "step": 0, "steps": steps, "seconds": self.earlier_seconds,
+                       "eta_seconds": None})
 
     def step(self, info: dict) -> None:
         steps, section = info["total_steps"], info["section"]
         self.steps_done += 1
         elapsed = time.perf_counter() - self.start
         steps_left = (self.sections - section - 1) * steps + steps - info["i"] - 1
-        self.live.progress = {"section": section + 1, "step": info["i"] + 1, "steps": steps,
-                              "seconds": self.earlier_seconds + elapsed,
-                              "eta_seconds": elapsed / self.steps_done * steps_left}
         if info.get("preview") is not None:
             self.live.preview = info["preview"]
             self.live.preview_version += 1
-        self.live.version += 1
+        self._publish({"section": section + 1, "step": info["i"] + 1, "steps": steps,
+                       "seconds": self.earlier_seconds + elapsed, "eta_seconds": elapsed / self.steps_done * steps_left})
 
-    def section_finished(self) -> None:
+    def _publish(self, progress: dict) -> None:
+        self.live.progress = progress
         self.live.version += 1
+        self.live.recent.append((self.live.version, progress))
 
 
 class JobQueue:
@@ -500,7 +501,8 @@ class JobQueue:
         self.stopping.set()
         self.notify()
         for worker in self.workers:
-            worker.join(timeout)
+            if worker.is_alive():
+                worker.join(timeout)
 
     def notify(self) -> None:
         with self._work:

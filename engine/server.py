@@ -14,6 +14,7 @@ directory under job ids) and the queue takes at most --max-queued waiting jobs.
 import asyncio
 import base64
 import binascii
+import contextlib
 import difflib
 import hmac
 import io
@@ -284,7 +285,14 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
 
     from engine import __version__
 
-    app = FastAPI(title="FramePack engine", version=__version__, docs_url="/docs", redoc_url=None,
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # On shutdown (Ctrl-C, SIGTERM) running jobs stop at their next step and go back to the queue, so the next
+        # start goes on with them. It must happen here: uvicorn ends the process with the signal once it returns.
+        await run_in_threadpool(queue.stop)
+
+    app = FastAPI(title="FramePack engine", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan,
                   description="Queue FramePack video generations, follow their progress, download their videos. "
                               "Settings are those of `framepack generate`; see POST /v1/jobs.")
 
@@ -464,9 +472,12 @@ async def _event_stream(request, queue, job_id: str, previews: bool, heartbeat: 
             sent_state = (job.state, job.position)
             messages.append(_sse("state", {"id": job.id, "state": job.state, "position": job.position}))
         live = queue.live.get(job_id) if job.state == "running" else None
-        if live is not None and live.version != sent_progress:
-            sent_progress = live.version
-            messages.append(_sse("progress", job_view(job, live)["progress"]))
+        if live is not None:
+            base = job_view(job)["progress"]
+            for version, progress in list(live.recent):  # a client that connects late gets the recent steps too
+                if version > sent_progress:
+                    sent_progress = version
+                    messages.append(_sse("progress", {**base, **progress}))
         if previews and live is not None and live.preview is not None and live.preview_version != sent_preview:
             sent_preview = live.preview_version
             messages.append(_sse("preview", {"section": live.progress.get("section"), "step": live.progress.get("step"),
@@ -617,13 +628,12 @@ def command_serve(args) -> int:
             print(f"job {job_id}: {happened}", flush=True)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"Serving {engine.name} on http://{host}:{args.port} (API docs: /docs) with {len(devices)} "
-              f"worker(s); {store.counts()['queued']} job(s) queued.", flush=True)
+              "worker(s).", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
         try:
             server.run(sockets=[sock])
         finally:
-            # Running jobs stop at their next step and go back to the queue: the next start goes on with them.
-            queue.stop()
+            queue.stop()  # the app's shutdown did it unless the server failed
     finally:
         sock.close()
         store.close()
