@@ -389,6 +389,7 @@ class Worker(threading.Thread):
                 self.queue.wait_for_work()
                 continue
             self.job_id = job.id
+            self.queue.live[job.id] = LiveJob()
             try:
                 self.run_job(job)
             except Exception:  # the store itself failed (disk full?): say so, and keep serving
@@ -401,8 +402,10 @@ class Worker(threading.Thread):
         from engine.output import SectionOutputFile
         from engine.settings import GenerationSettings
 
-        store, live = self.queue.store, self.queue.live.setdefault(job.id, LiveJob())
-        if job.cancel_requested:
+        store, live = self.queue.store, self.queue.live[job.id]
+        # Read again now that the live entry exists: a cancel that came after the claim but found no entry to
+        # signal is in the store.
+        if store.get(job.id).cancel_requested:
             live.cancel.set()
         folder = store.folder(job.id)
         resume_files = ResumeFiles(folder / "resume")

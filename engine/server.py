@@ -417,6 +417,8 @@ async def _read_submission(request, max_body_bytes: int) -> tuple[dict, dict[str
                                     f"column {error.colno}): send an object such as {{\"prompt\": \"a cat\"}}.") from None
         except UnicodeDecodeError:
             raise RequestError(400, "The request body is not UTF-8 text: send JSON.") from None
+        except RecursionError:
+            raise RequestError(400, "The request body nests too deeply: send a flat object of settings.") from None
         uploads = {}
     elif content_type == "multipart/form-data":
         from starlette.exceptions import HTTPException

@@ -248,6 +248,8 @@ def command_message(**settings) -> str:
 @pytest.mark.parametrize("request_kwargs,status,message", [
     (dict(content=b'{"prompt": "a cat",}', headers={"content-type": "application/json"}), 400, "not valid JSON"),
     (dict(json=["a cat"]), 422, "must be a JSON object"),
+    (dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}), 400,
+     "nests too deeply"),
     (dict(json={"seconds": 0}), 422, command_message(seconds=0)),
     (dict(json={"sampler": "unipx"}), 422, command_message(sampler="unipx")),
     (dict(json={"steps": "many"}), 422, command_message(steps="many")),
