@@ -160,7 +160,8 @@ def main(argv=None) -> int:
           f"server RSS idle / 10 done / {args.jobs} done (peak), MiB |\n|---|---|---|---|---|---|\n"
           f"| {args.jobs} | {served['lost']} | {served['seconds_per_job']:.3f} ({served['cpu_seconds_per_job']:.3f}) | "
           f"{direct['seconds_per_job']:.3f} ({direct['cpu_seconds_per_job']:.3f}) | "
-          f"{overhead:+.3f} ({cpu_overhead:+.3f}) | {memory['idle']['rss_mib']:.0f} / {memory['10_done']['rss_mib']:.0f} "
+          f"{overhead:+.3f} ({cpu_overhead:+.3f}) | {memory['idle']['rss_mib']:.0f} / "
+          f"{memory['10_done']['rss_mib']:.0f} "
           f"({memory['10_done']['peak_rss_mib']:.0f}) / {memory[f'{args.jobs}_done']['rss_mib']:.0f} "
           f"({memory[f'{args.jobs}_done']['peak_rss_mib']:.0f}) |")
     print("server RSS after each 10 jobs, MiB: " + ", ".join(

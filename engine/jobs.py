@@ -469,7 +469,8 @@ class _ProgressClock:
             self.live.preview = info["preview"]
             self.live.preview_version += 1
         self._publish({"section": section + 1, "step": info["i"] + 1, "steps": steps,
-                       "seconds": self.earlier_seconds + elapsed, "eta_seconds": elapsed / self.steps_done * steps_left})
+                       "seconds": self.earlier_seconds + elapsed,
+                       "eta_seconds": elapsed / self.steps_done * steps_left})
 
     def _publish(self, progress: dict) -> None:
         self.live.progress = progress

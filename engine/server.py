@@ -28,7 +28,7 @@ from pathlib import Path
 
 from engine.errors import FramePackError
 from engine.jobs import FINISHED_STATES, INPUT_IMAGES, JOB_STATES, OUTPUT_FORMATS, Job, JobFinished, JobNotFound, \
-    QueueFull, is_job_id
+    QueueFull
 
 API_KEY_VARIABLE = "FRAMEPACK_API_KEY"
 MIN_API_KEY_LENGTH = 16
@@ -334,8 +334,9 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
         return JSONResponse(view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @app.get("/v1/jobs", summary="List jobs")
-    async def list_jobs(state: str | None = Query(None, description=f"only jobs in this state ({', '.join(JOB_STATES)})"),
-                        limit: int = Query(100, ge=1, le=1000, description="the most recent this many")):
+    async def list_jobs(
+            state: str | None = Query(None, description=f"only jobs in this state: {', '.join(JOB_STATES)}"),
+            limit: int = Query(100, ge=1, le=1000, description="the most recent this many")):
         """The most recent jobs, in submission order."""
         if state is not None and state not in JOB_STATES:
             raise RequestError(422, f"Unknown state {state!r}: choose one of {', '.join(JOB_STATES)}.")
@@ -413,8 +414,8 @@ async def _read_submission(request, max_body_bytes: int) -> tuple[dict, dict[str
         try:
             body = json.loads(raw)
         except json.JSONDecodeError as error:
-            raise RequestError(400, f"The request body is not valid JSON ({error.msg} at line {error.lineno} "
-                                    f"column {error.colno}): send an object such as {{\"prompt\": \"a cat\"}}.") from None
+            raise RequestError(400, f"The request body is not valid JSON ({error.msg} at line {error.lineno} column "
+                                    f"{error.colno}): send an object such as {{\"prompt\": \"a cat\"}}.") from None
         except UnicodeDecodeError:
             raise RequestError(400, "The request body is not UTF-8 text: send JSON.") from None
         except RecursionError:

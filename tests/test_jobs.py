@@ -36,7 +36,8 @@ def test_queue_limit_inputs_and_unknown_ids(tmp_path):
     with pytest.raises(QueueFull, match="full \\(2 jobs waiting"):
         submit(store, max_queued=2)
     assert len(list((tmp_path / "jobs").iterdir())) == 2  # the refused job left no folder
-    assert (store.folder(first.id) / "image.png").read_bytes() == b"png bytes" and first.inputs == {"image": "image.png"}
+    assert first.inputs == {"image": "image.png"}
+    assert (store.folder(first.id) / "image.png").read_bytes() == b"png bytes"
     for job_id in ("0123456789abcdef", "../../etc/passwd", ""):
         with pytest.raises(JobNotFound):
             store.get(job_id)
