@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from engine import Engine, FramePackError
 from engine.pipeline import FrameCollector, SectionCheckpoint, SectionResult
 
-FAST = dict(steps=2, latent_window_size=2, fps=8, seconds=3, seed=7)  # three sections
+FAST = dict(steps=2, latent_window_size=1, fps=8, seconds=1.5, seed=7)  # three sections
 
 
 @pytest.fixture(scope="module")
