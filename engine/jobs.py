@@ -35,8 +35,8 @@ JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED_STATES = ("done", "failed", "cancelled")
 # A job that was running each time the server stopped this often is taken to be what stops it.
 MAX_ATTEMPTS = 3
-# The containers a job can ask for, each with the encoder it is written with.
-OUTPUT_FORMATS = {"mp4": "libx264", "mkv": "libx264", "mov": "libx264", "webm": "libvpx-vp9"}
+# The containers a job can ask for (each written with its default encoder: H.264, or VP9 for webm).
+OUTPUT_FORMATS = ("mp4", "mkv", "mov", "webm")
 INPUT_IMAGES = ("image", "end_image")
 
 _SCHEMA = """
@@ -229,16 +229,18 @@ class JobStore:
         with self._lock:
             self._update(job_id, sections_done=sections_done, frames=frames, stats=json.dumps(stats))
 
-    def finish(self, job_id: str, state: str, error: str | None = None) -> None:
+    def finish(self, job_id: str, state: str, error: str | None = None, frames: int | None = None) -> None:
         assert state in FINISHED_STATES
         with self._lock:
-            self._update(job_id, state=state, error=error, finished_at=time.time())
+            self._update(job_id, state=state, error=error, finished_at=time.time(),
+                         **({} if frames is None else {"frames": frames}))
 
-    def requeue(self, job_id: str) -> None:
+    def requeue(self, job_id: str, frames: int) -> None:
         """Back in the queue at its place (a shutdown interrupted it; its checkpoint stays). A shutdown does not
         count as an attempt: only runs the server did not come back from do."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1 WHERE id = ?", (job_id,))
+            self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, frames = ? WHERE id = ?",
+                             (frames, job_id))
             self.changes += 1
 
     def request_cancel(self, job_id: str) -> Job:
@@ -408,18 +410,19 @@ class Worker(threading.Thread):
         if store.get(job.id).cancel_requested:
             live.cancel.set()
         folder = store.folder(job.id)
+        for leftover in folder.glob(f".{job.video_name}.*"):  # a killed writer's temporary parts
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         resume_files = ResumeFiles(folder / "resume")
+        output = SectionOutputFile(folder / job.video_name, job.settings.get("fps", 30.0), crf=job.output["crf"])
         stats = dict(job.stats)
+        done, state, error = 0, None, None
         try:
             settings = GenerationSettings.from_options(**job.settings).as_dict()
             checkpoint, replay = resume_files.load(self.engine, job.sections)
-            output = SectionOutputFile(folder / job.video_name, settings["fps"],
-                                       codec=OUTPUT_FORMATS[job.output["format"]], crf=job.output["crf"])
             if replay is not None:
                 output.add(replay)
-                stats["resumed_from"] = checkpoint.sections_done
+                done = stats["resumed_from"] = checkpoint.sections_done
             images = {name: str(folder / file) for name, file in job.inputs.items()}
-            done = checkpoint.sections_done if checkpoint else 0
             progress = _ProgressClock(live, job, stats, done, settings["steps"])
             for result in self.engine.stream(
                     settings.pop("prompt"), image=images.get("image"), end_image=images.get("end_image"),
@@ -427,26 +430,37 @@ class Worker(threading.Thread):
                     resume=checkpoint, **settings):
                 if result.index + 1 < result.count:
                     resume_files.save(result)
-                output.add(result)
+                output.add(result)  # encoded in the background while the next section samples
                 done = result.index + 1
                 stats.setdefault("sections", []).append(result.stats)
                 stats["seconds"] = sum(section["seconds"] for section in stats["sections"])
                 store.section_finished(job.id, done, output.frame_count, stats)
-        except FramePackError as error:
-            return self._end(job, resume_files, "failed", str(error))
-        except Exception as error:  # an engine bug or an out-of-memory: the job fails, the server goes on
+        except FramePackError as problem:
+            state, error = "failed", str(problem)
+        except Exception as problem:  # an engine bug or an out-of-memory: the job fails, the server goes on
             traceback.print_exc()
-            return self._end(job, resume_files, "failed", f"The engine failed: {type(error).__name__}: {error}")
-        if done == job.sections:
-            self._end(job, resume_files, "done")
-        elif live.cancel.is_set():
-            self._end(job, resume_files, "cancelled")
-        else:  # the server is shutting down: the job goes on after its last finished section at the next start
-            store.requeue(job.id)
-
-    def _end(self, job: Job, resume_files: ResumeFiles, state: str, error: str | None = None) -> None:
+            state, error = "failed", f"The engine failed: {type(problem).__name__}: {problem}"
+        else:
+            if done == job.sections:
+                state = "done"
+            elif live.cancel.is_set():
+                state = "cancelled"
+        frames = self._close(output)
+        if state is None:  # the server is shutting down: the job goes on after its last finished section next time
+            store.requeue(job.id, frames)
+            return
         resume_files.remove()
-        self.queue.store.finish(job.id, state, error)
+        store.finish(job.id, state, error, frames)
+
+    @staticmethod
+    def _close(output) -> int:
+        """Ends the file with every finished frame (the last section's pending ones as they are); its frame count."""
+        try:
+            output.close()
+        except Exception:  # the encoder failed: keep what it had published
+            traceback.print_exc()
+            output.abort()
+        return output.frame_count
 
 
 class _ProgressClock:

@@ -33,7 +33,6 @@ from engine.jobs import FINISHED_STATES, INPUT_IMAGES, JOB_STATES, OUTPUT_FORMAT
 API_KEY_VARIABLE = "FRAMEPACK_API_KEY"
 MIN_API_KEY_LENGTH = 16
 DEFAULT_PORT = 8188
-DEFAULT_CRF = 16
 MAX_IMAGE_SIDE = 8192
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
 MEDIA_TYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "mov": "video/quicktime", "webm": "video/webm"}
@@ -90,7 +89,7 @@ def submission_schema() -> dict:
     properties["end_image"] = {"type": "string", "description": SERVER_FIELDS["end_image"]}
     properties["format"] = {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "mp4",
                             "description": SERVER_FIELDS["format"]}
-    properties["crf"] = {"type": "integer", "minimum": 0, "maximum": 63, "default": DEFAULT_CRF,
+    properties["crf"] = {"type": "integer", "minimum": 0, "maximum": 63, "default": 16,
                          "description": SERVER_FIELDS["crf"]}
     return {"type": "object", "properties": properties, "additionalProperties": False,
             "example": {"prompt": "a cat walks on the grass", "seconds": 5, "seed": 31337}}
@@ -123,8 +122,8 @@ def decode_base64_image(name: str, text) -> bytes:
                                 "data: URL); file paths and URLs are not read.") from None
 
 
-def check_image(name: str, data: bytes) -> tuple[str, bytes]:
-    """(file suffix, the bytes as sent) of a readable image of an accepted format and size."""
+def check_image(name: str, data: bytes) -> tuple[str, bytes, tuple[int, int]]:
+    """(file suffix, the bytes as sent, (height, width)) of a readable image of an accepted format and size."""
     from PIL import Image
 
     try:
@@ -139,16 +138,17 @@ def check_image(name: str, data: bytes) -> tuple[str, bytes]:
     if max(width, height) > MAX_IMAGE_SIDE:
         raise RequestError(422, f"{name} is {width} x {height} pixels: the largest side accepted is {MAX_IMAGE_SIDE}; "
                                 "scale it down (the model works near 640).")
-    return IMAGE_FORMATS[kind], data
+    return IMAGE_FORMATS[kind], data, (height, width)
 
 
-def check_submission(body: dict, uploads: dict[str, bytes], variant: str):
+def check_submission(body: dict, uploads: dict[str, bytes], variant: str, default_resolution: int):
     """(settings dict, output dict, images {name: (suffix, bytes)}, section count) of a submission, or a
     RequestError / FramePackError naming the problem. body: the JSON settings; uploads: multipart image files."""
+    from engine.buckets import find_nearest_bucket
+    from engine.encoders import DEFAULT_CRF, check_encoder
     from engine.pipeline import check_inputs_for_variant
     from engine.sections import section_count
     from engine.settings import GenerationSettings, integer
-    from engine.video import check_codec
 
     _check_names(body)
     body = dict(body)
@@ -165,11 +165,17 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str):
     if output_format not in OUTPUT_FORMATS:
         raise RequestError(422, f"Unknown format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}.")
     crf = integer(0, 63)("crf", body.pop("crf", DEFAULT_CRF))
-    check_codec(OUTPUT_FORMATS[output_format])
     settings = GenerationSettings.from_options(**body)
     check_inputs_for_variant(variant, images.get("image"), images.get("end_image"), None)
+    # The encoder is opened on a test frame of the video's size, as the command does before any work.
+    resolution = settings.resolution or default_resolution
+    height, width = images["image"][2] if "image" in images else (
+        settings.height or resolution, settings.width or resolution)
+    height, width = find_nearest_bucket(height, width, resolution=resolution)
+    check_encoder(Path(f"video.{output_format}"), None, crf, None, width=width, height=height)
     sections = section_count(settings.seconds, settings.fps, settings.latent_window_size)
-    return settings.as_dict(), {"format": output_format, "crf": crf}, images, sections
+    files = {name: (suffix, data) for name, (suffix, data, _) in images.items()}
+    return settings.as_dict(), {"format": output_format, "crf": crf}, files, sections
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def job_view(job: Job, live=None) -> dict:
         "error": job.error, "settings": job.settings, "output": job.output, "inputs": sorted(job.inputs),
         "device": job.device, "attempts": job.attempts, "cancel_requested": job.cancel_requested,
         "submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "links": {"self": base, "events": f"{base}/events", "video": f"{base}/video" if job.sections_done else None},
+        "links": {"self": base, "events": f"{base}/events", "video": f"{base}/video" if job.frames else None},
     }
 
 
@@ -329,7 +335,7 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
         files. Answers 202 with the job (its id and `position`: queued jobs ahead of it)."""
         body, uploads = await _read_submission(request, max_body_bytes)
         settings, output, images, sections = await run_in_threadpool(
-            check_submission, body, uploads, queue.engine.variant)
+            check_submission, body, uploads, queue.engine.variant, queue.engine.default_resolution)
         job = await run_in_threadpool(queue.submit, settings, output, images, sections)
         return JSONResponse(view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -363,8 +369,8 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
             # stays the version whose size we announce.
             file = open(path, "rb")
         except FileNotFoundError:
-            raise RequestError(409, f"Job {job.id} has no video yet: it appears when the first section is done "
-                                    f"(follow GET /v1/jobs/{job.id}/events).") from None
+            raise RequestError(409, f"Job {job.id} has no video yet: it appears once the first finished frames are "
+                                    f"encoded (follow GET /v1/jobs/{job.id}/events).") from None
         size = os.fstat(file.fileno()).st_size
 
         def chunks():
@@ -382,8 +388,9 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
     async def events(request: Request, job_id: str,
                      previews: bool = Query(False, description="also send latent previews as small JPEGs")):
         """Events: `state` (queued with its position, running), `progress` (section i of n, step j of m, seconds,
-        eta_seconds), `section` (a section finished: the video has it), `preview` (with ?previews=true: a base64
-        JPEG of the latent preview), and last `done`, `failed` or `cancelled` with the whole job; then it ends."""
+        eta_seconds), `section` (a section finished; the video has its frames once they are encoded, in the
+        background), `preview` (with ?previews=true: a base64 JPEG of the latent preview), and last `done`,
+        `failed` or `cancelled` with the whole job; then it ends."""
         queue.store.get(job_id)  # 404 before the stream starts
         return StreamingResponse(_event_stream(request, queue, job_id, previews), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -62,7 +62,7 @@ def test_recovery_after_a_stop_requeues_cancels_or_fails_with_the_reason(tmp_pat
     for _ in range(3):
         store.claim("cpu")
     store.request_cancel(cancelling.id)
-    store.requeue(shut_down.id)  # a clean shutdown put it back: not an attempt
+    store.requeue(shut_down.id, frames=0)  # a clean shutdown put it back: not an attempt
     store.close()
 
     store = JobStore(tmp_path)  # the server starts again after a crash

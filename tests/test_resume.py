@@ -13,7 +13,12 @@ FAST = dict(steps=2, latent_window_size=1, fps=8, seconds=1.5, seed=7)  # three 
 
 @pytest.fixture(scope="module")
 def engines():
-    return {variant: Engine.from_preset("tiny", variant=variant) for variant in ("bidirectional", "f1")}
+    # One thread: the tiny preset's tensors are too small to share, and on a busy 2-core machine a second thread
+    # makes each step several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {variant: Engine.from_preset("tiny", variant=variant) for variant in ("bidirectional", "f1")}
+    torch.set_num_threads(threads)
 
 
 def gradient_image(height=64, width=80):
