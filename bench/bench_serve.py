@@ -137,6 +137,7 @@ def run_api_side(jobs: int, folder: Path) -> dict:
         output = SectionOutputFile(folder / f"{index}.mp4", settings["fps"])
         for result in engine.stream(f"job {index}", **settings):
             output.add(result)
+        output.close()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"jobs": jobs, "seconds": seconds, "seconds_per_job": seconds / jobs, "cpu_seconds_per_job": cpu / jobs,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -410,8 +410,11 @@ class Worker(threading.Thread):
         if store.get(job.id).cancel_requested:
             live.cancel.set()
         folder = store.folder(job.id)
-        for leftover in folder.glob(f".{job.video_name}.*"):  # a killed writer's temporary parts
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        for leftover in folder.glob(f".{job.video_name}.*"):  # a killed writer's temporary files and parts
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         resume_files = ResumeFiles(folder / "resume")
         output = SectionOutputFile(folder / job.video_name, job.settings.get("fps", 30.0), crf=job.output["crf"])
         stats = dict(job.stats)
