@@ -42,9 +42,8 @@ SERVER_FIELDS = {
     "format": "output container: mp4 (H.264), mkv, mov or webm (VP9)",
     "crf": "output quality for the encoder, 0-63 (lower is better; default 16)",
 }
-# Options that choose files or the model: fixed when the server starts, never per request.
-NOT_PER_REQUEST = ("transformer", "base", "image_encoder", "variant", "device", "dtype", "attention",
-                   "fused_kernels", "vram_budget_gb", "quantize", "offline", "out", "input_video", "preset")
+# Beside the model's options (ModelSettings): names of the command's that choose files; never per request.
+NOT_PER_REQUEST = ("out", "input_video", "preset")
 
 
 class RequestError(Exception):
@@ -96,13 +95,14 @@ def submission_schema() -> dict:
 
 
 def _check_names(given: dict) -> None:
-    from engine.settings import GenerationSettings
+    from engine.settings import GenerationSettings, ModelSettings
 
     known = [item.name for item in GenerationSettings.options()] + list(SERVER_FIELDS)
+    fixed = [item.name for item in ModelSettings.options()] + list(NOT_PER_REQUEST)
     for name in given:
         if name in known:
             continue
-        if name in NOT_PER_REQUEST:
+        if name in fixed:
             raise RequestError(422, f"{name!r} cannot be chosen per request: the server's model and files are set "
                                     "when it starts (framepack serve --help), and outputs live in its state directory.")
         close = difflib.get_close_matches(str(name), known, n=1)

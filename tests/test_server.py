@@ -256,6 +256,7 @@ def command_message(**settings) -> str:
     (dict(json={"sed": 5}), 422, "Unknown setting 'sed' (did you mean 'seed'?)"),
     (dict(json={"transformer": "/etc/passwd"}), 422, "'transformer' cannot be chosen per request"),
     (dict(json={"out": "../../x.mp4"}), 422, "'out' cannot be chosen per request"),
+    (dict(json={"lora": ["/home/x/style.safetensors:0.8"]}), 422, "'lora' cannot be chosen per request"),
     (dict(json={"image": "/etc/passwd"}), 422, "image is not valid base64"),
     (dict(json={"image": base64.b64encode(b"not an image").decode()}), 422, "image is not a readable image"),
     (dict(json={"end_image": base64.b64encode(png_bytes()).decode()}), 422, "An end image needs a start image"),
