@@ -244,10 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.benchmark import add_bench_command
     from engine.calibration import add_calibrate_command
     from engine.quant import add_quantize_command
+    from engine.server import add_serve_command
 
     add_bench_command(commands)
     add_calibrate_command(commands)
     add_quantize_command(commands)
+    add_serve_command(commands)
     return parser
 
 

@@ -56,6 +56,35 @@ class SectionResult:
     latents: torch.Tensor  # the real latents of the video so far (the DiT's latent space)
     stats: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)  # settings, mode, model: what the output file records
+    checkpoint: "SectionCheckpoint | None" = None  # what `stream(resume=...)` needs to go on after this section
+
+
+@dataclass
+class SectionCheckpoint:
+    """What a generation needs to go on after its first `sections_done` sections, e.g. after a restart.
+
+    `Engine.stream(..., resume=checkpoint)` with the settings, inputs and model it was made with yields exactly the
+    sections an uninterrupted run yields after it (same latents, same frames). The frames finished so far are not in
+    it: whoever keeps the output keeps those. `tensors()` / `from_tensors()` turn it into a flat dict of tensors
+    (a safetensors file) and back.
+    """
+
+    sections_done: int
+    history: torch.Tensor  # the latent history after those sections
+    generator_state: torch.Tensor  # the seeded CPU generator's state: the next section's noise is drawn from it
+    pending_pixels: torch.Tensor | None  # float pixels the next section crossfades into (None without a decoder)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"sections_done": torch.tensor(self.sections_done), "history": self.history.detach().cpu(),
+                   "generator_state": self.generator_state}
+        if self.pending_pixels is not None:
+            tensors["pending_pixels"] = self.pending_pixels.detach().cpu()
+        return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SectionCheckpoint":
+        return cls(int(tensors["sections_done"]), tensors["history"], tensors["generator_state"],
+                   tensors.get("pending_pixels"))
 
 
 class FrameCollector:
@@ -279,13 +308,15 @@ class Engine:
     def stream(self, prompt: str, image=None, end_image=None, *, input_video=None,
                callback: Callable[[dict], None] | None = None,
                cancel: threading.Event | Callable[[], bool] | None = None, step_caches: StepCaches | None = None,
-               **options) -> Iterator[SectionResult]:
+               resume: SectionCheckpoint | None = None, **options) -> Iterator[SectionResult]:
         """Yields each finished section as soon as it is decoded (see SectionResult).
 
         callback(info) runs after every sampler step (info: section, sections, i, total_steps, x, denoised, sigma and
         a uint8 latent preview, and with a step cache the section's cache_steps_computed/skipped so far); cancel (an
         Event or a function) is checked at each step and stops at the next one. step_caches: an
         engine.step_cache.StepCaches used instead of the one the `cache` option asks for (calibration records so).
+        resume: a finished section's `checkpoint`: the generation goes on after it (prompts and images are encoded
+        again, which is cheap next to a section; the sections before it are not sampled again).
         """
         settings = self.settings(prompt, **options)
         step_caches = step_caches or StepCaches.from_settings(settings, model=self.name)
@@ -321,6 +352,10 @@ class Engine:
         initial_pixels = None
         if video_frames is not None:
             history, initial_pixels = self._extension_history(video_frames, bucket_width, bucket_height, history)
+        if resume is not None:
+            _check_resume(resume, count, history)
+            plan, history, initial_pixels = plan[resume.sections_done:], resume.history, resume.pending_pixels
+            generator.set_state(resume.generator_state)
 
         metadata = self.metadata(settings, mode)
         latent_height, latent_width = inputs.start_latent.shape[-2:]
@@ -341,8 +376,11 @@ class Engine:
                      "prompt": prompts[section.index]}
             if step_caches is not None:  # model calls that ran the blocks / were skipped, both branches counted
                 stats.update(step_caches.finish_section(section.index))
+            checkpoint = SectionCheckpoint(section.index + 1, output.history, generator.get_state(),
+                                           output.pending_pixels)
             yield SectionResult(section.index, count, section.video_position, output.frames, output.pending_frames,
-                                "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata)
+                                "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata,
+                                checkpoint)
 
     def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator
                        ) -> tuple[SectionInputs, list[str]]:
@@ -386,6 +424,16 @@ class Engine:
             latents = self.vae.encode(pixels.to(self.vae_device, self.vae_dtype)).float() * self.vae.scaling_factor
         history = torch.cat([history[:, :, :sections.HISTORY_CONTEXT_FRAMES], latents.to(history)], dim=2)
         return history, pixels.float().cpu()
+
+
+def _check_resume(resume: SectionCheckpoint, count: int, history: torch.Tensor) -> None:
+    """A checkpoint fits a generation when it stops inside its plan and its history has the plan's latent size."""
+    if not 0 < resume.sections_done < count:
+        raise FramePackError(f"The checkpoint after {resume.sections_done} sections does not fit this generation of "
+                             f"{count} sections: resume with the settings the checkpoint was made with.")
+    if resume.history.shape[:2] != history.shape[:2] or resume.history.shape[-2:] != history.shape[-2:]:
+        raise FramePackError(f"The checkpoint's latents {tuple(resume.history.shape)} do not fit this generation's "
+                             f"{tuple(history.shape)}: resume with the inputs and settings it was made with.")
 
 
 class _EngineHooks(RunnerHooks):

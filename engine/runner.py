@@ -77,6 +77,7 @@ class SectionOutput:
     steps: int  # sampler steps run
     frames: np.ndarray | None = None  # uint8 (T, H, W, 3): pixel frames this section made final, in video order
     pending_frames: np.ndarray | None = None  # uint8: decoded frames the next section will still crossfade
+    pending_pixels: torch.Tensor | None = None  # the same frames as float pixels: what a resumed run blends into
     stats: dict = field(default_factory=dict)
 
 
@@ -148,8 +149,9 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
 
     history: engine.sections.initial_history(...) (or an extension's history); generator: the one seeded generator
     every section draws its noise from; decode: latents (history scale) -> pixels (1, 3, T, H, W) in [-1, 1], or None
-    to skip pixels (the benchmark); initial_pixels: the video so far for an extension; make_step_cache(section,
-    branch) -> a step-cache policy for the "positive" or "negative" guidance branch, or None.
+    to skip pixels (the benchmark); initial_pixels: the video so far for an extension (or a checkpoint's pending
+    pixels when resuming); make_step_cache(section, branch) -> a step-cache policy for the "positive" or "negative"
+    guidance branch, or None.
     """
     hooks = hooks or RunnerHooks()
     window = options.latent_window_size
@@ -201,6 +203,7 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
                 pieces = [output.frames, assembler.finish()]
                 output.frames = np.concatenate(pieces if assembler.direction == "forward" else pieces[::-1])
                 output.pending_frames = output.frames[:0]
+            output.pending_pixels = assembler.pending
         yield output
 
 

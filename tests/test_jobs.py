@@ -1,0 +1,124 @@
+"""The job queue without HTTP or a model: order, limits, cancellation, recovery after a stop, resume files."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import FramePackError
+from engine.jobs import MAX_ATTEMPTS, JobFinished, JobNotFound, JobStore, QueueFull, ResumeFiles
+from engine.pipeline import SectionCheckpoint, SectionResult
+
+SETTINGS = {"prompt": "x", "seconds": 1.0}
+OUTPUT = {"format": "mp4", "crf": 16}
+
+
+def submit(store, max_queued=10, images=None):
+    return store.submit(SETTINGS, OUTPUT, images or {}, sections=2, max_queued=max_queued)
+
+
+def test_jobs_run_in_submission_order_and_survive_reopening(tmp_path):
+    store = JobStore(tmp_path)
+    jobs = [submit(store) for _ in range(4)]
+    assert [job.position for job in jobs] == [0, 1, 2, 3]
+    assert store.claim("cpu").id == jobs[0].id
+    assert [job.position for job in store.list()] == [None, 0, 1, 2]
+    store.close()
+    reopened = JobStore(tmp_path)  # a restart: the same jobs, in the same order
+    assert [job.id for job in reopened.list()] == [job.id for job in jobs]
+    assert [reopened.claim("cpu").id for _ in range(3)] == [job.id for job in jobs[1:]]
+    assert reopened.claim("cpu") is None
+
+
+def test_queue_limit_inputs_and_unknown_ids(tmp_path):
+    store = JobStore(tmp_path)
+    first = submit(store, max_queued=2, images={"image": (".png", b"png bytes")})
+    submit(store, max_queued=2)
+    with pytest.raises(QueueFull, match="full \\(2 jobs waiting"):
+        submit(store, max_queued=2)
+    assert len(list((tmp_path / "jobs").iterdir())) == 2  # the refused job left no folder
+    assert first.inputs == {"image": "image.png"}
+    assert (store.folder(first.id) / "image.png").read_bytes() == b"png bytes"
+    for job_id in ("0123456789abcdef", "../../etc/passwd", ""):
+        with pytest.raises(JobNotFound):
+            store.get(job_id)
+
+
+def test_cancel(tmp_path):
+    store = JobStore(tmp_path)
+    running, queued = submit(store), submit(store)
+    store.claim("cpu")
+    marked = store.request_cancel(running.id)
+    assert marked.state == "running" and marked.cancel_requested  # its worker stops it at the next step
+    cancelled = store.request_cancel(queued.id)
+    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    store.finish(running.id, "cancelled")
+    with pytest.raises(JobFinished, match="cancelled already"):
+        store.request_cancel(running.id)
+
+
+def test_recovery_after_a_stop_requeues_cancels_or_fails_with_the_reason(tmp_path):
+    store = JobStore(tmp_path)
+    interrupted, cancelling, shut_down = submit(store), submit(store), submit(store)
+    for _ in range(3):
+        store.claim("cpu")
+    store.request_cancel(cancelling.id)
+    store.requeue(shut_down.id, frames=0)  # a clean shutdown put it back: not an attempt
+    store.close()
+
+    store = JobStore(tmp_path)  # the server starts again after a crash
+    happened = dict(store.recover())
+    assert store.get(interrupted.id).state == "queued" and "queued again" in happened[interrupted.id]
+    assert store.get(cancelling.id).state == "cancelled" and "cancelled" in happened[cancelling.id]
+    assert store.get(shut_down.id).state == "queued" and store.get(shut_down.id).attempts == 0
+    assert shut_down.id not in happened
+
+    # A job the server never comes back from is run MAX_ATTEMPTS times (the first was above), then failed.
+    for attempt in range(2, MAX_ATTEMPTS + 1):
+        while store.claim("cpu").id != interrupted.id:
+            pass
+        store.close()
+        store = JobStore(tmp_path)
+        store.recover()
+        assert store.get(interrupted.id).state == ("queued" if attempt < MAX_ATTEMPTS else "failed")
+    failed = store.get(interrupted.id)
+    assert f"stopped {MAX_ATTEMPTS} times" in failed.error and failed.finished_at is not None
+
+
+def section_result(index, count, frames, direction, model="preset:tiny"):
+    checkpoint = SectionCheckpoint(index + 1, torch.randn(1, 16, 5, 2, 2), torch.Generator().manual_seed(index)
+                                   .get_state(), torch.randn(1, 3, 5, 16, 16))
+    return SectionResult(index, count, count - 1 - index if direction == "backward" else index, frames,
+                         frames[:1].copy(), direction, torch.zeros(1), {}, {"model": model, "variant": "v"},
+                         checkpoint)
+
+
+class FakeEngine:
+    name, variant = "preset:tiny", "v"
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_resume_files_give_back_the_checkpoint_and_the_frames_in_video_order(tmp_path, direction):
+    files = ResumeFiles(tmp_path / "resume")
+    assert files.load(FakeEngine(), 4) == (None, None)
+    chunks = [np.full((2, 16, 16, 3), value, np.uint8) for value in (10, 20, 30)]
+    results = [section_result(index, 4, chunk, direction) for index, chunk in enumerate(chunks)]
+    for result in results:
+        files.save(result)
+    checkpoint, replay = files.load(FakeEngine(), 4)
+    assert checkpoint.sections_done == 3
+    torch.testing.assert_close(checkpoint.history, results[-1].checkpoint.history, rtol=0, atol=0)
+    torch.testing.assert_close(checkpoint.pending_pixels, results[-1].checkpoint.pending_pixels, rtol=0, atol=0)
+    assert torch.equal(checkpoint.generator_state, results[-1].checkpoint.generator_state)
+    order = chunks if direction == "forward" else chunks[::-1]
+    np.testing.assert_array_equal(replay.frames, np.concatenate(order))
+    np.testing.assert_array_equal(replay.pending_frames, results[-1].pending_frames)
+    assert (replay.index, replay.direction, replay.metadata["model"]) == (2, direction, "preset:tiny")
+
+    other = FakeEngine()
+    other.name = "lllyasviel/FramePackI2V_HY"
+    with pytest.raises(FramePackError, match="cannot be continued"):
+        files.load(other, 4)
+    with pytest.raises(FramePackError, match="does not match its settings"):
+        files.load(FakeEngine(), 5)
+    files.remove()
+    assert not (tmp_path / "resume").exists()
