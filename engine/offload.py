@@ -61,6 +61,14 @@ def tensor_bytes(module: nn.Module, dtype: torch.dtype | None = None, skip: Iter
     return sum(tensor.numel() * target_dtype(tensor, dtype).itemsize for tensor in owned_tensors(module, skip))
 
 
+def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a slot that holds `block`: its tensors' bytes, each starting at an ALIGNMENT boundary."""
+    offset = 0
+    for tensor in owned_tensors(block):
+        offset = _align(offset + tensor.numel() * target_dtype(tensor, dtype).itemsize)
+    return offset
+
+
 class ModuleHome:
     """A module's tensors kept where loading put them (the host), copied to the device while it is in use.
 
