@@ -307,7 +307,7 @@ class MemoryPlan:
         blocks = len(self.resident_blocks) + len(self.streamed_blocks)
         lines = [
             f"memory plan for {self.device}: budget {_gb(self.budget_bytes)}, peak {_gb(self.peak_bytes)} "
-            f"(smallest workable budget {_gb(self.minimum_budget_bytes)}); section of {self.tokens} tokens "
+            f"(smallest workable budget {_round_up_gb(self.minimum_budget_bytes)} GB); section of {self.tokens} tokens "
             f"at {'resolution %d' % self.resolution if self.size is None else '%dx%d' % self.size}, "
             f"window {self.latent_window_size}",
             f"  transformer: {len(self.resident_blocks)} of {blocks} blocks resident "
@@ -335,11 +335,13 @@ class MemoryPlan:
 
 
 def _gb(value: int | float) -> str:
-    return f"{value / GiB:.2f} GB"
+    return f"{value / GiB:.2f} GB" if abs(value) >= GiB // 10 else f"{value / GiB:.4f} GB"
 
 
-def _round_up_gb(value: int) -> float:
-    return -(-value * 10 // GiB) / 10
+def _round_up_gb(value: int) -> str:
+    """A budget in GB rounded up to 0.1 GB (to 0.0001 GB below 1 GB): a value that works when given back."""
+    step = 10 if value >= GiB else 10_000
+    return f"{-(-value * step // GiB) / step:g}"
 
 
 @dataclass
@@ -402,18 +404,19 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     def fits(choice: _Choice) -> bool:
         return max(phases(choice).values()) <= budget_bytes
 
+    # The smallest arrangements: every block streamed, or (a model of few blocks, where the slots would take as much)
+    # every block resident; the other models in turn.
     smallest = _Choice((), 1, {name: choices[-1] for name, choices in PLACEMENT_CHOICES.items() if name in optional})
-    if not blocks:  # a model without blocks (not a FramePack DiT): everything resident
-        smallest.resident = ()
-    minimum = max(phases(smallest).values())
+    all_resident = replace(smallest, resident=tuple(range(len(blocks))))
+    minimum = min(max(phases(smallest).values()), max(phases(all_resident).values()))
     if minimum > budget_bytes:
+        in_turn = ", the encoders and the VAE loaded in turn" if optional else ""
         raise InsufficientMemoryError(
             f"A device budget of {_gb(budget_bytes)} is too small for these models at "
             f"{'resolution ' + str(resolution) if size is None else '%dx%d' % size} "
             f"({sequence.total_tokens} tokens per section): the smallest budget that works is "
-            f"{_round_up_gb(minimum):.1f} GB (every block streamed, the encoders and the VAE loaded in turn); "
-            f"give vram_budget_gb (--vram-budget-gb) at least {_round_up_gb(minimum):.1f}, or a lower resolution.",
-            minimum)
+            f"{_round_up_gb(minimum)} GB (every block streamed{in_turn}); give vram_budget_gb (--vram-budget-gb) "
+            f"at least {_round_up_gb(minimum)}, or a lower resolution.", minimum)
 
     # Where streamed blocks come from: pinned host copies when the host RAM can hold every block, else the file.
     if device != "cuda":
@@ -424,7 +427,6 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
         source_pinned = (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + sum(blocks)
                          <= PINNED_SHARE * host_ram_bytes)
     choice = smallest
-    all_resident = replace(choice, resident=tuple(range(len(blocks))))
     if fits(all_resident):
         choice = all_resident
     else:
@@ -515,6 +517,9 @@ def device_budget_bytes(device, vram_budget_gb: float | None = None, memory_marg
         return int(vram_budget_gb * GiB)
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FramePackError("There is no CUDA device to read the free memory of: give vram_budget_gb "
+                                 "(--vram-budget-gb), or plan for the CPU.")
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = _meminfo_bytes("MemTotal") or 16 * GiB
@@ -526,6 +531,20 @@ def device_budget_bytes(device, vram_budget_gb: float | None = None, memory_marg
     return budget
 
 
+def official_plan(device=None, vram_budget_gb: float | None = None, memory_margin_gb: float = 1.0,
+                  resolution: int = 640) -> tuple[MemoryPlan, str]:
+    """The plan the official models would get on `device` (default: cuda when available), and what they are."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # As engine.loading does: half-precision encoders and VAE on a GPU, float32 on a CPU.
+    encoder_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    footprint = official_footprint(torch.bfloat16, encoder_dtype, encoder_dtype)
+    plan = plan_memory(footprint, device_budget_bytes(device, vram_budget_gb, memory_margin_gb), device=device.type,
+                       host_ram_bytes=host_available_bytes(), resolution=resolution)
+    encoders = str(encoder_dtype).removeprefix("torch.")
+    return plan, (f"the official models: FramePack's 13B DiT in bfloat16; Llama 8B, CLIP-L, SigLIP and the VAE "
+                  f"in {encoders}")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Applying a plan
 # --------------------------------------------------------------------------------------------------------------------
@@ -535,7 +554,7 @@ class DiTPlacement:
     """A plan applied to the DiT: its non-block modules and resident blocks on the device, the rest streaming."""
 
     def __init__(self, dit, plan: MemoryPlan, device):
-        self.dit = dit
+        self.dit, self.plan = dit, plan
         self.home = ModuleHome(dit, device, skip=dit.blocks)
         self.home.to_device()
         self.streamer = BlockStreamer(dit.blocks, device, plan.streamed_blocks, prefetch=max(plan.prefetch, 1),

@@ -129,3 +129,16 @@ def test_placement_holds_what_the_plan_says():
         assert placement.streamer.streamed_bytes == plan.bytes_streamed_per_step
     finally:
         placement.close()
+
+
+def test_info_prints_the_plan_and_refuses_an_impossible_budget(capsys):
+    from engine.cli import main
+
+    assert main(["info", "--plan", "--vram-budget-gb", "6", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for cuda: budget 6.00 GB" in out and "blocks through" in out and "per step" in out
+    assert "expected host RAM" in out and "text encoder: stream" in out and "VAE tiling budget" in out
+    assert main(["info", "--plan", "--vram-budget-gb", "3", "--device", "cuda"]) == 2
+    assert "the smallest budget that works is 4.5 GB" in capsys.readouterr().err
+    assert main(["info", "--plan", "--vram-budget-gb", "-1"]) == 2
+    assert "vram_budget_gb must be" in capsys.readouterr().err

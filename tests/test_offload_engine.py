@@ -150,3 +150,26 @@ def test_loading_with_streaming_never_reads_the_checkpoint_into_anonymous_memory
     assert measured["bytes_streamed"] >= measured["per_pass"] and measured["bytes_streamed"] % measured["per_pass"] == 0
     # Two slots of one block each, activations and the small models: a fraction of the checkpoint.
     assert measured["grown"] < 0.5 * checkpoint_bytes, (measured, checkpoint_bytes)
+
+
+def test_bench_compares_resident_and_streamed_on_the_same_weights(monkeypatch):
+    from engine.benchmark import BenchSettings, bench_memory_plan, parse_compare, run_benchmark
+    from engine.offload import tensor_bytes
+    from engine.presets import DIT_PRESETS
+
+    # With one block of each kind two slots take as much as the blocks: give the tiny preset enough to stream.
+    monkeypatch.setitem(DIT_PRESETS, "tiny", {**DIT_PRESETS["tiny"], "num_layers": 3, "num_single_layers": 3})
+    settings = BenchSettings(preset="tiny", device="cpu", resolution=64, latent_window_size=2, steps=2, warmup=0,
+                             matmul_size=64, prompt_tokens=5)
+    meta = FramePackDiT.from_config(DIT_PRESETS["tiny"], device="meta", dtype=torch.float32)
+    minimum = bench_memory_plan(meta, settings, torch.device("cpu")).minimum_budget_bytes
+    compare = parse_compare(f"vram_budget_gb=none,{(minimum + 4096) / GiB!r}")
+    assert compare[1][0] is None
+    results = run_benchmark(settings, compare)
+    resident, streamed = results["runs"]
+    assert resident["bytes_streamed_per_step"] == 0 and not resident["memory_plan"]["streamed_blocks"]
+    assert list(streamed["memory_plan"]["streamed_blocks"]) == list(range(6))
+    assert streamed["bytes_streamed_per_step"] == tensor_bytes(meta.transformer_blocks) + tensor_bytes(
+        meta.single_transformer_blocks)
+    assert streamed["memory"]["host_rss_anon_peak_bytes"] > 0
+    assert results["comparisons"][1]["output_relative_error_vs_reference"] == 0.0
