@@ -657,15 +657,25 @@ def _run_variants(variants, results: dict, outputs: list, log) -> None:
                 model = random_dit(DIT_PRESETS[variant.preset], build_device, dtype, variant.seed,
                                    preset=variant.preset, quantize=variant.quantize)
                 model_key = key
-            placement = place_for_bench(model, variant, device) if on_host else None
-            log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} steps"
-                + (f", {len(placement.plan.streamed_blocks)} blocks streamed" if placement is not None else ""))
+            limited = on_host and variant.vram_budget_gb is not None and device.type == "cuda"
+            if limited:  # the budget is enforced: the allocator may not hold more
+                torch.cuda.empty_cache()
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, variant.vram_budget_gb * 2**30 / total), device)
             try:
-                runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key],
-                                           placement)
+                placement = place_for_bench(model, variant, device) if on_host else None
+                log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} "
+                    "steps" + (f", {len(placement.plan.streamed_blocks)} blocks streamed" if placement else ""))
+                try:
+                    runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key],
+                                               placement)
+                finally:
+                    if placement is not None:
+                        placement.close()
             finally:
-                if placement is not None:
-                    placement.close()
+                if limited:
+                    torch.cuda.set_per_process_memory_fraction(1.0, device)
+                    torch.cuda.empty_cache()
         for run in runs:
             run["label"] = label
             run["matmul_peak_key"] = peak_key

@@ -380,10 +380,11 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     def phases(choice: _Choice) -> dict:
         streamed = len(blocks) - len(choice.resident)
         slots = min(choice.prefetch + 1, streamed) if streamed else 0
-        always = dit.other_bytes + sum(blocks[i] for i in choice.resident) + slots * slot
+        # The DiT's slots are given back while the encoders run (engine.memory.Placement.use).
+        always = dit.other_bytes + sum(blocks[i] for i in choice.resident)
         resident = sum(component.weight_bytes for name, component in optional.items()
                        if choice.placements[name] == "device")
-        result = {"sampling": always + resident + activations}
+        result = {"sampling": always + slots * slot + resident + activations}
         text = optional.get("text_encoder")
         if text is not None:
             where = choice.placements["text_encoder"]
@@ -398,7 +399,7 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
             result["image"] = always + resident + visiting + image.activation_bytes
         if footprint.vae is not None:
             visiting = footprint.vae.weight_bytes if choice.placements["vae"] == "offload" else 0
-            result["vae"] = always + resident + visiting + vae_floor
+            result["vae"] = always + slots * slot + resident + visiting + vae_floor
         return {phase: result[phase] for phase in PHASES if phase in result}
 
     def fits(choice: _Choice) -> bool:
@@ -418,26 +419,30 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
             f"{_round_up_gb(minimum)} GB (every block streamed{in_turn}); give vram_budget_gb (--vram-budget-gb) "
             f"at least {_round_up_gb(minimum)}, or a lower resolution.", minimum)
 
-    # Where streamed blocks come from: pinned host copies when the host RAM can hold every block, else the file.
-    if device != "cuda":
-        source_pinned = False
-    elif pinned is not None:
-        source_pinned = pinned
-    else:
-        source_pinned = (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + sum(blocks)
-                         <= PINNED_SHARE * host_ram_bytes)
-    choice = smallest
-    if fits(all_resident):
-        choice = all_resident
-    else:
-        # Reads from a mapped file vary (page cache or disk): a second block in flight absorbs that.
-        if device == "cuda" and not source_pinned and fits(replace(choice, prefetch=2)):
+    def arrange(extra_slot: bool) -> _Choice:
+        """Every block resident if that fits; else as many resident as fit beside the slots, largest first (each
+        resident byte is a byte not copied at every step)."""
+        if fits(all_resident):
+            return all_resident
+        choice = smallest
+        if extra_slot and fits(replace(choice, prefetch=2)):
             choice = replace(choice, prefetch=2)
-        # The largest blocks first: each resident byte is a byte not copied at every step.
         for index in sorted(range(len(blocks)), key=lambda i: (-blocks[i], i)):
             candidate = replace(choice, resident=tuple(sorted(choice.resident + (index,))))
             if len(candidate.resident) < len(blocks) and fits(candidate):
                 choice = candidate
+        return choice
+
+    # Streamed blocks come from pinned host copies when the host RAM can hold them; else from the mapped file, where
+    # reads vary (page cache or disk) and a second block in flight absorbs that.
+    source_pinned = False
+    if device == "cuda" and pinned is not False:
+        choice = arrange(extra_slot=False)
+        pinned_bytes = sum(blocks[i] for i in range(len(blocks)) if i not in choice.resident)
+        source_pinned = bool(pinned) or (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + pinned_bytes
+                                         <= PINNED_SHARE * host_ram_bytes)
+    if not source_pinned:
+        choice = arrange(extra_slot=device == "cuda")
     # The other models: the VAE and SigLIP are used every generation and small; the text encoders last.
     for name in ("vae", "image_encoder", "text_encoder"):
         if name not in optional:
@@ -577,51 +582,68 @@ class Placement:
     def __init__(self, plan: MemoryPlan, device, dit, text_encoder=None, image_encoder=None, vae=None,
                  encoder_dtype: torch.dtype | None = None, footprint: Footprint | None = None,
                  host_ram_bytes: int | None = None):
-        self.plan = plan
         self.device = torch.device(device)
         self.encoder_dtype = encoder_dtype
         self.footprint, self.host_ram_bytes = footprint, host_ram_bytes
-        self.dit = DiTPlacement(dit, plan, device)
-        self.text_encoder, self.image_encoder, self.vae = text_encoder, image_encoder, vae
+        self.models = {"transformer": dit, "text_encoder": text_encoder, "image_encoder": image_encoder, "vae": vae}
+        self._place(plan)
+
+    def _place(self, plan: MemoryPlan) -> None:
+        self.plan = plan
+        device, dtype, models = self.device, self.encoder_dtype, self.models
+        self.dit = DiTPlacement(models["transformer"], plan, device) if models["transformer"] is not None else None
         self._homes: dict[str, list[ModuleHome]] = {}
         self._streamers: dict[str, BlockStreamer] = {}
         self._hooks = []
-        self._lock = threading.RLock()
-        self._depth: dict[str, int] = {}
+        self._in_use: set[str] = set()
+        text_encoder = models["text_encoder"]
         if text_encoder is not None and getattr(text_encoder, "llama_model", None) is not None:
             llama, clip = text_encoder.llama_model, text_encoder.clip_model
             if plan.placements.get("text_encoder") == "stream":
-                self._homes["text_encoder"] = [ModuleHome(llama, device, encoder_dtype, skip=[llama.layers]),
-                                               ModuleHome(clip, device, encoder_dtype)]
-                streamer = BlockStreamer(llama.layers, device, prefetch=1, dtype=encoder_dtype, allocate=False)
+                self._homes["text_encoder"] = [ModuleHome(llama, device, dtype, skip=[llama.layers]),
+                                               ModuleHome(clip, device, dtype)]
+                streamer = BlockStreamer(llama.layers, device, prefetch=1, dtype=dtype, allocate=False)
                 self._hooks = streamer.attach_hooks()
                 self._streamers["text_encoder"] = streamer
             else:
-                self._homes["text_encoder"] = [ModuleHome(llama, device, encoder_dtype),
-                                               ModuleHome(clip, device, encoder_dtype)]
+                self._homes["text_encoder"] = [ModuleHome(llama, device, dtype), ModuleHome(clip, device, dtype)]
+        image_encoder = models["image_encoder"]
         if image_encoder is not None and getattr(image_encoder, "model", None) is not None:
-            self._homes["image_encoder"] = [ModuleHome(image_encoder.model, device, encoder_dtype)]
-        if vae is not None:
-            self._homes["vae"] = [ModuleHome(vae, device)]
-            vae.memory_budget_bytes = plan.vae_budget_bytes or None
+            self._homes["image_encoder"] = [ModuleHome(image_encoder.model, device, dtype)]
+        if models["vae"] is not None:
+            self._homes["vae"] = [ModuleHome(models["vae"], device)]
+            models["vae"].memory_budget_bytes = plan.vae_budget_bytes or None
         for name, homes in self._homes.items():
             if plan.placements.get(name) == "device":
                 for home in homes:
                     home.to_device()
 
+    def streamer(self, name: str = "transformer") -> BlockStreamer | None:
+        """The block streamer of the DiT (or of the Llama, "text_encoder"), or None where nothing streams."""
+        if name == "transformer":
+            return None if self.dit is None else self.dit.streamer
+        return self._streamers.get(name)
+
+    def on_device(self, name: str) -> bool:
+        """Whether `name`'s model (text_encoder, image_encoder, vae) is on the device now."""
+        return any(home.on_device for home in self._homes.get(name, []))
+
     @contextlib.contextmanager
     def use(self, name: str):
         """`name`'s model on the device inside the block (its layers streaming, if planned so); afterwards it leaves
-        the device unless the plan keeps it there."""
+        the device unless the plan keeps it there. While an encoder runs the DiT's slots are given back (the DiT
+        makes them again at its next step)."""
         homes = self._homes.get(name)
-        if homes is None or self._depth.get(name):  # not placed by the plan, or already in use further out
+        if homes is None or name in self._in_use:  # not placed by the plan, or already in use further out
             yield
             return
         stay = self.plan.placements.get(name) == "device"
         streamer = self._streamers.get(name)
-        with self._lock, contextlib.ExitStack() as stack:
-            self._depth[name] = 1
-            stack.callback(self._depth.pop, name)
+        if name in ("text_encoder", "image_encoder") and self.dit is not None:
+            self.dit.streamer.free()
+        with contextlib.ExitStack() as stack:
+            self._in_use.add(name)
+            stack.callback(self._in_use.discard, name)
             for home in homes:
                 stack.enter_context(home.in_use(stay=stay))
             if streamer is not None:
@@ -639,6 +661,8 @@ class Placement:
                 handle.remove()
             self._hooks = []
             streamer.close()
+        if name in self.models and name != "transformer":
+            self.models[name] = None
 
     def fit(self, size: tuple[int, int], latent_window_size: int) -> MemoryPlan:
         """Makes sure the plan holds a section of `size` (height, width pixels): a larger section than it was made
@@ -651,24 +675,22 @@ class Placement:
         plan = plan_memory(self.footprint, self.plan.budget_bytes, device=self.plan.device,
                            host_ram_bytes=self.host_ram_bytes, resolution=self.plan.resolution,
                            latent_window_size=latent_window_size, size=size)
-        self.refit(plan)
+        self.close()
+        self._place(plan)
         return plan
 
-    def refit(self, plan: MemoryPlan) -> None:
-        """Applies a new plan for the DiT: streaming and residency as it says."""
-        if (plan.streamed_blocks, plan.prefetch, plan.source) != (self.plan.streamed_blocks, self.plan.prefetch,
-                                                                  self.plan.source):
-            dit = self.dit.dit
-            self.dit.close()
-            self.dit = DiTPlacement(dit, plan, self.device)
-        self.plan = plan
-        if self.vae is not None:
-            self.vae.memory_budget_bytes = plan.vae_budget_bytes or None
-
     def close(self) -> None:
+        """Every model back on the host, as loaded."""
         for name in list(self._homes):
-            self.drop(name)
-        self.dit.close()
+            for home in self._homes.pop(name):
+                home.to_host()
+        for streamer in self._streamers.values():
+            streamer.close()
+        for handle in self._hooks:
+            handle.remove()
+        self._streamers, self._hooks = {}, []
+        if self.dit is not None:
+            self.dit.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------

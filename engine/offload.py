@@ -239,12 +239,6 @@ class BlockStreamer:
         return sum(slot.buffer.numel() for slot in self._slots)
 
     @property
-    def pinned_bytes(self) -> int:
-        """Host bytes of pinned memory: the per-block copies, or the staging buffers."""
-        buffers = (self._sources or []) + self._staging
-        return sum(buffer.numel() for buffer in buffers)
-
-    @property
     def allocated(self) -> bool:
         return bool(self._slots) or not self.order
 

@@ -2,7 +2,6 @@
 streamed blocks' bytes, and no slot is refilled while the block using it computes."""
 
 import dataclasses
-import threading
 import time
 
 import pytest
@@ -300,3 +299,42 @@ def test_module_home_moves_without_copying_back():
     assert home.on_device and module.weight.dtype == torch.float32
     home.to_host()
     assert module.weight.data_ptr() == host.data_ptr() and module.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_streaming_is_bit_identical_and_stays_in_its_slots(pinned):
+    """On a GPU: copies on the side stream, ordered by events, give the resident output bit for bit, and the device
+    holds the non-block part, the slots and the activations, not the streamed blocks."""
+    config = {**DIT_PRESETS["small"], "num_layers": 4, "num_single_layers": 6}
+    dit = random_dit(config, torch.device("cpu"), torch.bfloat16, seed=3)
+    settings = BenchSettings(preset="small", resolution=128, latent_window_size=3, prompt_tokens=20)
+    device = torch.device("cuda")
+    inputs = random_inputs(dit, settings, device, torch.bfloat16)
+    plan = streaming_plan(dit, prefetch=1)
+
+    def call():
+        prompt = inputs.section_inputs.prompts[0]
+        latents = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.inference_mode():
+            return dit.velocity(latents, torch.tensor([600.0], device=device), prompt.llama, None, prompt.clip_pooled,
+                                torch.tensor([10000.0], device=device), None, None,
+                                inputs.section_inputs.image_embeddings)
+
+    resident = DiTPlacement(dit, dataclasses.replace(plan, streamed_blocks=(), resident_blocks=tuple(range(10))),
+                            device)
+    expected = call()
+    resident.close()
+    placement = DiTPlacement(dit, dataclasses.replace(plan, source="pinned" if pinned else "mmap"), device)
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        outputs = [call() for _ in range(3)]
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        assert placement.streamer.stats.bytes_streamed == 3 * streamed_bytes(dit, range(10))
+    finally:
+        placement.close()
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert peak < streamed_bytes(dit, range(10)) / 2  # activations only: the blocks never all sit on the device

@@ -55,14 +55,14 @@ def test_streamed_engine_makes_the_resident_video(framepack_transformer_folder, 
                                    streamed.vae, torch.float32)
     video = streamed.generate("a cat walks", image=gradient_image(), **FAST)
     assert np.array_equal(video.frames, expected.frames)
-    dit_streamer = streamed.placement.dit.streamer
+    dit_streamer, llama_streamer = streamed.placement.streamer(), streamed.placement.streamer("text_encoder")
     assert dit_streamer.stats.bytes_streamed == FAST["steps"] * dit_streamer.streamed_bytes
-    assert streamed.placement._streamers["text_encoder"].stats.bytes_streamed > 0
+    assert llama_streamer.stats.bytes_streamed == llama_streamer.streamed_bytes  # one prompt, one pass
     # Between phases the encoders and the VAE are back on the host, and the Llama's slots are given back.
-    assert not any(home.on_device for homes in streamed.placement._homes.values() for home in homes)
-    assert not streamed.placement._streamers["text_encoder"].allocated
+    assert not any(streamed.placement.on_device(name) for name in ("text_encoder", "image_encoder", "vae"))
+    assert not llama_streamer.allocated
     streamed.release_encoders()  # the placement lets go of released models
-    assert set(streamed.placement._homes) == {"vae"} and not streamed.placement._streamers
+    assert streamed.placement.streamer("text_encoder") is None and streamed.placement.models["text_encoder"] is None
 
 
 def test_a_section_larger_than_planned_gets_a_new_plan(framepack_transformer_folder, hunyuan_video_base_folder,
@@ -81,7 +81,7 @@ def test_an_impossible_budget_is_refused_before_anything_runs(framepack_transfor
                                                               hunyuan_video_base_folder, flux_redux_folder):
     from engine.memory import InsufficientMemoryError
 
-    with pytest.raises(InsufficientMemoryError, match=r"too small .* smallest budget that works is \d+\.\d GB"):
+    with pytest.raises(InsufficientMemoryError, match=r"too small .* smallest budget that works is \d+\.\d+ GB"):
         load(framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_folder, vram_budget_gb=0.001)
 
 
@@ -126,7 +126,7 @@ MEASURE = textwrap.dedent("""
     with AnonymousMemoryPeak(interval=0.002) as peak:
         engine = Engine.from_pretrained(vram_budget_gb=minimum / GiB, **options)
         engine.generate("a cat walks", seconds=1, fps=8, steps=1, latent_window_size=1, resolution=64)
-    streamer = engine.placement.dit.streamer
+    streamer = engine.placement.streamer()
     print(json.dumps({"grown": peak.peak_bytes - peak.start_bytes, "streamed": len(engine.memory_plan.streamed_blocks),
                       "bytes_streamed": streamer.stats.bytes_streamed, "per_pass": streamer.streamed_bytes}))
 """)
