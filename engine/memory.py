@@ -111,12 +111,16 @@ def transformer_activation_bytes(tokens: int, hidden: int, intermediate: int, he
             + heads * tokens * tokens * 4)
 
 
+def tensor_bytes_of(modules, dtype: torch.dtype | None = None) -> int:
+    return sum(tensor_bytes(module, dtype) for module in modules)
+
+
 def dit_footprint(dit, dtype: torch.dtype | None = None) -> tuple[Component, DiTConfig, int]:
     """The DiT's bytes from its tensors: the resident part (everything outside the blocks) and each block."""
-    blocks = dit.blocks
-    component = Component("transformer", tensor_bytes(dit, dtype, skip=blocks),
-                          tuple(tensor_bytes(block, dtype) for block in blocks),
-                          slot_bytes=max((slot_bytes(block, dtype) for block in blocks), default=0))
+    blocks, kept = dit.blocks, dit.modules_used_outside_blocks()  # kept: resident parts of the blocks
+    component = Component("transformer", tensor_bytes(dit, dtype, skip=blocks) + tensor_bytes_of(kept, dtype),
+                          tuple(tensor_bytes(block, dtype, skip=kept) for block in blocks),
+                          slot_bytes=max((slot_bytes(block, dtype, kept) for block in blocks), default=0))
     return component, dit.config, (dtype or dit.compute_dtype).itemsize
 
 
@@ -563,7 +567,7 @@ class DiTPlacement:
         self.home = ModuleHome(dit, device, skip=dit.blocks)
         self.home.to_device()
         self.streamer = BlockStreamer(dit.blocks, device, plan.streamed_blocks, prefetch=max(plan.prefetch, 1),
-                                      pinned=plan.source == "pinned")
+                                      pinned=plan.source == "pinned", keep=dit.modules_used_outside_blocks())
         dit.set_block_stream(self.streamer)
 
     def close(self) -> None:

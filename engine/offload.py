@@ -61,10 +61,10 @@ def tensor_bytes(module: nn.Module, dtype: torch.dtype | None = None, skip: Iter
     return sum(tensor.numel() * target_dtype(tensor, dtype).itemsize for tensor in owned_tensors(module, skip))
 
 
-def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes of a slot that holds `block`: its tensors' bytes, each starting at an ALIGNMENT boundary."""
+def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
+    """Bytes of a slot that holds `block` (but its `skip` modules): its tensors, each at an ALIGNMENT boundary."""
     offset = 0
-    for tensor in owned_tensors(block):
+    for tensor in owned_tensors(block, skip):
         offset = _align(offset + tensor.numel() * target_dtype(tensor, dtype).itemsize)
     return offset
 
@@ -82,21 +82,23 @@ class ModuleHome:
         self.device = torch.device(device)
         self.dtype = dtype
         self.on_device = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(host.numel() * target_dtype(host, self.dtype).itemsize for host in self.host)
+        self._placed: list[int] = []  # data pointers of the copies to_device made
 
     def to_device(self) -> None:
         if not self.on_device:
             with torch.inference_mode(False):  # device copies usable outside inference mode too
                 for tensor, host in zip(self.tensors, self.host):
                     tensor.data = host.to(self.device, target_dtype(host, self.dtype))
+            self._placed = [tensor.data_ptr() for tensor in self.tensors]
             self.on_device = True
 
     def to_host(self) -> None:
-        for tensor, host in zip(self.tensors, self.host):
-            tensor.data = host
+        for index, tensor in enumerate(self.tensors):
+            current = tensor.data
+            if (self.on_device and current.device.type == "cpu" and current.data_ptr() != self._placed[index]
+                    and current.dtype == self.host[index].dtype):
+                self.host[index] = current  # given a new host tensor while placed (a LoRA fused at run time)
+            tensor.data = self.host[index]
         self.on_device = False
 
     @contextlib.contextmanager
@@ -112,17 +114,20 @@ class ModuleHome:
 
 
 class _Layout:
-    """Where each tensor of one block lives inside a slot (or a staging or pinned buffer laid out the same way)."""
+    """Where each tensor of one block lives inside a slot (or a staging or pinned buffer laid out the same way).
 
-    def __init__(self, block: nn.Module, dtype: torch.dtype | None):
-        self.tensors = owned_tensors(block)
-        self.host = [tensor.data for tensor in self.tensors]
+    The host side is read from the tensors when a slot is filled, so a weight that was given a new host tensor
+    between visits (a LoRA fused at run time) streams as it is now.
+    """
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype | None, skip: Iterable[nn.Module] = ()):
+        self.tensors = owned_tensors(block, skip)
         self.places = []  # (offset, nbytes, dtype, shape)
         offset = 0
-        for host in self.host:
-            place_dtype = target_dtype(host, dtype)
-            nbytes = host.numel() * place_dtype.itemsize
-            self.places.append((offset, nbytes, place_dtype, host.shape))
+        for tensor in self.tensors:
+            place_dtype = target_dtype(tensor, dtype)
+            nbytes = tensor.numel() * place_dtype.itemsize
+            self.places.append((offset, nbytes, place_dtype, tensor.shape))
             offset = _align(offset + nbytes)
         self.size = offset  # bytes of a buffer that holds this block
         self.nbytes = sum(place[1] for place in self.places)  # bytes the block's tensors take (moved per visit)
@@ -133,8 +138,8 @@ class _Layout:
 
     def fill(self, buffer: torch.Tensor) -> None:
         """Copies the block's host tensors into `buffer` (reading a memory-mapped file's pages as it goes)."""
-        for view, host in zip(self.views(buffer), self.host):
-            view.copy_(host)
+        for view, tensor in zip(self.views(buffer), self.tensors):
+            view.copy_(tensor.data)
 
 
 # Slot states.
@@ -172,7 +177,8 @@ class BlockStreamer:
     the device once and stay. prefetch: how many blocks ahead the copies run (slots = prefetch + 1). pinned: keep
     each streamed block in its own pinned host buffer (fastest copies, costs host RAM; CUDA only) instead of reading
     the loaded (memory-mapped) tensors through pinned staging buffers. dtype: the dtype floating-point weights take
-    on the device (None: as loaded; quantized storage is never converted).
+    on the device (None: as loaded; quantized storage is never converted). keep: parts of the blocks that run
+    outside the block loop (TeaCache's modulation of the first block): they stay on the device.
 
     Use it as `stream(blocks)` (an iterator, the DiT's seam) or through `attach_hooks()` for a model that runs its own
     loop over the blocks (transformers' Llama). Call `close()` to put every tensor back on the host.
@@ -180,7 +186,7 @@ class BlockStreamer:
 
     def __init__(self, blocks: Sequence[nn.Module], device, streamed: Iterable[int] | None = None, *,
                  prefetch: int = 1, pinned: bool = False, dtype: torch.dtype | None = None,
-                 allocate: bool = True):
+                 keep: Iterable[nn.Module] = (), allocate: bool = True):
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         blocks = list(blocks)
@@ -189,9 +195,10 @@ class BlockStreamer:
         streamed = set(range(len(blocks)) if streamed is None else streamed)
         self.order = [block for index, block in enumerate(blocks) if index in streamed]
         self.position = {id(block): position for position, block in enumerate(self.order)}
-        self.layouts = [_Layout(block, dtype) for block in self.order]
-        self.residents = [ModuleHome(block, self.device, dtype) for index, block in enumerate(blocks)
-                          if index not in streamed]
+        keep = list(keep)
+        self.layouts = [_Layout(block, dtype, keep) for block in self.order]
+        self.residents = [ModuleHome(block, self.device, dtype, keep) for index, block in enumerate(blocks)
+                          if index not in streamed] + [ModuleHome(module, self.device, dtype) for module in keep]
         for home in self.residents:
             home.to_device()
         self.prefetch = prefetch
@@ -201,6 +208,7 @@ class BlockStreamer:
         self._condition = threading.Condition()
         self._slots: list[_Slot] = []
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._bound: dict[int, list[torch.Tensor]] = {}  # position -> the host tensors of a block in use
         self._pass = 0
         self._next = -1  # the position the current pass acquires next (-1: no pass under way)
         self._pending = 0  # jobs handed to the worker and not finished
@@ -208,21 +216,18 @@ class BlockStreamer:
         self._jobs: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._sources = None  # pinned per-block buffers, or None (read the loaded tensors)
+        self._source_views: list[list[torch.Tensor]] = []
         self._staging: list[torch.Tensor] = []
         self._staging_done: list[torch.cuda.Event] = []
         self._staging_next = 0
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.order else None
         if pinned and self.cuda and self.order:
             with torch.inference_mode(False):
-                self._sources = []
-                for layout in self.layouts:
-                    source = torch.empty(layout.size, dtype=torch.uint8, pin_memory=True)
-                    layout.fill(source)
-                    self._sources.append(source)
-                    # The block's tensors now point at the pinned copy: the loaded ones can be let go.
-                    layout.host = layout.views(source)
-                    for tensor, host in zip(layout.tensors, layout.host):
-                        tensor.data = host
+                self._sources = [torch.empty(layout.size, dtype=torch.uint8, pin_memory=True)
+                                 for layout in self.layouts]
+                self._source_views = [layout.views(source) for layout, source in zip(self.layouts, self._sources)]
+                for position in range(len(self.layouts)):
+                    self._refresh_source(position)
         if allocate:
             self.allocate()
 
@@ -280,9 +285,6 @@ class BlockStreamer:
             self._worker = None
         for home in self.residents:
             home.to_host()
-        for layout in self.layouts:
-            for tensor, host in zip(layout.tensors, layout.host):
-                tensor.data = host
 
     # ---- the seams: an iterator for run_blocks, or hooks around each block's forward ----------------------------
 
@@ -327,7 +329,9 @@ class BlockStreamer:
             slot.state = IN_USE
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
-        for tensor, view in zip(self.layouts[position].tensors, self._views[slot.index, position]):
+        tensors = self.layouts[position].tensors
+        self._bound[position] = [tensor.data for tensor in tensors]
+        for tensor, view in zip(tensors, self._views[slot.index, position]):
             tensor.data = view
         self._next = position + 1
 
@@ -335,14 +339,21 @@ class BlockStreamer:
         """The block's compute is issued: point its tensors back at the host and let its slot be refilled."""
         position = self.position[id(block)]
         slot = self._slots[position % self.slot_count]
-        layout = self.layouts[position]
-        for tensor, host in zip(layout.tensors, layout.host):
+        for tensor, host in zip(self.layouts[position].tensors, self._bound.pop(position)):
             tensor.data = host
         if self.cuda:
             slot.free.record(torch.cuda.current_stream(self.device))
         with self._condition:
             slot.state = FREE
             self._condition.notify_all()
+
+    def _refresh_source(self, position: int) -> None:
+        """Makes a block's pinned copy hold its tensors as they are now, and points them at it (the loaded ones can
+        then be let go). Only tensors given a new host tensor since (a LoRA fused at run time) are copied again."""
+        for tensor, view in zip(self.layouts[position].tensors, self._source_views[position]):
+            if tensor.data.data_ptr() != view.data_ptr():
+                view.copy_(tensor.data)
+                tensor.data = view
 
     # ---- passes and the worker ---------------------------------------------------------------------------------
 
@@ -420,6 +431,8 @@ class BlockStreamer:
             self.stats.peak_slots_in_use = max(self.stats.peak_slots_in_use,
                                                sum(s.state != FREE for s in self._slots))
         if self.cuda:
+            if staging is None:
+                self._refresh_source(position)
             source = self._sources[position] if staging is None else self._staging[staging]
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(slot.free)  # the block that used the slot has finished computing

@@ -169,7 +169,7 @@ def test_bench_compares_resident_and_streamed_on_the_same_weights(monkeypatch):
     resident, streamed = results["runs"]
     assert resident["bytes_streamed_per_step"] == 0 and not resident["memory_plan"]["streamed_blocks"]
     assert list(streamed["memory_plan"]["streamed_blocks"]) == list(range(6))
-    assert streamed["bytes_streamed_per_step"] == tensor_bytes(meta.transformer_blocks) + tensor_bytes(
-        meta.single_transformer_blocks)
+    kept = meta.modules_used_outside_blocks()
+    assert streamed["bytes_streamed_per_step"] == sum(tensor_bytes(block, skip=kept) for block in meta.blocks)
     assert streamed["memory"]["host_rss_anon_peak_bytes"] > 0
     assert results["comparisons"][1]["output_relative_error_vs_reference"] == 0.0
