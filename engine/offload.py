@@ -56,16 +56,28 @@ def target_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype
     return dtype if dtype is not None and tensor.dtype in CONVERTIBLE_DTYPES else tensor.dtype
 
 
+def target_dtypes(module: nn.Module, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.dtype]:
+    """The dtype each tensor takes on the device: `dtype` for floating-point ones, except the tensors a quantized
+    layer lists as its storage (`stored_tensors()`: values, scales, zero points), whose dtypes are its format."""
+    stored = set()
+    if dtype is not None:
+        for sub in module.modules():
+            if callable(getattr(sub, "stored_tensors", None)):
+                stored.update(id(tensor) for tensor in sub.stored_tensors())
+    return [tensor.dtype if id(tensor) in stored else target_dtype(tensor, dtype) for tensor in tensors]
+
+
 def tensor_bytes(module: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of the module's tensors as they are (or as `dtype` would make its floating-point ones)."""
-    return sum(tensor.numel() * target_dtype(tensor, dtype).itemsize for tensor in owned_tensors(module, skip))
+    tensors = owned_tensors(module, skip)
+    return sum(tensor.numel() * place.itemsize for tensor, place in zip(tensors, target_dtypes(module, tensors, dtype)))
 
 
 def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of a slot that holds `block` (but its `skip` modules): its tensors, each at an ALIGNMENT boundary."""
-    offset = 0
-    for tensor in owned_tensors(block, skip):
-        offset = _align(offset + tensor.numel() * target_dtype(tensor, dtype).itemsize)
+    offset, tensors = 0, owned_tensors(block, skip)
+    for tensor, place in zip(tensors, target_dtypes(block, tensors, dtype)):
+        offset = _align(offset + tensor.numel() * place.itemsize)
     return offset
 
 
@@ -79,16 +91,16 @@ class ModuleHome:
     def __init__(self, module: nn.Module, device, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()):
         self.tensors = owned_tensors(module, skip)
         self.host = [tensor.data for tensor in self.tensors]
+        self.dtypes = target_dtypes(module, self.tensors, dtype)
         self.device = torch.device(device)
-        self.dtype = dtype
         self.on_device = False
         self._placed: list[int] = []  # data pointers of the copies to_device made
 
     def to_device(self) -> None:
         if not self.on_device:
             with torch.inference_mode(False):  # device copies usable outside inference mode too
-                for tensor, host in zip(self.tensors, self.host):
-                    tensor.data = host.to(self.device, target_dtype(host, self.dtype))
+                for tensor, host, place in zip(self.tensors, self.host, self.dtypes):
+                    tensor.data = host.to(self.device, place)
             self._placed = [tensor.data_ptr() for tensor in self.tensors]
             self.on_device = True
 
@@ -124,8 +136,7 @@ class _Layout:
         self.tensors = owned_tensors(block, skip)
         self.places = []  # (offset, nbytes, dtype, shape)
         offset = 0
-        for tensor in self.tensors:
-            place_dtype = target_dtype(tensor, dtype)
+        for tensor, place_dtype in zip(self.tensors, target_dtypes(block, self.tensors, dtype)):
             nbytes = tensor.numel() * place_dtype.itemsize
             self.places.append((offset, nbytes, place_dtype, tensor.shape))
             offset = _align(offset + nbytes)

@@ -373,3 +373,28 @@ def test_cuda_streaming_is_bit_identical_and_stays_in_its_slots(pinned):
         placement.close()
     assert all(torch.equal(output, expected) for output in outputs)
     assert peak < streamed_bytes(dit, range(10)) / 2  # activations only: the blocks never all sit on the device
+
+
+def test_quantized_storage_keeps_its_dtypes_when_the_rest_is_converted():
+    """A quantized Llama streamed with dtype=float16: its float tensors convert, its int8 values and float32 scales
+    stay as stored, exactly as `.to(torch.float16)` treats the resident model."""
+    import copy
+
+    from engine.quant import QuantScheme, quantize_llama
+
+    llama = tiny_text_encoder(torch.Generator().manual_seed(4)).llama_model
+    quantize_llama(llama, QuantScheme("int8"))
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        expected = copy.deepcopy(llama).to(torch.float16)(input_ids=ids).last_hidden_state
+    home = ModuleHome(llama, "cpu", torch.float16, skip=[llama.layers])
+    streamer = BlockStreamer(llama.layers, "cpu", prefetch=1, dtype=torch.float16)
+    handles = streamer.attach_hooks()
+    try:
+        with torch.no_grad(), home.in_use():
+            actual = llama(input_ids=ids).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+        streamer.close()
+    assert torch.equal(actual, expected)
