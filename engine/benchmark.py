@@ -11,7 +11,8 @@ What is reported, per run (one setting variant x one plan length):
 - analytic FLOPs per step (engine.flops), linear and attention apart;
 - seconds per step, per section and per output frame, after warm-up steps that are not recorded;
 - achieved TFLOP/s and MFU against a matmul peak measured on the same device in the same run;
-- peak device memory, host peak RSS, bytes streamed per step (0: weights stay resident);
+- peak device memory, host peak RSS and peak anonymous RSS, the memory plan and the bytes streamed per step when the
+  DiT streams (`--vram-budget-gb`; 0: weights stay resident);
 - with `--cache teacache|magcache`, the model calls that ran the blocks and those the step cache skipped (MagCache
   is first calibrated, untimed, on the same random weights and inputs: mechanics, not a real model's ratios);
 - the weights' bytes as stored (`--quantize fp8|int8|int4` quantizes the blocks' linears, engine.quant), and with
@@ -86,6 +87,7 @@ class BenchSettings:
     cache: str = "none"  # step cache: none, teacache or magcache
     cache_threshold: float | None = None  # None: the cache's default (teacache 0.15, magcache 0.1)
     quantize: str = "none"  # "none" or an engine.quant format: the blocks' linears quantized after the random fill
+    vram_budget_gb: float | None = None  # None: every weight on the device; else the memory planner's plan
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -125,14 +127,22 @@ class BenchSettings:
             raise FramePackError(f"Unknown cache {self.cache!r}: choose none, {', '.join(STEP_CACHES)}.")
         if self.cache_threshold is not None and not 0 <= self.cache_threshold < math.inf:
             raise FramePackError(f"cache_threshold must be a finite number of at least 0, got {self.cache_threshold!r}.")
+        if self.vram_budget_gb is not None and not self.vram_budget_gb > 0:
+            raise FramePackError(f"vram_budget_gb must be a positive number of GB, got {self.vram_budget_gb}.")
         find_nearest_bucket(self.resolution, self.resolution, self.resolution)  # raises for a bad resolution
         return self
+
+
+def optional_number(text: str) -> float | None:
+    """A number, or "none" (every weight resident)."""
+    return None if text.strip().lower() == "none" else float(text)
 
 
 # The fields --compare may vary, with how each value is read from the command line.
 COMPARABLE = {"preset": str, "device": str, "dtype": str, "resolution": int, "latent_window_size": int, "steps": int,
               "warmup": int, "attention": str, "seed": int, "variant": str, "prompt_tokens": int,
-              "threads": int, "cache": str, "cache_threshold": float, "quantize": str}
+              "threads": int, "cache": str, "cache_threshold": float, "quantize": str,
+              "vram_budget_gb": optional_number}
 
 
 def parse_compare(text: str | None) -> tuple[str, list] | None:
@@ -435,8 +445,33 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float | Non
     return relative_error(actual.cpu(), expected.cpu())
 
 
-def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tuple[list[dict], torch.Tensor]:
-    """Warm-up, then each plan length of `settings.sections`; one run record per plan length."""
+def bench_memory_plan(model, settings: BenchSettings, device: torch.device):
+    """The memory planner's plan for the DiT alone under `settings.vram_budget_gb` (None: every block resident) at
+    the benchmark's section size; `model` may be on the meta device."""
+    from engine.memory import Footprint, dit_footprint, host_available_bytes, plan_memory
+
+    component, config, element_size = dit_footprint(model)
+    budget = 2**62 if settings.vram_budget_gb is None else int(settings.vram_budget_gb * 2**30)
+    return plan_memory(Footprint(component, config, element_size), budget, device=device.type,
+                       host_ram_bytes=host_available_bytes(), resolution=settings.resolution,
+                       latent_window_size=settings.latent_window_size, text_tokens=settings.prompt_tokens)
+
+
+def place_for_bench(model, settings: BenchSettings, device: torch.device):
+    """The DiT placed as `bench_memory_plan` says: an engine.memory.DiTPlacement (close it to put the weights back
+    on the host)."""
+    from engine.memory import DiTPlacement
+
+    return DiTPlacement(model, bench_memory_plan(model, settings, device), device)
+
+
+def run_variant(model, settings: BenchSettings, device, dtype, peak: dict, placement=None
+                ) -> tuple[list[dict], torch.Tensor]:
+    """Warm-up, then each plan length of `settings.sections`; one run record per plan length. placement: the
+    engine.memory.DiTPlacement the model runs under (its streamer's bytes are recorded), or None (all resident)."""
+    from engine.memory import AnonymousMemoryPeak
+
+    streamer = placement.streamer if placement is not None else None
     model.set_attention_backend(settings.attention)
     inputs = random_inputs(model, settings, device, dtype)
     # The planned sequence: the noisy window, the start latent + one 1x history frame, the 2x and 4x history.
@@ -456,9 +491,13 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tu
         for plan_length in settings.sections:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            records, output = run_plan(model, settings, inputs, plan_length, device, dtype, step_caches)
+            if streamer is not None:
+                streamer.reset_stats()
+            with AnonymousMemoryPeak() as host_peak:
+                records, output = run_plan(model, settings, inputs, plan_length, device, dtype, step_caches)
             first_output = output if first_output is None else first_output
             step_seconds = [seconds for record in records for seconds in record["step_seconds"]]
+            streamed = streamer.stats.bytes_streamed if streamer is not None else 0
             section_seconds = [record["seconds"] for record in records]
             step_summary, section_summary = summary(step_seconds), summary(section_seconds)
             computed = sum(record["cache_steps_computed"] for record in records)
@@ -493,8 +532,12 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict) -> tu
                     "device_reserved_peak_bytes": (torch.cuda.max_memory_reserved(device)
                                                    if device.type == "cuda" else None),
                     **host_memory(),
+                    "host_rss_anon_peak_bytes": host_peak.peak_bytes,
                 },
-                "bytes_streamed_per_step": 0,  # weights stay resident: there is no offload yet
+                # Weight bytes copied onto the device per step, as the streamer counted them (0: all resident).
+                "bytes_streamed_per_step": streamed // max(len(step_seconds), 1),
+                "memory_plan": placement.plan.as_dict() if placement is not None else None,
+                "stream_stats": dataclasses.asdict(streamer.stats) if streamer is not None else None,
                 "cache_steps_computed": computed,  # model calls that ran the blocks, over the plan
                 "cache_steps_skipped": skipped,  # model calls the step cache answered without running a block
                 "output_finite": bool(torch.isfinite(output).all()),
@@ -567,6 +610,12 @@ def run_benchmark(settings: BenchSettings, compare: tuple[str, list] | None = No
                "settings": {**dataclasses.asdict(settings), "sections": list(settings.sections)},
                "devices": {}, "versions": None, "matmul_peak": {}, "runs": []}
     outputs = []
+    for _, variant in variants:  # an impossible memory budget is refused before anything runs (bf16 sizes)
+        if variant.vram_budget_gb is not None and variant.quantize == "none":
+            device = variant.resolved_device()
+            meta = FramePackDiT.from_config(DIT_PRESETS[variant.preset], device="meta",
+                                            dtype=variant.resolved_dtype(device))
+            bench_memory_plan(meta, variant, device)
     default_threads = torch.get_num_threads()
     try:
         _run_variants(variants, results, outputs, log)
@@ -581,6 +630,9 @@ def run_benchmark(settings: BenchSettings, compare: tuple[str, list] | None = No
 def _run_variants(variants, results: dict, outputs: list, log) -> None:
     model, model_key = None, None
     default_threads = torch.get_num_threads()
+    # With a memory budget in play the weights start on the host (where streaming reads them) for every variant,
+    # so resident and streamed runs share the same weights.
+    on_host = any(variant.vram_budget_gb is not None for _, variant in variants)
     for label, variant in variants:
         device = variant.resolved_device()
         dtype = variant.resolved_dtype(device)
@@ -595,17 +647,35 @@ def _run_variants(variants, results: dict, outputs: list, log) -> None:
             if peak_key not in results["matmul_peak"]:
                 log(f"measuring the matmul peak on {device} ({_dtype_name(dtype)})")
                 results["matmul_peak"][peak_key] = measure_matmul_peak(device, dtype, variant.matmul_size)
-            key = (variant.preset, str(device), dtype, variant.seed, variant.quantize)
+            build_device = torch.device("cpu") if on_host else device
+            key = (variant.preset, str(device), str(build_device), dtype, variant.seed, variant.quantize)
             if key != model_key:
                 model = None  # free the previous model before building the next (two 13B models rarely fit)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                log(f"building preset {variant.preset!r} with random weights on {device} ({_dtype_name(dtype)})")
-                model = random_dit(DIT_PRESETS[variant.preset], device, dtype, variant.seed, preset=variant.preset,
-                                   quantize=variant.quantize)
+                log(f"building preset {variant.preset!r} with random weights on {build_device} ({_dtype_name(dtype)})")
+                model = random_dit(DIT_PRESETS[variant.preset], build_device, dtype, variant.seed,
+                                   preset=variant.preset, quantize=variant.quantize)
                 model_key = key
-            log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} steps")
-            runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key])
+            limited = on_host and variant.vram_budget_gb is not None and device.type == "cuda"
+            if limited:  # the budget is enforced: the allocator may not hold more
+                torch.cuda.empty_cache()
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, variant.vram_budget_gb * 2**30 / total), device)
+            try:
+                placement = place_for_bench(model, variant, device) if on_host else None
+                log(f"running {label}: plans of {', '.join(map(str, variant.sections))} sections x {variant.steps} "
+                    "steps" + (f", {len(placement.plan.streamed_blocks)} blocks streamed" if placement else ""))
+                try:
+                    runs, output = run_variant(model, variant, device, dtype, results["matmul_peak"][peak_key],
+                                               placement)
+                finally:
+                    if placement is not None:
+                        placement.close()
+            finally:
+                if limited:
+                    torch.cuda.set_per_process_memory_fraction(1.0, device)
+                    torch.cuda.empty_cache()
         for run in runs:
             run["label"] = label
             run["matmul_peak_key"] = peak_key
@@ -740,6 +810,15 @@ def format_results(results: dict) -> str:
             lines.append(f"  {item['label']:<24} tokens {item['tokens_per_section']} "
                          f"({'equal' if item['tokens_equal'] else 'NOT equal'}); s/section by plan {times}; "
                          f"max/min {item['seconds_per_section_max_over_min']:.3f}")
+    streaming = [run for run in results["runs"] if run["memory_plan"] and run["memory_plan"]["streamed_blocks"]]
+    if streaming:
+        lines += ["", "streaming (engine.memory plan):"]
+        for run in streaming:
+            plan = run["memory_plan"]
+            lines.append(f"  {run['label']:<24} {len(plan['streamed_blocks'])} of "
+                         f"{len(plan['streamed_blocks']) + len(plan['resident_blocks'])} blocks streamed, prefetch "
+                         f"{plan['prefetch']}, {plan['source']}: {_gib(run['bytes_streamed_per_step'])} per step; "
+                         f"host anonymous peak {_gib(run['memory']['host_rss_anon_peak_bytes'])}")
     non_finite = [run["label"] for run in results["runs"] if not run["output_finite"]]
     if non_finite:
         lines.append(f"note: non-finite outputs in {', '.join(sorted(set(non_finite)))} (random weights; timing is valid)")
@@ -781,6 +860,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "magcache 0.1)")
     parser.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_FORMATS],
                         help="quantize the blocks' linears (engine.quant) after the random fill (default none)")
+    parser.add_argument("--vram-budget-gb", type=float,
+                        help="place the DiT by the memory planner under this budget (streaming what does not fit); "
+                             "default: every weight resident")
     parser.add_argument("--compare", metavar="KEY=V1,V2",
                         help=f"run each value on the same inputs and print ratios to the first; KEY: "
                              f"{', '.join(COMPARABLE)}")
@@ -804,7 +886,7 @@ def settings_from_args(args) -> BenchSettings:
         latent_window_size=args.latent_window_size, steps=args.steps, sections=parse_sections(args.sections),
         warmup=args.warmup, attention=args.attention, seed=args.seed, variant=args.variant,
         prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads, cache=args.cache,
-        cache_threshold=args.cache_threshold, quantize=args.quantize).validate()
+        cache_threshold=args.cache_threshold, quantize=args.quantize, vram_budget_gb=args.vram_budget_gb).validate()
 
 
 def command_bench(args) -> int:

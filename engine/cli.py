@@ -230,6 +230,15 @@ def command_info(args) -> int:
           f"(auto -> {resolve_backend('auto', device).name}; all: {', '.join(BACKEND_NAMES)})")
     print("\n".join(kernel_verification_lines(device)))
     print(f"video encoders: {', '.join(available_codecs()[:16])}")
+    if args.plan:
+        from engine.memory import official_plan
+        from engine.settings import ModelSettings
+
+        budget = ModelSettings.from_options(vram_budget_gb=args.vram_budget_gb, memory_margin_gb=args.memory_margin_gb)
+        plan, models = official_plan(args.device or device, budget.vram_budget_gb, budget.memory_margin_gb,
+                                     args.resolution)
+        print(f"memory plan for {models}:")
+        print("\n".join(plan.lines()))
     return 0
 
 
@@ -239,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a video")
     add_generate_arguments(generate)
     generate.set_defaults(run=command_generate)
-    info = commands.add_parser("info", help="device, attention backends, versions")
+    info = commands.add_parser("info", help="device, attention backends, versions; --plan: the memory plan")
+    info.add_argument("--plan", "--verbose", action="store_true",
+                      help="the memory plan for the official models: what is where, bytes streamed per step, host RAM")
+    info.add_argument("--vram-budget-gb", type=float, help="device memory budget (default: free memory minus margin)")
+    info.add_argument("--memory-margin-gb", type=float, default=1.0, help="left free without a budget (default 1)")
+    info.add_argument("--resolution", type=int, default=640, help="section size the plan is for (default 640)")
+    info.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     info.set_defaults(run=command_info)
     from engine.benchmark import add_bench_command
     from engine.calibration import add_calibrate_command

@@ -173,7 +173,7 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = DEFAULT_DTYPES["text_encoder"], allow_download: bool | None = None,
+                        dtype: torch.dtype | None = DEFAULT_DTYPES["text_encoder"], allow_download: bool | None = None,
                         cache_dir: str | Path | None = None, **options) -> TextEncoder:
         """Both encoders from a HunyuanVideo-layout source (repo id or folder with text_encoder*/ tokenizer*/)."""
         llama_model, llama_tokenizer = load_llama_text_encoder(source, dtype, device, allow_download, cache_dir)
@@ -232,7 +232,7 @@ class ImageEncoder:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = DEFAULT_DTYPES["image_encoder"], allow_download: bool | None = None,
+                        dtype: torch.dtype | None = DEFAULT_DTYPES["image_encoder"], allow_download: bool | None = None,
                         cache_dir: str | Path | None = None) -> ImageEncoder:
         """From a flux_redux_bfl-layout source (repo id or folder with feature_extractor/ and image_encoder/)."""
         processor, model = load_siglip_image_encoder(source, dtype, device, allow_download, cache_dir)

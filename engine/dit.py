@@ -695,6 +695,11 @@ class FramePackDiT(nn.Module):
         """Every transformer block in the order run_blocks runs them: double-stream, then single-stream."""
         return [*self.transformer_blocks, *self.single_transformer_blocks]
 
+    def modules_used_outside_blocks(self) -> list[nn.Module]:
+        """Parts of the blocks that also run outside run_blocks: the first double block's norm1, whose modulation is
+        TeaCache's signal (`first_block_modulated_input`). A weight streamer keeps them on the device."""
+        return [self.transformer_blocks[0].norm1] if len(self.transformer_blocks) else []
+
     def linear_layers(self) -> dict[str, nn.Module]:
         """Every linear layer by its checkpoint name ("transformer_blocks.0.attn.to_q"): what LoRA adapters and
         quantized weights address. A layer is any module with `in_features` and `out_features` (nn.Linear, or what

@@ -688,9 +688,10 @@ def dit_source_shards(source, dtype: torch.dtype = DEFAULT_DTYPES["transformer"]
 # The transformers models (text encoders, image encoder)
 
 
-def _dtype_argument(dtype: torch.dtype) -> dict:
+def _dtype_argument(dtype: torch.dtype | None) -> dict:
     import transformers
 
+    dtype = "auto" if dtype is None else dtype  # None: as stored (tensors stay memory-mapped)
     # transformers renamed `torch_dtype` to `dtype` in 4.56; older releases only know the first.
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
@@ -719,7 +720,7 @@ def _load_tokenizer(tokenizer_class, folder: Path, what: str):
             "download the complete folder again.") from None
 
 
-def load_llama_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["text_encoder"],
+def load_llama_text_encoder(source: str | Path, dtype: torch.dtype | None = DEFAULT_DTYPES["text_encoder"],
                             device: str | torch.device = "cpu", allow_download: bool | None = None,
                             cache_dir: str | Path | None = None):
     """(LlamaModel, tokenizer) from the text_encoder/ and tokenizer/ folders of `source`.
@@ -740,7 +741,7 @@ def load_llama_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTY
     return model, tokenizer
 
 
-def load_clip_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["text_encoder_2"],
+def load_clip_text_encoder(source: str | Path, dtype: torch.dtype | None = DEFAULT_DTYPES["text_encoder_2"],
                            device: str | torch.device = "cpu", allow_download: bool | None = None,
                            cache_dir: str | Path | None = None):
     """(CLIPTextModel, CLIPTokenizer) from the text_encoder_2/ and tokenizer_2/ folders of `source`."""
@@ -753,7 +754,7 @@ def load_clip_text_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYP
     return model, tokenizer
 
 
-def load_siglip_image_encoder(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES["image_encoder"],
+def load_siglip_image_encoder(source: str | Path, dtype: torch.dtype | None = DEFAULT_DTYPES["image_encoder"],
                               device: str | torch.device = "cpu", allow_download: bool | None = None,
                               cache_dir: str | Path | None = None):
     """(SiglipImageProcessor, SiglipVisionModel) from the feature_extractor/ and image_encoder/ folders of `source`.
@@ -828,10 +829,24 @@ def transform_text_encoder(text_encoder, settings) -> None:
         quantize_llama(text_encoder.llama_model, QuantScheme(settings.quantize))
 
 
+def place_models(settings, device: torch.device, dit, text_encoder=None, image_encoder=None, vae=None,
+                 encoder_dtype: torch.dtype | None = None):
+    """The "place" stage: one memory plan (engine.memory) for every model, from `vram_budget_gb` or the free device
+    memory minus `memory_margin_gb`, applied: what stays on the device, what streams, what visits in turn."""
+    from engine.memory import Placement, device_budget_bytes, engine_footprint, host_available_bytes, plan_memory
+
+    footprint = engine_footprint(dit, text_encoder, image_encoder, vae, encoder_dtype)
+    budget = device_budget_bytes(device, settings.vram_budget_gb, settings.memory_margin_gb)
+    host_ram = host_available_bytes()
+    plan = plan_memory(footprint, budget, device=device.type, host_ram_bytes=host_ram)
+    return Placement(plan, device, dit, text_encoder, image_encoder, vae, encoder_dtype, footprint, host_ram)
+
+
 def load_engine(engine_class, settings, *, allow_download: bool | None = None, cache_dir=None,
                 release_encoders: bool = False):
     """An Engine from checked engine.settings.ModelSettings: each component resolved (repo id through the HF cache,
-    folder or single file), read from memory-mapped safetensors, transformed, then placed on the device."""
+    folder or single file), read from memory-mapped safetensors onto the host, transformed, then placed on the
+    device as the memory plan says (a streamed block is never copied whole onto the device or into host RAM)."""
     from engine.conditioning import ImageEncoder, TextEncoder
     from engine.dit import FramePackDiT
     from engine.vae import HunyuanVideoVAE
@@ -852,29 +867,25 @@ def load_engine(engine_class, settings, *, allow_download: bool | None = None, c
     dit = FramePackDiT.from_pretrained(settings.transformer, dtype=dtype, device="cpu",
                                        allow_download=allow_download, cache_dir=cache_dir).eval()
     loras = transform_dit(dit, settings)
-    dit = dit.to(device)
     if settings.fp8_compute:
         from engine.quant import set_fp8_compute
 
         set_fp8_compute(dit, True)
     dit.set_output_precision(float32=True)  # the official app's high-quality float32 output projection
-    dit.set_attention_backend(settings.attention)
-    dit.set_fused_kernels(settings.fused_kernels)
     vae = HunyuanVideoVAE.from_pretrained(
         resolve_component(settings.base, "vae", allow_download=allow_download, cache_dir=cache_dir), dtype=vae_dtype,
-        device=device)
-    if settings.vram_budget_gb is not None:
-        vae.memory_budget_bytes = int(settings.vram_budget_gb * 2**30)
-    # A quantized text encoder is read on the host and quantized there, then placed.
-    text_encoder = TextEncoder.from_pretrained(settings.base, device="cpu" if settings.quantize else device,
-                                               dtype=encoder_dtype, allow_download=allow_download,
-                                               cache_dir=cache_dir)
+        device="cpu")
+    # The encoders are read as stored (memory-mapped) and quantized there if asked; they take encoder_dtype when
+    # they move onto the device (quantized storage keeps its own).
+    text_encoder = TextEncoder.from_pretrained(settings.base, device="cpu", dtype=None,
+                                               allow_download=allow_download, cache_dir=cache_dir)
     if settings.quantize:
         transform_text_encoder(text_encoder, settings)
-        text_encoder.llama_model.to(device)
-        text_encoder.clip_model.to(device)
-    images = ImageEncoder.from_pretrained(settings.image_encoder, device=device, dtype=encoder_dtype,
+    images = ImageEncoder.from_pretrained(settings.image_encoder, device="cpu", dtype=None,
                                           allow_download=allow_download, cache_dir=cache_dir)
+    placement = place_models(settings, device, dit, text_encoder, images, vae, encoder_dtype)
+    dit.set_attention_backend(settings.attention)
+    dit.set_fused_kernels(settings.fused_kernels)
     return engine_class(dit, vae, text_encoder, images, variant=variant, device=device, dtype=dtype,
                         name=str(Path(str(settings.transformer)).name), release_encoders=release_encoders,
-                        loras=loras)
+                        loras=loras, placement=placement)

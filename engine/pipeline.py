@@ -10,6 +10,7 @@ One generation, as the official app does it:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -163,12 +164,14 @@ class Engine:
 
     def __init__(self, transformer, vae, text_encoder, image_encoder=None, variant: str = "bidirectional",
                  device="cpu", dtype=torch.bfloat16, name: str = "framepack", notice: str | None = None,
-                 default_resolution: int = 640, release_encoders: bool = False, loras=None):
+                 default_resolution: int = 640, release_encoders: bool = False, loras=None, placement=None):
         """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: engine.conditioning.TextEncoder (or any
         object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder.
         release_encoders: drop the text and image encoders once a generation's prompts and images are encoded
         (frees their memory for the DiT; later generations can then only reuse prompts already encoded).
-        loras: the engine.lora.LoraSet already attached to the transformer (the loader's), else an empty one."""
+        loras: the engine.lora.LoraSet already attached to the transformer (the loader's), else an empty one.
+        placement: an engine.memory.Placement (the memory plan applied to these models), or None when every model
+        simply stays where it is."""
         if variant not in sections.VARIANTS:
             raise FramePackError(f"Unknown variant {variant!r}: choose 'bidirectional' or 'f1'.")
         self.transformer = transformer
@@ -181,6 +184,7 @@ class Engine:
         self.dtype = dtype
         self.name = name
         self.release_encoders_after_use = release_encoders
+        self.placement = placement
         # Said once per generation, e.g. that a preset's random weights make noise.
         self.notice = notice
         self.loras = loras if loras is not None else LoraSet(transformer)
@@ -193,8 +197,8 @@ class Engine:
         """Options (engine.settings.ModelSettings): transformer, base, image_encoder (each a Hugging Face repo id,
         looked up in the local cache first and downloaded when allowed, or a local folder in the repo's layout, or
         for the transformer a single .safetensors file), variant ("auto" reads "F1" in the transformer's name),
-        device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb, quantize (fp8, int8,
-        int4), fp8_compute, offline."""
+        device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb (the memory planner's
+        budget: what does not fit streams), memory_margin_gb, quantize (fp8, int8, int4), fp8_compute, offline."""
         from engine.loading import load_engine
         from engine.settings import ModelSettings
 
@@ -233,33 +237,45 @@ class Engine:
 
     # ---- encoders and the VAE -------------------------------------------------------------------------------------
 
+    @property
+    def memory_plan(self):
+        """The engine.memory.MemoryPlan the models were placed by (None for an engine built without one)."""
+        return None if self.placement is None else self.placement.plan
+
+    def _on_device(self, name: str):
+        """`name`'s model on the device for the block, as the memory plan places it in turn."""
+        return self.placement.use(name) if self.placement is not None else contextlib.nullcontext()
+
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """The text encoder caches by text, so repeated section prompts are encoded once."""
-        return self.text_encoder.encode(prompt)
+        with self._on_device("text_encoder"):
+            return self.text_encoder.encode(prompt)
 
     def encode_image_embedding(self, image: np.ndarray) -> torch.Tensor:
         """SigLIP's tokens of a uint8 (H, W, 3) image."""
         if self.image_encoder is None:
             raise FramePackError("This engine has no image encoder: load one with image_encoder=... .")
-        with torch.no_grad():
+        with torch.no_grad(), self._on_device("image_encoder"):
             return self.image_encoder.encode(image)
 
     def encode_latent(self, image: np.ndarray) -> torch.Tensor:
         """The VAE latent of a uint8 (H, W, 3) image, scaled by the VAE's scaling factor, float32."""
-        pixels = image_to_pixels(image).to(self.vae_device, self.vae_dtype)
-        with torch.no_grad():
-            latent = self.vae.encode(pixels)
+        with torch.no_grad(), self._on_device("vae"):
+            latent = self.vae.encode(image_to_pixels(image).to(self.vae_device, self.vae_dtype))
         return latent.float() * self.vae.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, vae_decode: str = "exact") -> torch.Tensor:
         """Scaled latents -> float32 pixels (1, 3, T, H, W) in about [-1, 1], on the host. vae_decode: "exact" (whole
         when memory allows) or "official" (the temporal tiles of the official app's VAE)."""
-        with torch.no_grad():
+        with torch.no_grad(), self._on_device("vae"):
             return self.vae.decode((latents / self.vae.scaling_factor).to(self.vae_device, self.vae_dtype),
                                    tiling=decode_tiling(vae_decode)).float().cpu()
 
     def release_encoders(self) -> None:
         """Drop the text and image encoders' models (cached prompt embeddings stay usable)."""
+        if self.placement is not None:
+            self.placement.drop("text_encoder")
+            self.placement.drop("image_encoder")
         for encoder in (self.text_encoder, self.image_encoder):
             if encoder is not None and hasattr(encoder, "release"):
                 encoder.release()
@@ -344,6 +360,8 @@ class Engine:
             end = resize_and_center_crop(end, bucket_width, bucket_height)
 
         window = settings.latent_window_size
+        if self.placement is not None:  # a larger section than planned for gets a new plan before any work
+            self.placement.fit((bucket_height, bucket_width), window)
         count = sections.section_count(settings.seconds, settings.fps, window)
         plan = sections.plan_sections(self.variant, count, window)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -389,9 +407,10 @@ class Engine:
         seconds_per_section = settings.latent_window_size * sections.VAE_TEMPORAL_COMPRESSION / settings.fps
         prompts = parse_section_prompts(settings.section_prompts, settings.prompt, len(plan), seconds_per_section,
                                         [section.video_position for section in plan])
-        embeddings = [self.encode_prompt(text) for text in prompts]
-        # With cfg 1 the official's negative pass is skipped (its zeros are never used).
-        negative = self.encode_prompt(settings.negative_prompt) if settings.cfg != 1 else None
+        with self._on_device("text_encoder"):  # placed once for every prompt, then off the device again
+            embeddings = [self.encode_prompt(text) for text in prompts]
+            # With cfg 1 the official's negative pass is skipped (its zeros are never used).
+            negative = self.encode_prompt(settings.negative_prompt) if settings.cfg != 1 else None
 
         start_latent = self.encode_latent(start_image)
         if settings.init_strength < 1:
@@ -420,7 +439,7 @@ class Engine:
         usable = 1 + (len(resized) - 1) // 4 * 4
         resized = resized[:usable]
         pixels = (torch.from_numpy(resized).float() / 127.5 - 1).permute(3, 0, 1, 2)[None]
-        with torch.no_grad():
+        with torch.no_grad(), self._on_device("vae"):
             latents = self.vae.encode(pixels.to(self.vae_device, self.vae_dtype)).float() * self.vae.scaling_factor
         history = torch.cat([history[:, :, :sections.HISTORY_CONTEXT_FRAMES], latents.to(history)], dim=2)
         return history, pixels.float().cpu()

@@ -345,8 +345,12 @@ class ModelSettings(_Settings):
     attention: str = option("auto", "sdpa, triton, flash, xformers or sage", text)
     fused_kernels: bool = option(False, "run the DiT's norms, modulation and patchify as Triton kernels (CUDA)",
                                  boolean)
-    vram_budget_gb: float | None = option(None, "device memory budget in GB (default: the free memory)",
-                                          optional(number(0.5, 10_000)))
+    vram_budget_gb: float | None = option(
+        None, "device memory the models may use, in GB; the memory planner streams what does not fit "
+        "(default: the free memory minus the margin)",
+        optional(number(0, 10_000, low_open=True, fix="e.g. 6 for a 6 GB card")))
+    memory_margin_gb: float = option(1.0, "device memory left free when no vram_budget_gb is given, in GB",
+                                     number(0, 10_000))
     quantize: str | None = option(None, "quantize the DiT's block linears and the Llama text encoder's weights: "
                                   "fp8, int8 or int4 (a quantized checkpoint stays quantized without it)",
                                   optional(choice(*QUANTIZE_FORMATS)))

@@ -164,7 +164,7 @@ RUN_FIELDS = {
     "model", "tokens", "tokens_per_section", "flops_per_step", "flops_per_section", "flops_per_output_frame",
     "pixel_frames_per_section", "warmup_steps", "seconds_per_step", "seconds_per_section", "seconds_per_output_frame",
     "achieved_tflops", "mfu", "matmul_peak_tflops", "matmul_peak_key", "memory", "bytes_streamed_per_step",
-    "cache_steps_computed", "cache_steps_skipped", "output_finite", "sections"}
+    "memory_plan", "stream_stats", "cache_steps_computed", "cache_steps_skipped", "output_finite", "sections"}
 TOP_FIELDS = {"schema", "created", "command", "compare", "settings", "device", "devices", "versions", "matmul_peak",
               "runs", "comparisons", "constant_work"}
 STATISTICS = {"mean", "std", "min", "median", "max", "count"}
@@ -217,6 +217,7 @@ def test_tiny_preset_writes_every_field(tmp_path, capsys):
         assert run["memory"]["device_peak_bytes"] is None  # CPU
         assert run["memory"]["host_peak_rss_bytes"] > 0 and run["memory"]["host_rss_anon_bytes"] > 0
         assert run["bytes_streamed_per_step"] == 0 and run["cache_steps_skipped"] == 0
+        assert run["memory_plan"] is None and run["stream_stats"] is None  # no --vram-budget-gb: all resident
         assert run["cache_steps_computed"] == 2 * run["plan_sections"]
         assert run["output_finite"]
         assert run["model"]["parameters"] > 0 and run["model"]["weight_bytes"] == 4 * run["model"]["parameters"]
