@@ -43,6 +43,7 @@ from engine.buckets import find_nearest_bucket
 from engine.conditioning import PromptEmbedding
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
+from engine.memory import proc_bytes
 from engine.presets import DIT_PRESETS, randomize_weights_
 from engine.quant import FORMATS as QUANTIZE_FORMATS
 from engine.quant import QuantScheme, parameter_count, quantize_dit
@@ -183,7 +184,7 @@ def free_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
-        return _proc_kilobytes("/proc/meminfo", "MemAvailable")
+        return proc_bytes("/proc/meminfo", "MemAvailable")
     return None
 
 
@@ -326,22 +327,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | No
     return {"dtype": _dtype_name(matmul_dtype), "size": size, "seconds": best, "tflops": flop / best / 1e12}
 
 
-def _proc_kilobytes(path: str, key: str) -> int | None:
-    """A `Key:   123 kB` line of a /proc file, in bytes; None where /proc is absent (not Linux)."""
-    try:
-        with open(path) as file:
-            for line in file:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def host_memory() -> dict:
     """The process's peak RSS (VmHWM, since it started) and current anonymous RSS (RssAnon), in bytes."""
-    return {"host_peak_rss_bytes": _proc_kilobytes("/proc/self/status", "VmHWM"),
-            "host_rss_anon_bytes": _proc_kilobytes("/proc/self/status", "RssAnon")}
+    return {"host_peak_rss_bytes": proc_bytes("/proc/self/status", "VmHWM"),
+            "host_rss_anon_bytes": proc_bytes("/proc/self/status", "RssAnon")}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -502,9 +502,11 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _meminfo_bytes(key: str) -> int | None:
+def proc_bytes(path: str, key: str) -> int | None:
+    """A `Key:   123 kB` line of a /proc file (/proc/meminfo, /proc/self/status), in bytes; None where /proc is
+    absent (not Linux) or the key is missing."""
     try:
-        with open("/proc/meminfo") as file:
+        with open(path) as file:
             for line in file:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -515,7 +517,7 @@ def _meminfo_bytes(key: str) -> int | None:
 
 def host_available_bytes() -> int | None:
     """The host's MemAvailable (Linux), or None where /proc is absent."""
-    return _meminfo_bytes("MemAvailable")
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def device_budget_bytes(device, vram_budget_gb: float | None = None, memory_margin_gb: float = 1.0) -> int:
@@ -531,7 +533,7 @@ def device_budget_bytes(device, vram_budget_gb: float | None = None, memory_marg
                                  "(--vram-budget-gb), or plan for the CPU.")
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = _meminfo_bytes("MemTotal") or 16 * GiB
+        free = proc_bytes("/proc/meminfo", "MemTotal") or 16 * GiB
     budget = free - int(memory_margin_gb * GiB)
     if budget <= 0:
         raise FramePackError(
@@ -704,14 +706,7 @@ class Placement:
 
 def rss_anon_bytes() -> int | None:
     """The process's anonymous resident memory (RssAnon: not the page cache of mapped files)."""
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_bytes("/proc/self/status", "RssAnon")
 
 
 class AnonymousMemoryPeak:

@@ -10,6 +10,10 @@ a complete file of everything handed over so far:
     every segment (the backward direction shifts the earlier names up, a rename per frame);
   * .safetensors: segments are kept as raw uint8 files beside the destination and the file (frames and the
     latest latents) is written once, at `flush()` / `close()`, which an interrupted run also reaches.
+A join's cost grows with the video (it rewrites the file, or renames the earlier PNG frames), so joins are spaced
+to take at most a fifth of the writer's time (`JOIN_SPACING`): while sections take longer than that to make, which is
+always the case in practice, every section is joined as it arrives; in a very long or very fast run `path` may lag a
+few sections behind, and `flush()` / `close()` always join everything. The total cost stays linear in the length.
 Every file reaches its name by an atomic rename, so a crash never leaves a half-written file under the name the
 user asked for; an existing file is replaced only when the first segment is ready (`check_output` refuses an
 existing one unless `overwrite=True`, the command's --overwrite).
@@ -26,6 +30,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,9 @@ FRAME_NAME = re.compile(r"frame_(\d+)\.png")
 # Segments waiting for the background thread. A section hands over one segment, so pixels in memory are bounded
 # by this many sections plus the one being encoded; write_segment waits when it is full.
 MAX_PENDING_SEGMENTS = 2
+# A join waits until the time since the last one is at least this many times that join's duration: joins then take
+# at most 1 / (1 + JOIN_SPACING) of the writer's time however long the video grows.
+JOIN_SPACING = 4.0
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                        torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 
@@ -234,8 +242,13 @@ class SectionVideoWriter:
         """Wait until everything handed over is in `path`; returns it, or None if nothing was written yet."""
         self._wait()
         self._raise_if_failed()
-        if isinstance(self._sink, _SafetensorsSink):
-            self._sink.publish()
+        # The worker is idle now (every segment is done and only this thread hands over more): join on this thread.
+        if isinstance(self._sink, _SafetensorsSink) or self._sink.unpublished():
+            try:
+                self._sink.join()
+            except Exception as error:
+                self._error = error
+                self._raise_if_failed()
         return self._sink.published
 
     def close(self) -> Path | None:
@@ -318,7 +331,7 @@ class SectionVideoWriter:
         """After a failure, still join the segments encoded before it (a join may have been left for later)."""
         if self._sink.unpublished() and not isinstance(self._sink, _SafetensorsSink):
             try:
-                self._sink.publish()
+                self._sink.join()
             except Exception:
                 pass  # the first error is the one to report
 
@@ -330,10 +343,12 @@ class SectionVideoWriter:
                     return
                 if self._error is None:
                     self._sink.add(frames, self.direction == "backward", self._stop)
-                    # Join when nothing else waits: a segment already queued will join this one with it.
+                    # Join when nothing else waits (a segment already queued will join this one with it) and when
+                    # the last join was long enough ago (JOIN_SPACING).
                     caught_up = self._queue.qsize() == 0
-                    if caught_up and not self._stop.is_set() and not isinstance(self._sink, _SafetensorsSink):
-                        self._sink.publish()
+                    if (caught_up and not self._stop.is_set() and not isinstance(self._sink, _SafetensorsSink)
+                            and self._sink.join_is_due()):
+                        self._sink.join()
             except BaseException as error:  # reported to the caller at its next call
                 self._error = error
                 self._publish_what_was_encoded()
@@ -367,6 +382,8 @@ class _Sink:
         self.latents: torch.Tensor | None = None
         self.frames = 0
         self.shape: tuple | None = None
+        self.joined_at = 0.0  # time.perf_counter() at the end of the last join
+        self.join_seconds = 0.0  # how long it took
 
     def parts_folder(self) -> Path:
         if self.parts is None:
@@ -384,6 +401,16 @@ class _Sink:
 
     def unpublished(self) -> bool:
         return sum(segment.frames for segment in self.segments) != self.frames
+
+    def join(self):
+        """publish(), timed for join_is_due."""
+        started = time.perf_counter()
+        self.publish()
+        self.joined_at = time.perf_counter()
+        self.join_seconds = self.joined_at - started
+
+    def join_is_due(self) -> bool:
+        return time.perf_counter() - self.joined_at >= JOIN_SPACING * self.join_seconds
 
     def place(self, segment: _Segment, backward: bool):
         if backward:

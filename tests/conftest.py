@@ -22,6 +22,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test: small models on a shared CPU run fastest and steadiest that way (no
+    spinning workers). Modules of small-model tests use it for every test (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -15,6 +15,8 @@ from engine import benchmark, flops
 from engine.errors import FramePackError
 from engine.sections import initial_history, plan_sections, tokens_per_section
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Every matrix product of a small model, odd sizes on purpose: an MLP ratio that is not the refiner's fixed 4,
 # unequal text/pooled/image widths, two layers of each kind, latents whose sides are not multiples of 4 or 8.
 CONFIGS = {
@@ -31,13 +33,6 @@ CONFIGS = {
         "rope_theta": 256.0, "rope_axes_dim": [2, 2, 4], "has_image_proj": False, "image_proj_dim": 12,
         "has_clean_x_embedder": True},
 }
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on a shared CPU run fastest and steadiest on one thread (no spinning workers).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAST = ["--preset", "tiny", "--resolution", "64", "--steps", "2", "--latent-window-size", "2", "--warmup", "1",

@@ -25,6 +25,8 @@ from engine.sections import initial_history, plan_sections
 from engine.settings import GenerationSettings
 from engine.step_cache import MagCache, StepCaches, TeaCache, rescaled_distance
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Written out again from the official app (diffusers_helper/models/hunyuan_video_packed.py), highest power first.
 OFFICIAL_COEFFICIENTS = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
 ENGINE_FAST = dict(steps=6, latent_window_size=2, fps=8, seconds=1)  # one section
@@ -61,15 +63,6 @@ def longest_run(steps):
 
 
 # Fixtures and helpers -------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on a shared CPU run fastest and steadiest on one thread (no spinning workers).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

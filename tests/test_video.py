@@ -122,6 +122,7 @@ def test_available_codecs_lists_libx264():
 import os  # noqa: E402
 import stat  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import engine.video as video_module  # noqa: E402
@@ -259,6 +260,62 @@ def test_pending_segments_are_bounded(tmp_path, monkeypatch):
     producer.join()
     assert writer.close() == tmp_path / "out.mp4"
     assert frame_index(decode(tmp_path / "out.mp4")[0]) == list(range(24))
+
+
+def wait_for_writer(writer):
+    """Until the background thread has taken and finished every segment (joins included), without flush()."""
+    while writer._queue.unfinished_tasks:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ""])
+def test_a_join_is_spaced_by_its_cost_so_the_total_stays_linear(tmp_path, monkeypatch, suffix):
+    """Joins that cost more than the time between sections are spaced (JOIN_SPACING times their duration apart):
+    the file lags a few sections, close() joins everything, and joins take a bounded share of the time."""
+    sink = video_module._VideoSink if suffix else video_module._PngSink
+    publish, joins = sink.publish, []
+
+    def slow_publish(self):
+        time.sleep(0.2)  # a join far costlier than the sections arriving every 20 ms
+        joins.append(self.frames)
+        publish(self)
+
+    monkeypatch.setattr(sink, "publish", slow_publish)
+    path = tmp_path / f"out{suffix}"
+    pieces = section_pieces("forward", (4,) * 12)
+    started = time.perf_counter()
+    writer = SectionVideoWriter(path, 30)
+    for start, count in pieces:
+        writer.write_segment(numbered_frames(start, count))
+        wait_for_writer(writer)
+        time.sleep(0.02)
+    lagging = writer.frames_written
+    assert writer.close() == path
+    elapsed = time.perf_counter() - started
+    assert 2 <= len(joins) < len(pieces) // 2  # a join after every section would be 12 of them
+    assert lagging < 48  # at the last section the file was behind, and close() caught it up
+    assert 0.2 * len(joins) < elapsed / 1.5  # joins were spaced, not back to back
+    if suffix:
+        assert frame_index(decode(path)[0]) == list(range(48))
+    else:
+        assert len(list(path.glob("frame_*.png"))) == 48
+
+
+def test_sections_slower_than_their_join_are_each_joined_on_arrival(tmp_path, monkeypatch):
+    publish, joins = video_module._VideoSink.publish, []
+    monkeypatch.setattr(video_module._VideoSink, "publish", lambda self: (joins.append(1), publish(self)))
+    monkeypatch.setattr(video_module, "JOIN_SPACING", 0.5)  # sections 0.1 s apart are always far enough apart
+    path = tmp_path / "out.mp4"
+    written = 0
+    with SectionVideoWriter(path, 30) as writer:
+        for start, count in section_pieces("forward", (4,) * 5):
+            writer.write_segment(numbered_frames(start, count))
+            written += count
+            wait_for_writer(writer)
+            assert writer.frames_written == written  # in the file without a flush
+            assert len(decode(path)[0]) == written
+            time.sleep(0.1)
+    assert len(joins) == 5
 
 
 @pytest.mark.parametrize("suffix", [".mp4", "", ".safetensors"])
