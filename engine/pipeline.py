@@ -26,6 +26,7 @@ from engine.conditioning import PromptEmbedding
 from engine.errors import FramePackError
 from engine.images import image_to_pixels, load_image, load_video_frames, resize_and_center_crop
 from engine.lora import LoraSet
+from engine.memory import release_freed_host_memory
 from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from engine.settings import GenerationSettings
@@ -279,6 +280,7 @@ class Engine:
         for encoder in (self.text_encoder, self.image_encoder):
             if encoder is not None and hasattr(encoder, "release"):
                 encoder.release()
+        release_freed_host_memory()  # host copies of their weights (converted dtypes) would stay in the C heap
 
     @property
     def vae_device(self):
