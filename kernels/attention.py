@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kernels.launch import dot_precision, interpreting, require_kernel_device, rope_launch_tables
 from kernels.reference import packed_attention_reference  # noqa: F401 (re-exported beside the kernel)
-from kernels.triton_helpers import rounded_cast, tile_dot
+from kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast, tile_dot
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -155,24 +155,13 @@ def _rotate_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """Out = x with its rows below rotary_length rotated (float32, rounded once) and the rest copied."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = (rows < total_rows)[:, None]
-    rows = rows.to(tl.int64)
-    batch = rows // (tokens * heads)
-    token = (rows // heads) % tokens
-    head = rows % heads
+    rows, row_ok, batch, token, row_base = head_rows(total_rows, tokens, heads, stride_x_batch, stride_x_token,
+                                                     stride_x_head, BLOCK_ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    row_base = (batch * stride_x_batch + token * stride_x_token + head * stride_x_head)[:, None]
     x = tl.load(X + row_base + dims[None, :], mask=row_ok, other=0.0)
-    # Element d pairs with d ^ 1; the pair rotates as (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
     partner = tl.load(X + row_base + (dims ^ 1)[None, :], mask=row_ok, other=0.0)
-    partner_sign = tl.where(dims % 2 == 0, -1.0, 1.0)
-    in_rotary = row_ok & (token < rotary_length)[:, None]
-    rope_offsets = (batch * stride_rope_batch + token * stride_rope_token)[:, None] + dims[None, :]
-    # cos = 1, sin = 0 past the rotary range leaves text tokens exactly as they are.
-    cos = tl.load(RopeCos + rope_offsets, mask=in_rotary, other=1.0)
-    sin = tl.load(RopeSin + rope_offsets, mask=in_rotary, other=0.0)
-    rotated = x.to(tl.float32) * cos + partner.to(tl.float32) * partner_sign[None, :] * sin
+    rotated = rotate_pairs(x, partner, RopeCos, RopeSin, batch, token, row_ok, stride_rope_batch, stride_rope_token,
+                           rotary_length, dims)
     tl.store(Out + rows[:, None] * HEAD_DIM + dims[None, :], rounded_cast(rotated, Out.dtype.element_ty, EMULATE_BF16),
              mask=row_ok)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from kernels.launch import interpreting, require_kernel_device, rope_launch_tables, row_launch_settings
 from kernels.reference import (LAYER_NORM_EPS, RMS_NORM_EPS, gated_residual_layer_norm_modulate_reference,  # noqa: F401
                                gated_residual_reference, layer_norm_modulate_reference, rms_norm_rotary_reference)
-from kernels.triton_helpers import rounded_cast
+from kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 
@@ -116,32 +116,22 @@ def _rms_norm_rotary_kernel(
     EMULATE_BF16: tl.constexpr,
 ):
     # A row is one head of one token; a program normalizes BLOCK_ROWS of them.
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = (rows < total_rows)[:, None]
-    rows = rows.to(tl.int64)
-    batch = rows // (tokens * heads)
-    token = (rows // heads) % tokens
-    head = rows % heads
+    rows, row_ok, batch, token, row_base = head_rows(total_rows, tokens, heads, stride_x_batch, stride_x_token,
+                                                     stride_x_head, BLOCK_ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    row_base = batch * stride_x_batch + token * stride_x_token + head * stride_x_head
-    x = tl.load(X + row_base[:, None] + dims[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    x = tl.load(X + row_base + dims[None, :], mask=row_ok, other=0.0).to(tl.float32)
     inverse_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
     weight = tl.load(Weight + dims).to(tl.float32)
     # Round to the input dtype before rotating: the unfused model stores the normalized q/k, then rotates them.
     normalized = _weighted_rms(x, inverse_rms, weight, Out.dtype.element_ty, ROUND_BEFORE_WEIGHT, EMULATE_BF16)
     if ROTATE:
         partner_dims = dims ^ 1
-        partner_sign = tl.where(dims % 2 == 0, -1.0, 1.0)
-        x_partner = tl.load(X + row_base[:, None] + partner_dims[None, :], mask=row_ok, other=0.0).to(tl.float32)
+        x_partner = tl.load(X + row_base + partner_dims[None, :], mask=row_ok, other=0.0).to(tl.float32)
         weight_partner = tl.load(Weight + partner_dims).to(tl.float32)
         normalized_partner = _weighted_rms(x_partner, inverse_rms, weight_partner, Out.dtype.element_ty,
                                            ROUND_BEFORE_WEIGHT, EMULATE_BF16)
-        in_rotary = row_ok & (token < rotary_length)[:, None]
-        rope_offsets = (batch * stride_rope_batch + token * stride_rope_token)[:, None] + dims[None, :]
-        cos = tl.load(RopeCos + rope_offsets, mask=in_rotary, other=1.0)
-        sin = tl.load(RopeSin + rope_offsets, mask=in_rotary, other=0.0)
-        rotated = (normalized.to(tl.float32) * cos
-                   + normalized_partner.to(tl.float32) * partner_sign[None, :] * sin)
+        rotated = rotate_pairs(normalized, normalized_partner, RopeCos, RopeSin, batch, token, row_ok,
+                               stride_rope_batch, stride_rope_token, rotary_length, dims)
         normalized = rounded_cast(rotated, Out.dtype.element_ty, EMULATE_BF16)
     tl.store(Out + rows[:, None] * HEAD_DIM + dims[None, :], normalized, mask=row_ok)
 
