@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -72,15 +71,30 @@ def _quiet_libraries() -> None:
 def command_generate(args) -> int:
     import signal
 
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return _generate(args)
+    except KeyboardInterrupt as interruption:  # while reading the inputs, before the model loads
+        print("\nInterrupted before loading the model: nothing was written.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _generate(args) -> int:
+    import signal
+
     from engine.buckets import find_nearest_bucket
     from engine.images import load_image, load_video_frames
     from engine.loading import guess_variant
     from engine.output import SectionOutputFile
-    from engine.pipeline import Engine, GenerationCancelled, check_inputs_for_variant, generation_mode
+    from engine.pipeline import Engine, check_inputs_for_variant, generation_mode
     from engine.presets import TINY_RESOLUTION
     from engine.settings import GenerationSettings, ModelSettings, given_flags
     from engine.video import check_output
 
+    if args.quiet:  # before anything opens an encoder: some read their log level once per process
+        _quiet_libraries()
     # Everything the user asked for is checked before any model loads.
     prompt = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
     options = given_flags(args, GenerationSettings, skip=("prompt",))
@@ -104,8 +118,6 @@ def command_generate(args) -> int:
     mode = generation_mode(args.image, args.end_image, args.input_video)
     out = Path(args.out) if args.out else _default_out(mode, settings.seed)
     check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
-    if args.quiet:
-        _quiet_libraries()
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -128,21 +140,17 @@ def command_generate(args) -> int:
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
         return 143 if isinstance(interruption, Terminated) else 130
 
-    cancel = threading.Event()
     progress = _Progress(enabled=not args.quiet)
     output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
     interrupted = None
     try:
         for section in engine.stream(prompt, image=image, end_image=end_image, input_video=input_video,
-                                     callback=progress.step, cancel=cancel, **options):
+                                     callback=progress.step, **options):
             # Each finished section goes to the writer at once, so an interruption loses nothing finished.
             output.add(section)
             progress.section_done(section, output.frame_count)
     except KeyboardInterrupt as interruption:
-        cancel.set()
         interrupted = interruption
-    except GenerationCancelled:
-        pass
     except Exception:
         output.close()  # keep every finished section, then report what went wrong
         raise
@@ -150,9 +158,10 @@ def command_generate(args) -> int:
         progress.close()
     try:
         saved = output.close()
-    except KeyboardInterrupt:  # a second Ctrl-C while the last frames are encoded
-        output.abort()
-        saved = None
+    except KeyboardInterrupt as interruption:  # Ctrl-C (another one) while the last frames are encoded
+        output.abort()  # what is already in the file stays
+        saved = output.published
+        interrupted = interrupted or interruption
     if interrupted is not None:
         print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
               file=sys.stderr)

@@ -31,18 +31,22 @@ class SectionOutputFile:
             self.writer = SectionVideoWriter(self.path, self.fps, self.codec, self.crf, self.pixel_format, self.options,
                                              metadata=result.metadata, direction=result.direction)
         self.writer.write_segment(result.frames, latents=result.latents)
-        self.frame_count += len(result.frames)
         self.last = result
+        self.frame_count += len(result.frames)
 
-    def flush(self) -> Path | None:
-        """Waits until every frame handed over is in the file; returns its path (None before the first section)."""
-        return None if self.writer is None else self.writer.flush()
+    @property
+    def published(self) -> Path | None:
+        """The file's path once a section is in it (what an abort or a writer failure leaves), else None."""
+        return None if self.writer is None else self.writer.published
 
     def close(self) -> Path | None:
         """Writes the frames still pending a crossfade (the video ends here), waits for the encoder and returns the
-        file's path, or None when no section finished."""
+        file's path, or None when no section finished. After a writer failure (already reported) it returns what
+        the failure left."""
         if self.writer is None:
             return None
+        if self.writer.closed:
+            return self.writer.published
         if len(self.last.pending_frames):
             self.writer.write_segment(self.last.pending_frames)
             self.frame_count += len(self.last.pending_frames)

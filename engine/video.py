@@ -127,11 +127,20 @@ def _make_folder(folder: Path) -> None:
     _check_folder(folder)
 
 
-def _ordinary_permissions(path) -> None:
-    """mkstemp makes files private (0600); give results the permissions a plain open() would have."""
+def _read_umask() -> int:
+    # Setting the umask is the only portable way to read it; done once, at import, since the set-and-restore
+    # would briefly make files other threads create world-writable.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def _ordinary_permissions(path) -> None:
+    """mkstemp makes files private (0600); give results the permissions a plain open() would have."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 @contextmanager
@@ -139,11 +148,12 @@ def atomic_path(destination: Path):
     """A temporary path beside `destination`, renamed onto it when the block succeeds and removed when it fails."""
     destination = Path(destination)
     _make_folder(destination.parent)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.stem}.", suffix=destination.suffix,
+    # Named after the whole destination name, as the writers' parts folders are: one pattern finds every leftover.
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=destination.suffix,
                                          dir=destination.parent)
-    os.close(handle)
-    _ordinary_permissions(temporary)
     try:
+        os.close(handle)
+        _ordinary_permissions(temporary)
         yield Path(temporary)
         os.replace(temporary, destination)
     except BaseException:
@@ -208,6 +218,7 @@ class SectionVideoWriter:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._join_lock = threading.Lock()  # joins run on the worker, or on the caller's thread in flush()
 
     # -- the caller's side -------------------------------------------------------------------------------------
 
@@ -242,14 +253,22 @@ class SectionVideoWriter:
         """Wait until everything handed over is in `path`; returns it, or None if nothing was written yet."""
         self._wait()
         self._raise_if_failed()
-        # The worker is idle now (every segment is done and only this thread hands over more): join on this thread.
-        if isinstance(self._sink, _SafetensorsSink) or self._sink.unpublished():
-            try:
-                self._sink.join()
-            except Exception as error:
-                self._error = error
-                self._raise_if_failed()
+        try:
+            self._join()  # every segment is encoded: what is left is the join the worker may have postponed
+        except Exception as error:
+            self._error = error
+            self._raise_if_failed()
         return self._sink.published
+
+    @property
+    def published(self) -> Path | None:
+        """`path` once something is in it (what an abort or a failure leaves there), else None."""
+        return self._sink.published
+
+    @property
+    def closed(self) -> bool:
+        """True after close(), abort() or a failure: the writer takes no more segments."""
+        return self._closed
 
     def close(self) -> Path | None:
         """Flush, stop the background thread and remove the temporary files. Safe to call twice."""
@@ -327,28 +346,47 @@ class SectionVideoWriter:
 
     # -- the background thread ---------------------------------------------------------------------------------
 
+    def _join(self):
+        with self._join_lock:
+            if self._sink.unpublished():
+                self._sink.join()
+
     def _publish_what_was_encoded(self):
         """After a failure, still join the segments encoded before it (a join may have been left for later)."""
-        if self._sink.unpublished() and not isinstance(self._sink, _SafetensorsSink):
-            try:
-                self._sink.join()
-            except Exception:
-                pass  # the first error is the one to report
+        try:
+            self._join()
+        except Exception:
+            pass  # the first error is the one to report
+
+    def _next_segment(self):
+        """The next queued segment; None to stop; `_JOIN_DUE` when a postponed join comes due while none arrives."""
+        if not (self._sink.joins_in_background and self._sink.unpublished()):
+            return self._queue.get()
+        try:
+            return self._queue.get(timeout=self._sink.seconds_until_join_is_due())
+        except queue.Empty:
+            return _JOIN_DUE
 
     def _work(self):
         while not self._stop.is_set():
-            frames = self._queue.get()
+            frames = self._next_segment()
+            if frames is _JOIN_DUE:
+                try:
+                    self._join()
+                except BaseException as error:  # reported to the caller at its next call
+                    self._error = error
+                continue
             try:
                 if frames is None:
                     return
                 if self._error is None:
                     self._sink.add(frames, self.direction == "backward", self._stop)
                     # Join when nothing else waits (a segment already queued will join this one with it) and when
-                    # the last join was long enough ago (JOIN_SPACING).
+                    # the last join was long enough ago (JOIN_SPACING); else when it comes due (_next_segment).
                     caught_up = self._queue.qsize() == 0
-                    if (caught_up and not self._stop.is_set() and not isinstance(self._sink, _SafetensorsSink)
+                    if (caught_up and not self._stop.is_set() and self._sink.joins_in_background
                             and self._sink.join_is_due()):
-                        self._sink.join()
+                        self._join()
             except BaseException as error:  # reported to the caller at its next call
                 self._error = error
                 self._publish_what_was_encoded()
@@ -370,8 +408,13 @@ class _Segment:
         return max((order - position for order, (position, _, _) in enumerate(self.packets)), default=0)
 
 
+_JOIN_DUE = object()
+
+
 class _Sink:
     """Where segments go. `add` runs on the writer's thread; `publish` makes `destination` current."""
+
+    joins_in_background = True  # joined as segments arrive; else only at flush() / close()
 
     def __init__(self, destination: Path, metadata: dict):
         self.destination = destination
@@ -409,8 +452,11 @@ class _Sink:
         self.joined_at = time.perf_counter()
         self.join_seconds = self.joined_at - started
 
+    def seconds_until_join_is_due(self) -> float:
+        return max(0.0, self.joined_at + JOIN_SPACING * self.join_seconds - time.perf_counter())
+
     def join_is_due(self) -> bool:
-        return time.perf_counter() - self.joined_at >= JOIN_SPACING * self.join_seconds
+        return self.seconds_until_join_is_due() == 0.0
 
     def place(self, segment: _Segment, backward: bool):
         if backward:
@@ -572,6 +618,13 @@ def _frame_files(folder: Path):
 
 
 class _SafetensorsSink(_Sink):
+    # Each write copies every frame so far, and the latents change with every section: written at flush() / close()
+    # (which an interruption or a failure also reaches), never in the background.
+    joins_in_background = False
+
+    def unpublished(self) -> bool:
+        return bool(self.segments) or self.latents is not None
+
     def add(self, frames: np.ndarray, backward: bool, stop: threading.Event):
         self.check_shape(frames)
         path = self.parts_folder() / f"segment_{len(self.segments):05d}.u8"
