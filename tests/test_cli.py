@@ -109,3 +109,74 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert code == 2 and "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier video"
     assert main(["generate", "x", "--seconds", "1", "--out", str(out), "--overwrite", *FAST]) == 0
     assert frame_count(out) == 4 * 3 - 3
+
+
+# The command around a fake engine: what it does when the writer fails or a signal comes while the file is finished.
+
+def fake_section(index, count, height=48, width=64, direction="forward"):
+    import torch
+
+    from engine.pipeline import SectionResult
+
+    frames = np.full((5, height, width, 3), 40 * index, np.uint8)
+    pending = frames[:2] if index < count - 1 else frames[:0]
+    return SectionResult(index, count, index, frames, pending, direction, torch.zeros(1), {"seconds": 0.1},
+                         {"fps": 8})
+
+
+def use_fake_engine(monkeypatch, sections):
+    from engine.pipeline import Engine
+
+    class FakeEngine:
+        def stream(self, prompt, **options):
+            yield from sections()
+
+    monkeypatch.setattr(Engine, "from_preset", classmethod(lambda cls, *a, **k: FakeEngine()))
+
+
+def test_a_writer_failure_mid_run_is_reported_as_itself(tmp_path, monkeypatch, capsys):
+    def sections():
+        import time
+
+        yield fake_section(0, 4)
+        yield fake_section(1, 4, height=32)  # another frame size: the writer's thread fails on it
+        time.sleep(1.0)
+        yield fake_section(2, 4)  # handing this one over raises the writer's error
+        yield fake_section(3, 4)
+
+    use_fake_engine(monkeypatch, sections)
+    out = tmp_path / "video.mp4"
+    assert main(["generate", "x", "--out", str(out), *FAST]) == 2
+    error = capsys.readouterr().err
+    assert "frame size" in error and "closed" not in error and "Traceback" not in error
+    assert frame_count(out) == 5  # the first section is kept
+    assert [path.name for path in tmp_path.iterdir()] == ["video.mp4"]
+
+
+def test_a_signal_while_the_file_is_finished_keeps_it_and_says_so(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import engine.video as video
+
+    def sections():
+        for index in range(3):
+            yield fake_section(index, 3)
+            time.sleep(0.3)
+
+    use_fake_engine(monkeypatch, sections)
+    wait = video.SectionVideoWriter._wait
+
+    def terminated_while_waiting(self):  # the generation is over; SIGTERM comes while close() waits for the encoder
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        return wait(self)
+
+    monkeypatch.setattr(video.SectionVideoWriter, "_wait", terminated_while_waiting)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "video.mp4"
+    assert main(["generate", "x", "--out", str(out), *FAST]) == 143
+    assert "Interrupted: the finished sections are saved." in capsys.readouterr().err
+    assert frame_count(out) >= 5
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command puts the previous handler back

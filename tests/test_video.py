@@ -301,6 +301,49 @@ def test_a_join_is_spaced_by_its_cost_so_the_total_stays_linear(tmp_path, monkey
         assert len(list(path.glob("frame_*.png"))) == 48
 
 
+def test_a_postponed_join_happens_when_it_comes_due_without_a_new_section(tmp_path, monkeypatch):
+    publish = video_module._VideoSink.publish
+
+    def slow_publish(self):  # a join that costs 0.2 s: the next is due 0.8 s after it ends
+        time.sleep(0.2)
+        publish(self)
+
+    monkeypatch.setattr(video_module._VideoSink, "publish", slow_publish)
+    path = tmp_path / "out.mp4"
+    writer = SectionVideoWriter(path, 30)
+    writer.write_segment(numbered_frames(0, 8))
+    wait_for_writer(writer)
+    writer.write_segment(numbered_frames(8, 8))  # arrives before the next join is due: postponed
+    wait_for_writer(writer)
+    assert writer.frames_written == 8
+    deadline = time.monotonic() + 5
+    while writer.frames_written < 16 and time.monotonic() < deadline:  # no new section, no flush
+        time.sleep(0.05)
+    assert writer.frames_written == 16 and len(decode(path)[0]) == 16
+    writer.close()
+
+
+def test_safetensors_keeps_the_sections_before_a_failure(tmp_path, monkeypatch):
+    add, calls = video_module._SafetensorsSink.add, []
+
+    def failing_add(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return add(self, *args)
+
+    monkeypatch.setattr(video_module._SafetensorsSink, "add", failing_add)
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(FramePackError, match="finished sections before it are kept"):
+        with SectionVideoWriter(path, 30) as writer:
+            for start, count in section_pieces("forward", (4,) * 4):
+                writer.write_segment(numbered_frames(start, count))
+                wait_for_writer(writer)
+    with safe_open(str(path), "pt") as handle:
+        assert frame_index(handle.get_tensor("frames").numpy()) == list(range(8))
+    only_these_files(tmp_path, path.name)
+
+
 def test_sections_slower_than_their_join_are_each_joined_on_arrival(tmp_path, monkeypatch):
     publish, joins = video_module._VideoSink.publish, []
     monkeypatch.setattr(video_module._VideoSink, "publish", lambda self: (joins.append(1), publish(self)))
