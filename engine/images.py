@@ -197,6 +197,12 @@ def image_to_pixels(image: np.ndarray) -> torch.Tensor:
     return (torch.tensor(image).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
 
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [-1, 1] -> uint8, rounded to nearest (the official app truncates; rounding is unbiased),
+    computed where the pixels are."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def load_video_frames(video) -> tuple[np.ndarray, float]:
     """uint8 (frames, H, W, 3) and the frame rate, from a video file or an array of frames (fps then 30)."""
     if isinstance(video, (str, Path)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.errors import FramePackError
+from engine.images import pixels_to_uint8
 
 # HunyuanVideo VAE's config value; latents the DiT works on are the VAE's latents times this.
 HUNYUAN_VIDEO_SCALING_FACTOR = 0.476986
@@ -66,7 +67,7 @@ def latents_to_preview_rgb(latents: torch.Tensor, *, scaled: bool = True,
     factors = torch.tensor(LATENT_RGB_FACTORS, device=frames.device)
     bias = torch.tensor(LATENT_RGB_BIAS, device=frames.device)
     rgb = torch.einsum("cthw,cr->thwr", frames, factors) + bias
-    pixels = ((rgb.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    pixels = pixels_to_uint8(rgb)
     if upscale > 1:
         pixels = pixels.repeat_interleave(upscale, dim=1).repeat_interleave(upscale, dim=2)
     return pixels.cpu()

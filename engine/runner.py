@@ -18,6 +18,7 @@ import torch
 from engine import sampling
 from engine.conditioning import PromptEmbedding
 from engine.history import HistoryContext
+from engine.images import pixels_to_uint8
 from engine.sections import Section, crossfade, pixel_overlap
 
 
@@ -85,9 +86,8 @@ class SectionOutput:
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3), rounded (the official truncates; rounding is unbiased)."""
-    frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).contiguous().numpy()
+    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    return pixels_to_uint8(pixels[0]).permute(1, 2, 3, 0).contiguous().numpy()
 
 
 class PixelAssembler:

@@ -41,6 +41,7 @@ import torch
 from engine.encoders import (CONTAINERS, DEFAULT_CRF, EncoderSettings, available_codecs, check_encoder,  # noqa: F401
                              encoder_settings, fps_fraction, open_video_stream, quiet_encoder_logs, unknown_suffix)
 from engine.errors import FramePackError
+from engine.images import pixels_to_uint8
 
 VIDEO_SUFFIXES = CONTAINERS
 FRAME_NAME = re.compile(r"frame_(\d+)\.png")
@@ -165,7 +166,7 @@ def as_uint8_frames(frames) -> np.ndarray:
     """(T, H, W, 3) uint8 from uint8 arrays/tensors, or from float pixels in [-1, 1] shaped (T, H, W, 3)."""
     if isinstance(frames, torch.Tensor):
         if frames.is_floating_point():
-            frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames = pixels_to_uint8(frames)
         frames = frames.cpu().numpy()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape[1:]:
