@@ -674,7 +674,8 @@ def encode_video(frames, path, fps: float, codec: str | None = None, crf: int | 
                  pixel_format: str | None = None, options: dict | None = None, metadata: dict | None = None) -> Path:
     """All frames at once into a video file (codec None: the container's default)."""
     if output_kind(path) != "video":
-        raise unknown_suffix(Path(path).suffix.lower())
+        raise FramePackError(f"encode_video writes video files ({', '.join(CONTAINERS)}), not {Path(path).name!r}: "
+                             "use Video(frames, fps).save(path) for PNG frames or .safetensors.")
     with SectionVideoWriter(path, fps, codec, crf, pixel_format, options, metadata) as writer:
         writer.write_segment(frames)
     return Path(path)
