@@ -16,7 +16,6 @@ server `MAX_ATTEMPTS` times, or whose checkpoint belongs to another model, fails
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import sqlite3
@@ -106,13 +105,6 @@ class Job:
     @property
     def video_name(self) -> str:
         return f"video.{self.output['format']}"
-
-
-def _write_atomically(path: Path, write) -> None:
-    """write(temporary_path), then rename onto `path`: a crash leaves the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 class JobStore:
@@ -292,22 +284,23 @@ class ResumeFiles:
     def save(self, result) -> None:
         """After a section: its frames first, then the checkpoint that counts them (so a crash between the two
         leaves the older, consistent checkpoint)."""
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
+
+        from engine.video import atomic_path
 
         self.folder.mkdir(exist_ok=True)
-        def write_frames(path):
-            with open(path, "wb") as file:
+        # Written whole or not at all: a crash leaves the old file or the new one, and a failed write no temporary.
+        with atomic_path(self.folder / f"frames_{result.index:05d}.npy") as temporary:
+            with open(temporary, "wb") as file:
                 np.save(file, result.frames)
-
-        _write_atomically(self.folder / f"frames_{result.index:05d}.npy", write_frames)
         tensors = result.checkpoint.tensors()
         tensors["pending_frames"] = torch.from_numpy(np.ascontiguousarray(result.pending_frames))
         metadata = {"model": str(result.metadata.get("model")), "variant": str(result.metadata.get("variant")),
                     "count": str(result.count), "video_position": str(result.video_position),
                     "direction": result.direction, "metadata": json.dumps(result.metadata)}
-        _write_atomically(self.folder / "checkpoint.safetensors",
-                          lambda path: save_file(tensors, str(path), metadata=metadata))
+        with atomic_path(self.folder / "checkpoint.safetensors") as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
 
     def load(self, engine, sections: int):
         """(checkpoint, replay result standing for the finished sections), or (None, None) when there is none.

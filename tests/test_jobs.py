@@ -122,3 +122,25 @@ def test_resume_files_give_back_the_checkpoint_and_the_frames_in_video_order(tmp
         files.load(FakeEngine(), 5)
     files.remove()
     assert not (tmp_path / "resume").exists()
+
+
+def test_a_failed_resume_write_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    files = ResumeFiles(tmp_path / "resume")
+    frames = np.full((2, 16, 16, 3), 10, np.uint8)
+    files.save(section_result(0, 3, frames, "forward"))
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        files.save(section_result(1, 3, frames, "forward"))
+    assert sorted(path.name for path in files.folder.iterdir()) == [
+        "checkpoint.safetensors", "frames_00000.npy", "frames_00001.npy"]
+    monkeypatch.undo()
+    checkpoint, replay = files.load(FakeEngine(), 3)
+    assert checkpoint.sections_done == 1 and len(replay.frames) == 2
