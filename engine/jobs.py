@@ -441,7 +441,10 @@ class Worker(threading.Thread):
                 state = "done"
             elif live.cancel.is_set():
                 state = "cancelled"
-        frames = self._close(output)
+        closing_error = self._close(output)
+        if closing_error is not None and state in ("done", "cancelled"):  # its video is not what it says
+            state, error = "failed", closing_error
+        frames = output.writer.frames_written if output.writer is not None else 0  # what the file holds
         if state is None:  # the server is shutting down: the job goes on after its last finished section next time
             store.requeue(job.id, frames)
             return
@@ -449,14 +452,19 @@ class Worker(threading.Thread):
         store.finish(job.id, state, error, frames)
 
     @staticmethod
-    def _close(output) -> int:
-        """Ends the file with every finished frame (the last section's pending ones as they are); its frame count."""
+    def _close(output) -> str | None:
+        """Ends the file with every finished frame (the last section's pending ones as they are). Returns None, or
+        the one-line error when the encoder failed (the file then keeps what it had published)."""
         try:
             output.close()
-        except Exception:  # the encoder failed: keep what it had published
-            traceback.print_exc()
+        except FramePackError as problem:
             output.abort()
-        return output.frame_count
+            return str(problem)
+        except Exception as problem:
+            output.abort()
+            return (f"Finishing the video failed ({type(problem).__name__}: {problem}): it keeps the frames written "
+                    "before; check free disk space and submit the job again.")
+        return None
 
 
 class _ProgressClock:

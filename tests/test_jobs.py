@@ -1,11 +1,15 @@
-"""The job queue without HTTP or a model: order, limits, cancellation, recovery after a stop, resume files."""
+"""The job queue without HTTP or a model: order, limits, cancellation, recovery after a stop, resume files, and a
+worker running jobs of a fake engine into real video files."""
 
+import threading
+
+import av
 import numpy as np
 import pytest
 import torch
 
 from engine.errors import FramePackError
-from engine.jobs import MAX_ATTEMPTS, JobFinished, JobNotFound, JobStore, QueueFull, ResumeFiles
+from engine.jobs import MAX_ATTEMPTS, JobFinished, JobNotFound, JobQueue, JobStore, LiveJob, QueueFull, ResumeFiles
 from engine.pipeline import SectionCheckpoint, SectionResult
 
 SETTINGS = {"prompt": "x", "seconds": 1.0}
@@ -144,3 +148,80 @@ def test_a_failed_resume_write_keeps_the_last_checkpoint_and_leaves_no_temporary
     monkeypatch.undo()
     checkpoint, replay = files.load(FakeEngine(), 3)
     assert checkpoint.sections_done == 1 and len(replay.frames) == 2
+
+
+# ---- a worker running jobs ------------------------------------------------------------------------------------------
+
+FRAMES_PER_SECTION = 9
+
+
+class StreamingEngine(FakeEngine):
+    """Streams `count` random sections of FRAMES_PER_SECTION frames; before each after the first it calls `between`."""
+
+    def __init__(self, count, between=lambda: None):
+        self.count, self.between = count, between
+
+    def stream(self, prompt, **options):
+        count = self.count
+        for index in range(count):
+            if index:
+                self.between()
+            frames = np.random.randint(0, 256, (FRAMES_PER_SECTION, 48, 64, 3), np.uint8)
+            result = section_result(index, count, frames, "forward")
+            result.pending_frames, result.stats = frames[:0], {"seconds": 0.1}
+            yield result
+
+
+def run_one_job(tmp_path, engine):
+    """Submits a job of the engine's sections and runs it on a worker of `engine`, here; returns (store, job)."""
+    store = JobStore(tmp_path)
+    queue = JobQueue(store, [("cpu", engine)], max_queued=10)
+    store.submit({"prompt": "x", "fps": 8.0}, OUTPUT, {}, sections=engine.count, max_queued=10)
+    job = store.claim("cpu")
+    queue.live[job.id] = LiveJob()
+    queue.workers[0].run_job(job)
+    return store, store.get(job.id)
+
+
+def frames_in(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_a_job_done_holds_every_frame(tmp_path):
+    store, job = run_one_job(tmp_path, StreamingEngine(2))
+    assert job.state == "done" and job.error is None
+    assert job.frames == 2 * FRAMES_PER_SECTION == frames_in(store.folder(job.id) / job.video_name)
+
+
+def test_a_video_that_cannot_be_finished_fails_its_job_with_the_frames_the_file_holds(tmp_path, monkeypatch, capsys):
+    from engine import video
+
+    first_published = threading.Event()
+    publish = video._VideoSink.publish
+
+    def publish_once(sink):  # the disk fills up after the first section is in the file
+        if first_published.is_set():
+            raise OSError(28, "No space left on device")
+        publish(sink)
+        first_published.set()
+
+    monkeypatch.setattr(video._VideoSink, "publish", publish_once)
+    engine = StreamingEngine(2, between=lambda: first_published.wait(timeout=60))
+    store, job = run_one_job(tmp_path, engine)
+    assert job.state == "failed" and "No space left on device" in job.error and "\n" not in job.error
+    assert job.frames == FRAMES_PER_SECTION == frames_in(store.folder(job.id) / job.video_name)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unexpected_error_while_finishing_the_video_fails_the_job(tmp_path, monkeypatch, capsys):
+    from engine.output import SectionOutputFile
+
+    def broken_close(output):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(SectionOutputFile, "close", broken_close)
+    _, job = run_one_job(tmp_path, StreamingEngine(1))
+    assert job.state == "failed"
+    assert job.error.startswith("Finishing the video failed (RuntimeError: a bug in the writer)")
+    assert "Traceback" not in capsys.readouterr().err
