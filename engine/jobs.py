@@ -3,6 +3,7 @@
 Nothing here speaks HTTP (engine/server.py does); this module owns the jobs. The state directory holds:
 
     jobs.sqlite3                  one row per job: state, settings, progress by section, stats, error
+    server.lock                   locked by the server using the directory, so a second one is refused
     jobs/<id>/settings.json       what was asked: the generation settings and the output format
     jobs/<id>/image.<ext>         uploaded images as they came (checked when submitted, read by the engine's reader)
     jobs/<id>/video.<format>      the output: after each section a complete file of every finished section
@@ -29,6 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import FramePackError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so nothing stops a second server on one state directory there
+    fcntl = None
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED_STATES = ("done", "failed", "cancelled")
@@ -117,6 +123,7 @@ class JobStore:
         except OSError as error:
             raise FramePackError(f"Cannot create the state directory ({error.strerror}): choose a writable "
                                  "--state-dir.") from None
+        self._owner = self._own(self.state_dir)
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.state_dir / "jobs.sqlite3", check_same_thread=False,
@@ -125,10 +132,35 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as error:
+            self._disown()
             raise FramePackError(f"The state directory's jobs.sqlite3 cannot be used ({error}): move it away or "
                                  "choose another --state-dir.") from None
         # Bumped on every change of any job, so watchers know when to read again.
         self.changes = 0
+
+    @staticmethod
+    def _own(state_dir: Path):
+        """The open lock file that makes this store the state directory's only user (None where locks do not
+        exist). Two servers on one directory would each run the other's jobs: the second is refused."""
+        if fcntl is None:
+            return None
+        try:
+            owner = open(state_dir / "server.lock", "a")
+        except OSError as error:
+            raise FramePackError(f"Cannot write in the state directory ({error.strerror}): choose a writable "
+                                 "--state-dir.") from None
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner.close()
+            raise FramePackError("Another framepack serve is using this state directory: stop it, or give this "
+                                 "server another --state-dir.") from None
+        return owner
+
+    def _disown(self) -> None:
+        if self._owner is not None:
+            self._owner.close()  # closing the lock file releases the lock
+            self._owner = None
 
     def folder(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
@@ -136,6 +168,7 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._disown()
 
     # ---- reading ----------------------------------------------------------------------------------------------
 
@@ -209,11 +242,17 @@ class JobStore:
     def claim(self, device: str) -> Job | None:
         """The oldest queued job, now running on `device` (None when nothing waits)."""
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE jobs SET state = 'running', device = ?, attempts = attempts + 1, "
-                             "started_at = COALESCE(started_at, ?) WHERE id = ?", (device, time.time(), row["id"]))
+            while True:
+                row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                if row is None:
+                    return None
+                # Only while still queued: what else writes the database (another process) may have taken it.
+                claimed = self._db.execute(
+                    "UPDATE jobs SET state = 'running', device = ?, attempts = attempts + 1, "
+                    "started_at = COALESCE(started_at, ?) WHERE id = ? AND state = 'queued'",
+                    (device, time.time(), row["id"])).rowcount
+                if claimed:
+                    break
             self.changes += 1
         return self.get(row["id"])
 

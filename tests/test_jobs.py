@@ -88,6 +88,42 @@ def test_recovery_after_a_stop_requeues_cancels_or_fails_with_the_reason(tmp_pat
     assert f"stopped {MAX_ATTEMPTS} times" in failed.error and failed.finished_at is not None
 
 
+def test_a_second_store_on_one_state_directory_is_refused_until_the_first_closes(tmp_path):
+    first = JobStore(tmp_path)
+    with pytest.raises(FramePackError, match="Another framepack serve is using this state directory") as refused:
+        JobStore(tmp_path)
+    assert "--state-dir" in str(refused.value) and str(tmp_path) not in str(refused.value)
+    first.close()
+    JobStore(tmp_path).close()
+
+
+def test_without_locks_a_job_taken_by_another_server_is_not_claimed_again(tmp_path, monkeypatch):
+    """Where no lock keeps a second server away (Windows), a job it claimed between this store's look and its
+    claim stays the other's."""
+    import engine.jobs
+
+    monkeypatch.setattr(engine.jobs, "fcntl", None)
+    this, other = JobStore(tmp_path), JobStore(tmp_path)
+    job = submit(this)
+
+    class OtherClaimsFirst:
+        """This store's connection: just before its first UPDATE the other server claims the job."""
+
+        def __init__(self, connection):
+            self.connection, self.raced = connection, False
+
+        def execute(self, statement, *arguments):
+            if statement.startswith("UPDATE") and not self.raced:
+                self.raced = True
+                assert other.claim("cuda:1").id == job.id
+            return self.connection.execute(statement, *arguments)
+
+    this._db = OtherClaimsFirst(this._db)
+    assert this.claim("cuda:0") is None
+    claimed = other.get(job.id)
+    assert (claimed.state, claimed.device, claimed.attempts) == ("running", "cuda:1", 1)
+
+
 def section_result(index, count, frames, direction, model="preset:tiny"):
     checkpoint = SectionCheckpoint(index + 1, torch.randn(1, 16, 5, 2, 2), torch.Generator().manual_seed(index)
                                    .get_state(), torch.randn(1, 3, 5, 16, 16))
