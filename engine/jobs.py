@@ -276,15 +276,18 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one is marked (its worker stops at the next step)."""
-        job = self.get(job_id)
         with self._lock:
-            if job.state == "queued":
-                self._update(job_id, state="cancelled", cancel_requested=1, finished_at=time.time())
-            elif job.state == "running":
-                self._update(job_id, cancel_requested=1)
-            else:
-                raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
-        return self.get(job_id)
+            # Each change only from the state it is meant for, so a worker claiming the job meanwhile is no matter.
+            cancelled = self._db.execute("UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ? "
+                                         "WHERE id = ? AND state = 'queued'", (time.time(), job_id)).rowcount
+            marked = cancelled or self._db.execute("UPDATE jobs SET cancel_requested = 1 "
+                                                   "WHERE id = ? AND state = 'running'", (job_id,)).rowcount
+            if marked:
+                self.changes += 1
+        job = self.get(job_id)  # raises JobNotFound
+        if not marked:  # finished: no state leads back from there, so what get() read is still true
+            raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
+        return job
 
     def recover(self) -> list[tuple[str, str]]:
         """At start-up: every job left running by a stopped server is queued again (or cancelled or failed, with

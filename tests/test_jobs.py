@@ -60,6 +60,26 @@ def test_cancel(tmp_path):
         store.request_cancel(running.id)
 
 
+def test_a_cancel_while_a_worker_claims_the_job_leaves_it_cancelled_or_marked_running(tmp_path):
+    store = JobStore(tmp_path)
+    job = submit(store)
+    claims, get = [], store.get
+
+    def get_while_a_worker_claims(job_id):  # the worker's claim comes while the cancel is under way
+        seen = get(job_id)
+        if not claims:
+            claims.append(store.claim("cuda:0"))
+        return seen
+
+    store.get = get_while_a_worker_claims
+    store.request_cancel(job.id)
+    after = get(job.id)
+    if claims[0] is None:  # the cancel came first: no worker ever runs it
+        assert after.state == "cancelled" and after.device is None
+    else:  # the claim came first: the worker runs it and stops at its next step
+        assert after.state == "running" and after.cancel_requested and after.finished_at is None
+
+
 def test_recovery_after_a_stop_requeues_cancels_or_fails_with_the_reason(tmp_path):
     store = JobStore(tmp_path)
     interrupted, cancelling, shut_down = submit(store), submit(store), submit(store)
