@@ -284,6 +284,8 @@ class JobStore:
                                                    "WHERE id = ? AND state = 'running'", (job_id,)).rowcount
             if marked:
                 self.changes += 1
+        if cancelled:  # a job requeued by a shutdown kept the raw frames of its finished sections
+            ResumeFiles(self.folder(job_id) / "resume").remove()
         job = self.get(job_id)  # raises JobNotFound
         if not marked:  # finished: no state leads back from there, so what get() read is still true
             raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
@@ -292,7 +294,7 @@ class JobStore:
     def recover(self) -> list[tuple[str, str]]:
         """At start-up: every job left running by a stopped server is queued again (or cancelled or failed, with
         the reason). Returns (job id, what happened) for each."""
-        happened = []
+        happened, finished = [], []
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
             for row in rows:
@@ -300,15 +302,19 @@ class JobStore:
                 if job.cancel_requested:
                     self._update(job.id, state="cancelled", finished_at=time.time())
                     happened.append((job.id, "cancelled (as asked before the server stopped)"))
+                    finished.append(job.id)
                 elif job.attempts >= MAX_ATTEMPTS:
                     self._update(job.id, state="failed", finished_at=time.time(), error=(
                         f"The server stopped {job.attempts} times while running this job, so it is not run again "
                         f"(it may be what stops the server, e.g. by running out of memory): its "
                         f"{job.sections_done} finished sections are kept; submit it again with lighter settings."))
                     happened.append((job.id, "failed"))
+                    finished.append(job.id)
                 else:
                     self._update(job.id, state="queued")
                     happened.append((job.id, f"queued again after {job.sections_done} finished sections"))
+        for job_id in finished:  # never resumed: its video keeps the finished sections, the raw frames can go
+            ResumeFiles(self.folder(job_id) / "resume").remove()
         return happened
 
 

@@ -144,6 +144,31 @@ def test_without_locks_a_job_taken_by_another_server_is_not_claimed_again(tmp_pa
     assert (claimed.state, claimed.device, claimed.attempts) == ("running", "cuda:1", 1)
 
 
+def test_resume_folders_go_with_jobs_that_will_not_run_again(tmp_path):
+    store = JobStore(tmp_path)
+    requeued, cancelling, interrupted = submit(store), submit(store), submit(store)
+    resume = {}
+    for job in (requeued, cancelling, interrupted):
+        store.claim("cpu")
+        resume[job.id] = store.folder(job.id) / "resume"
+        resume[job.id].mkdir()
+        np.save(resume[job.id] / "frames_00000.npy", np.random.randint(0, 256, (5, 16, 16, 3), np.uint8))
+    store.requeue(requeued.id, frames=5)  # a shutdown put it back; then it is cancelled while queued
+    assert store.request_cancel(requeued.id).state == "cancelled" and not resume[requeued.id].exists()
+    store.request_cancel(cancelling.id)
+    store.close()
+
+    store = JobStore(tmp_path)  # after a crash: one job was being cancelled, the other goes on
+    store.recover()
+    assert not resume[cancelling.id].exists() and resume[interrupted.id].exists()
+    for _ in range(MAX_ATTEMPTS - 1):  # it stops the server every time, until it is failed
+        assert store.claim("cpu").id == interrupted.id
+        store.close()
+        store = JobStore(tmp_path)
+        store.recover()
+    assert store.get(interrupted.id).state == "failed" and not resume[interrupted.id].exists()
+
+
 def section_result(index, count, frames, direction, model="preset:tiny"):
     checkpoint = SectionCheckpoint(index + 1, torch.randn(1, 16, 5, 2, 2), torch.Generator().manual_seed(index)
                                    .get_state(), torch.randn(1, 3, 5, 16, 16))
