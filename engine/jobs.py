@@ -11,7 +11,8 @@ Nothing here speaks HTTP (engine/server.py does); this module owns the jobs. The
 
 Jobs run in submission order. A job that was running when the server stopped (killed or shut down) is queued again
 at start-up and goes on after its last finished section (engine.pipeline.SectionCheckpoint); one that stopped the
-server `MAX_ATTEMPTS` times, or whose checkpoint belongs to another model, fails with a message saying why.
+server `MAX_ATTEMPTS` times, or whose checkpoint belongs to another model (or other LoRAs), fails with a message
+saying why.
 """
 
 from __future__ import annotations
@@ -369,6 +370,13 @@ class ResumeFiles:
             raise FramePackError(
                 f"This job's finished sections were made by {metadata['model']} ({metadata['variant']}) and this "
                 f"server runs {engine.name} ({engine.variant}): they cannot be continued; submit the job again.")
+        recorded = json.loads(metadata["metadata"])
+        made_with, running = _lora_strengths(recorded.get("loras", [])), _lora_strengths(engine.loras.describe())
+        if made_with != running:
+            raise FramePackError(
+                f"This job's finished sections were made with {_lora_text(made_with)} and this server runs "
+                f"{_lora_text(running)}: they cannot be continued; start the server with the job's --lora options, "
+                "or submit the job again.")
         if int(metadata["count"]) != sections:
             raise FramePackError("This job's checkpoint does not match its settings: submit the job again.")
         done = checkpoint.sections_done
@@ -376,12 +384,22 @@ class ResumeFiles:
         if metadata["direction"] == "backward":
             chunks = chunks[::-1]
         replay = SectionResult(done - 1, sections, int(metadata["video_position"]), np.concatenate(chunks),
-                               tensors["pending_frames"].numpy(), metadata["direction"], None, {},
-                               json.loads(metadata["metadata"]), checkpoint)
+                               tensors["pending_frames"].numpy(), metadata["direction"], None, {}, recorded,
+                               checkpoint)
         return checkpoint, replay
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _lora_strengths(described: list[dict]) -> list[tuple[str, float]]:
+    """What of the LoRAs (as LoraSet.describe() and output metadata give them) makes the model: each file and its
+    strength, sorted since they add up. Fused or live runs the same model, so the mode is left out."""
+    return sorted((lora["file"], float(lora["strength"])) for lora in described)
+
+
+def _lora_text(loras: list[tuple[str, float]]) -> str:
+    return "the LoRAs " + ", ".join(f"{file}:{strength:g}" for file, strength in loras) if loras else "no LoRA"
 
 
 # --------------------------------------------------------------------------------------------------------------------

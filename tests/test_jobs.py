@@ -169,16 +169,27 @@ def test_resume_folders_go_with_jobs_that_will_not_run_again(tmp_path):
     assert store.get(interrupted.id).state == "failed" and not resume[interrupted.id].exists()
 
 
-def section_result(index, count, frames, direction, model="preset:tiny"):
+def section_result(index, count, frames, direction, model="preset:tiny", loras=()):
     checkpoint = SectionCheckpoint(index + 1, torch.randn(1, 16, 5, 2, 2), torch.Generator().manual_seed(index)
                                    .get_state(), torch.randn(1, 3, 5, 16, 16))
+    metadata = {"model": model, "variant": "v", **({"loras": list(loras)} if loras else {})}  # as Engine.metadata
     return SectionResult(index, count, count - 1 - index if direction == "backward" else index, frames,
-                         frames[:1].copy(), direction, torch.zeros(1), {}, {"model": model, "variant": "v"},
-                         checkpoint)
+                         frames[:1].copy(), direction, torch.zeros(1), {}, metadata, checkpoint)
+
+
+class FakeLoras:
+    def __init__(self, described):
+        self.described = list(described)
+
+    def describe(self):
+        return self.described
 
 
 class FakeEngine:
     name, variant = "preset:tiny", "v"
+
+    def __init__(self, loras=()):
+        self.loras = FakeLoras(loras)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -207,6 +218,26 @@ def test_resume_files_give_back_the_checkpoint_and_the_frames_in_video_order(tmp
         files.load(FakeEngine(), 5)
     files.remove()
     assert not (tmp_path / "resume").exists()
+
+
+def test_a_checkpoint_made_with_other_loras_is_refused(tmp_path):
+    files = ResumeFiles(tmp_path / "resume")
+    style = {"name": "style", "file": "style.safetensors", "strength": 0.8, "mode": "fused", "layout": "kohya",
+             "layers": 4}
+    other = {**style, "name": "other", "file": "other.safetensors"}
+    files.save(section_result(0, 3, np.random.randint(0, 256, (2, 16, 16, 3), np.uint8), "forward", loras=[style]))
+    for running, named in [([], "no LoRA"), ([{**style, "strength": 0.5}], "the LoRAs style.safetensors:0.5"),
+                           ([style, other], "the LoRAs other.safetensors:0.8, style.safetensors:0.8")]:
+        with pytest.raises(FramePackError, match=f"made with the LoRAs style.safetensors:0.8 and this server runs "
+                                                 f"{named}: they cannot be continued"):
+            files.load(FakeEngine(running), 3)
+    checkpoint, _ = files.load(FakeEngine([{**style, "mode": "live"}]), 3)  # the same model, the LoRA beside it
+    assert checkpoint.sections_done == 1
+
+    files.remove()
+    files.save(section_result(0, 3, np.random.randint(0, 256, (2, 16, 16, 3), np.uint8), "forward"))
+    with pytest.raises(FramePackError, match="made with no LoRA and this server runs the LoRAs style.safetensors:0.8"):
+        files.load(FakeEngine([style]), 3)
 
 
 def test_a_failed_resume_write_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -240,6 +271,7 @@ class StreamingEngine(FakeEngine):
     """Streams `count` random sections of FRAMES_PER_SECTION frames; before each after the first it calls `between`."""
 
     def __init__(self, count, between=lambda: None):
+        super().__init__()
         self.count, self.between = count, between
 
     def stream(self, prompt, **options):
