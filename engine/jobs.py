@@ -421,14 +421,11 @@ class LiveJob:
 
 
 def load_worker_engine(model_settings, preset: str | None, device: str):
-    """The engine one worker runs: a preset built in memory, or the model `framepack generate` would load."""
+    """The engine one worker runs: the one `framepack generate` builds from the same options, on `device`."""
     from engine.pipeline import Engine
+    from engine.settings import ModelSettings
 
-    if preset:
-        variant = "bidirectional" if model_settings.variant == "auto" else model_settings.variant
-        engine = Engine.from_preset(preset, variant=variant, device=device)
-    else:
-        engine = Engine.from_pretrained(**{**model_settings.as_dict(), "device": device})
+    engine = Engine.from_settings(ModelSettings.from_options(**{**model_settings.as_dict(), "device": device}), preset)
     if engine.notice:  # said once at start-up, not at every job
         print(engine.notice, flush=True)
         engine.notice = None

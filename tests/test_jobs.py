@@ -338,3 +338,26 @@ def test_an_unexpected_error_while_finishing_the_video_fails_the_job(tmp_path, m
     assert job.state == "failed"
     assert job.error.startswith("Finishing the video failed (RuntimeError: a bug in the writer)")
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_serve_builds_the_preset_engine_generate_builds_quantized_and_with_loras(tmp_path):
+    """`framepack serve --preset tiny --quantize int8 --lora ...` runs the model `framepack generate` would."""
+    from safetensors.torch import save_file
+
+    from engine.jobs import load_worker_engine
+    from engine.presets import tiny_dit
+    from engine.quant import quantized_layers
+    from engine.settings import ModelSettings
+
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name, layer in tiny_dit(generator).linear_layers().items():  # a kohya-layout LoRA over every linear
+        key = f"lora_unet_{name.replace('.', '_')}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=generator)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=generator)
+        tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / "style.safetensors")
+    settings = ModelSettings.from_options(quantize="int8", lora=[f"{tmp_path / 'style.safetensors'}:0.5"])
+    engine = load_worker_engine(settings, "tiny", "cpu")
+    assert quantized_layers(engine.transformer) and quantized_layers(engine.text_encoder.llama_model)
+    assert [(lora["file"], lora["strength"]) for lora in engine.loras.describe()] == [("style.safetensors", 0.5)]
