@@ -1,7 +1,9 @@
 """The job queue without HTTP or a model: order, limits, cancellation, recovery after a stop, resume files, and a
 worker running jobs of a fake engine into real video files."""
 
+import os
 import threading
+from pathlib import Path
 
 import av
 import numpy as np
@@ -285,12 +287,14 @@ class StreamingEngine(FakeEngine):
             yield result
 
 
-def run_one_job(tmp_path, engine):
-    """Submits a job of the engine's sections and runs it on a worker of `engine`, here; returns (store, job)."""
+def run_one_job(tmp_path, engine, before_running=lambda folder: None):
+    """Submits a job of the engine's sections and runs it on a worker of `engine`, here; returns (store, job).
+    before_running(the job's folder) comes between the claim and the run."""
     store = JobStore(tmp_path)
     queue = JobQueue(store, [("cpu", engine)], max_queued=10)
     store.submit({"prompt": "x", "fps": 8.0}, OUTPUT, {}, sections=engine.count, max_queued=10)
     job = store.claim("cpu")
+    before_running(store.folder(job.id))
     queue.live[job.id] = LiveJob()
     queue.workers[0].run_job(job)
     return store, store.get(job.id)
@@ -305,6 +309,22 @@ def test_a_job_done_holds_every_frame(tmp_path):
     store, job = run_one_job(tmp_path, StreamingEngine(2))
     assert job.state == "done" and job.error is None
     assert job.frames == 2 * FRAMES_PER_SECTION == frames_in(store.folder(job.id) / job.video_name)
+
+
+def test_a_job_starts_by_removing_what_a_killed_writer_left(tmp_path):
+    """A server killed while writing leaves the writer's parts folder and a temporary file of the video's atomic
+    publish, both named after the video (".video.mp4.<random>..."): the job's next run removes them."""
+    import tempfile
+
+    def leftovers(folder):
+        parts = tempfile.mkdtemp(prefix=".video.mp4.", suffix=".parts", dir=folder)  # as the writer names them
+        (Path(parts) / "segment_00000.mp4").write_bytes(b"encoded frames")
+        handle, _ = tempfile.mkstemp(prefix=".video.mp4.", suffix=".mp4", dir=folder)  # as atomic_path will
+        os.close(handle)
+
+    store, job = run_one_job(tmp_path, StreamingEngine(1), before_running=leftovers)
+    assert job.state == "done"
+    assert sorted(path.name for path in store.folder(job.id).iterdir()) == ["settings.json", "video.mp4"]
 
 
 def test_a_video_that_cannot_be_finished_fails_its_job_with_the_frames_the_file_holds(tmp_path, monkeypatch, capsys):
