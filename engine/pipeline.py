@@ -232,8 +232,9 @@ class Engine:
         variant = "bidirectional" if settings.variant == "auto" else settings.variant
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = cls.from_preset(preset, variant=variant, device=device)
-        engine.loras = transform_dit(engine.transformer, settings)
-        transform_text_encoder(engine.text_encoder, settings)
+        if settings.quantize or settings.lora:  # otherwise the preset is used as it is built
+            engine.loras = transform_dit(engine.transformer, settings)
+            transform_text_encoder(engine.text_encoder, settings)
         return engine
 
     # ---- LoRAs ------------------------------------------------------------------------------------------------------
