@@ -1,7 +1,6 @@
 """The job queue without HTTP or a model: order, limits, cancellation, recovery after a stop, resume files, and a
 worker running jobs of a fake engine into real video files."""
 
-import os
 import threading
 from pathlib import Path
 
@@ -316,11 +315,15 @@ def test_a_job_starts_by_removing_what_a_killed_writer_left(tmp_path):
     publish, both named after the video (".video.mp4.<random>..."): the job's next run removes them."""
     import tempfile
 
+    from engine.video import atomic_path
+
     def leftovers(folder):
         parts = tempfile.mkdtemp(prefix=".video.mp4.", suffix=".parts", dir=folder)  # as the writer names them
         (Path(parts) / "segment_00000.mp4").write_bytes(b"encoded frames")
-        handle, _ = tempfile.mkstemp(prefix=".video.mp4.", suffix=".mp4", dir=folder)  # as atomic_path will
-        os.close(handle)
+        with pytest.raises(InterruptedError), atomic_path(folder / "video.mp4") as temporary:
+            published = temporary  # the publish's temporary, named as a kill would leave it
+            raise InterruptedError
+        published.write_bytes(b"half a video")
 
     store, job = run_one_job(tmp_path, StreamingEngine(1), before_running=leftovers)
     assert job.state == "done"
