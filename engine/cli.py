@@ -121,21 +121,7 @@ def _generate(args) -> int:
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if args.preset:
-            import torch
-
-            device = model_settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            engine = Engine.from_preset(args.preset, variant=variant, device=device)
-            if model_settings.quantize:  # the preset's random float weights, quantized as a checkpoint's would be
-                from engine.loading import transform_text_encoder
-                from engine.quant import QuantScheme, quantize_dit
-
-                quantize_dit(engine.transformer, QuantScheme(model_settings.quantize))
-                transform_text_encoder(engine.text_encoder, model_settings)
-            for path, strength in model_settings.lora or ():
-                engine.load_lora(path, strength, mode=model_settings.lora_mode)
-        else:
-            engine = Engine.from_pretrained(**model_settings.as_dict())
+        engine = Engine.from_settings(model_settings, args.preset)
     except KeyboardInterrupt as interruption:
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
         return 143 if isinstance(interruption, Terminated) else 130

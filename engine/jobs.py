@@ -3,6 +3,7 @@
 Nothing here speaks HTTP (engine/server.py does); this module owns the jobs. The state directory holds:
 
     jobs.sqlite3                  one row per job: state, settings, progress by section, stats, error
+    server.lock                   locked by the server using the directory, so a second one is refused
     jobs/<id>/settings.json       what was asked: the generation settings and the output format
     jobs/<id>/image.<ext>         uploaded images as they came (checked when submitted, read by the engine's reader)
     jobs/<id>/video.<format>      the output: after each section a complete file of every finished section
@@ -10,13 +11,13 @@ Nothing here speaks HTTP (engine/server.py does); this module owns the jobs. The
 
 Jobs run in submission order. A job that was running when the server stopped (killed or shut down) is queued again
 at start-up and goes on after its last finished section (engine.pipeline.SectionCheckpoint); one that stopped the
-server `MAX_ATTEMPTS` times, or whose checkpoint belongs to another model, fails with a message saying why.
+server `MAX_ATTEMPTS` times, or whose checkpoint belongs to another model (or other LoRAs), fails with a message
+saying why.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import sqlite3
@@ -30,6 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import FramePackError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so nothing stops a second server on one state directory there
+    fcntl = None
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED_STATES = ("done", "failed", "cancelled")
@@ -108,13 +114,6 @@ class Job:
         return f"video.{self.output['format']}"
 
 
-def _write_atomically(path: Path, write) -> None:
-    """write(temporary_path), then rename onto `path`: a crash leaves the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 class JobStore:
     """The jobs table and the jobs' folders. Safe to use from any thread (one connection behind a lock)."""
 
@@ -125,6 +124,7 @@ class JobStore:
         except OSError as error:
             raise FramePackError(f"Cannot create the state directory ({error.strerror}): choose a writable "
                                  "--state-dir.") from None
+        self._owner = self._own(self.state_dir)
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.state_dir / "jobs.sqlite3", check_same_thread=False,
@@ -133,10 +133,35 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as error:
+            self._disown()
             raise FramePackError(f"The state directory's jobs.sqlite3 cannot be used ({error}): move it away or "
                                  "choose another --state-dir.") from None
         # Bumped on every change of any job, so watchers know when to read again.
         self.changes = 0
+
+    @staticmethod
+    def _own(state_dir: Path):
+        """The open lock file that makes this store the state directory's only user (None where locks do not
+        exist). Two servers on one directory would each run the other's jobs: the second is refused."""
+        if fcntl is None:
+            return None
+        try:
+            owner = open(state_dir / "server.lock", "a")
+        except OSError as error:
+            raise FramePackError(f"Cannot write in the state directory ({error.strerror}): choose a writable "
+                                 "--state-dir.") from None
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner.close()
+            raise FramePackError("Another framepack serve is using this state directory: stop it, or give this "
+                                 "server another --state-dir.") from None
+        return owner
+
+    def _disown(self) -> None:
+        if self._owner is not None:
+            self._owner.close()  # closing the lock file releases the lock
+            self._owner = None
 
     def folder(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
@@ -144,6 +169,7 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._disown()
 
     # ---- reading ----------------------------------------------------------------------------------------------
 
@@ -217,11 +243,17 @@ class JobStore:
     def claim(self, device: str) -> Job | None:
         """The oldest queued job, now running on `device` (None when nothing waits)."""
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE jobs SET state = 'running', device = ?, attempts = attempts + 1, "
-                             "started_at = COALESCE(started_at, ?) WHERE id = ?", (device, time.time(), row["id"]))
+            while True:
+                row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                if row is None:
+                    return None
+                # Only while still queued: what else writes the database (another process) may have taken it.
+                claimed = self._db.execute(
+                    "UPDATE jobs SET state = 'running', device = ?, attempts = attempts + 1, "
+                    "started_at = COALESCE(started_at, ?) WHERE id = ? AND state = 'queued'",
+                    (device, time.time(), row["id"])).rowcount
+                if claimed:
+                    break
             self.changes += 1
         return self.get(row["id"])
 
@@ -245,20 +277,25 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one is marked (its worker stops at the next step)."""
-        job = self.get(job_id)
         with self._lock:
-            if job.state == "queued":
-                self._update(job_id, state="cancelled", cancel_requested=1, finished_at=time.time())
-            elif job.state == "running":
-                self._update(job_id, cancel_requested=1)
-            else:
-                raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
-        return self.get(job_id)
+            # Each change only from the state it is meant for, so a worker claiming the job meanwhile is no matter.
+            cancelled = self._db.execute("UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ? "
+                                         "WHERE id = ? AND state = 'queued'", (time.time(), job_id)).rowcount
+            marked = cancelled or self._db.execute("UPDATE jobs SET cancel_requested = 1 "
+                                                   "WHERE id = ? AND state = 'running'", (job_id,)).rowcount
+            if marked:
+                self.changes += 1
+        if cancelled:  # a job requeued by a shutdown kept the raw frames of its finished sections
+            ResumeFiles(self.folder(job_id) / "resume").remove()
+        job = self.get(job_id)  # raises JobNotFound
+        if not marked:  # finished: no state leads back from there, so what get() read is still true
+            raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
+        return job
 
     def recover(self) -> list[tuple[str, str]]:
         """At start-up: every job left running by a stopped server is queued again (or cancelled or failed, with
         the reason). Returns (job id, what happened) for each."""
-        happened = []
+        happened, finished = [], []
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
             for row in rows:
@@ -266,15 +303,19 @@ class JobStore:
                 if job.cancel_requested:
                     self._update(job.id, state="cancelled", finished_at=time.time())
                     happened.append((job.id, "cancelled (as asked before the server stopped)"))
+                    finished.append(job.id)
                 elif job.attempts >= MAX_ATTEMPTS:
                     self._update(job.id, state="failed", finished_at=time.time(), error=(
                         f"The server stopped {job.attempts} times while running this job, so it is not run again "
                         f"(it may be what stops the server, e.g. by running out of memory): its "
                         f"{job.sections_done} finished sections are kept; submit it again with lighter settings."))
                     happened.append((job.id, "failed"))
+                    finished.append(job.id)
                 else:
                     self._update(job.id, state="queued")
                     happened.append((job.id, f"queued again after {job.sections_done} finished sections"))
+        for job_id in finished:  # never resumed: its video keeps the finished sections, the raw frames can go
+            ResumeFiles(self.folder(job_id) / "resume").remove()
         return happened
 
 
@@ -292,22 +333,23 @@ class ResumeFiles:
     def save(self, result) -> None:
         """After a section: its frames first, then the checkpoint that counts them (so a crash between the two
         leaves the older, consistent checkpoint)."""
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
+
+        from engine.video import atomic_path
 
         self.folder.mkdir(exist_ok=True)
-        def write_frames(path):
-            with open(path, "wb") as file:
+        # Written whole or not at all: a crash leaves the old file or the new one, and a failed write no temporary.
+        with atomic_path(self.folder / f"frames_{result.index:05d}.npy") as temporary:
+            with open(temporary, "wb") as file:
                 np.save(file, result.frames)
-
-        _write_atomically(self.folder / f"frames_{result.index:05d}.npy", write_frames)
         tensors = result.checkpoint.tensors()
         tensors["pending_frames"] = torch.from_numpy(np.ascontiguousarray(result.pending_frames))
         metadata = {"model": str(result.metadata.get("model")), "variant": str(result.metadata.get("variant")),
                     "count": str(result.count), "video_position": str(result.video_position),
                     "direction": result.direction, "metadata": json.dumps(result.metadata)}
-        _write_atomically(self.folder / "checkpoint.safetensors",
-                          lambda path: save_file(tensors, str(path), metadata=metadata))
+        with atomic_path(self.folder / "checkpoint.safetensors") as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
 
     def load(self, engine, sections: int):
         """(checkpoint, replay result standing for the finished sections), or (None, None) when there is none.
@@ -328,6 +370,13 @@ class ResumeFiles:
             raise FramePackError(
                 f"This job's finished sections were made by {metadata['model']} ({metadata['variant']}) and this "
                 f"server runs {engine.name} ({engine.variant}): they cannot be continued; submit the job again.")
+        recorded = json.loads(metadata["metadata"])
+        made_with, running = _lora_strengths(recorded.get("loras", [])), _lora_strengths(engine.loras.describe())
+        if made_with != running:
+            raise FramePackError(
+                f"This job's finished sections were made with {_lora_text(made_with)} and this server runs "
+                f"{_lora_text(running)}: they cannot be continued; start the server with the job's --lora options, "
+                "or submit the job again.")
         if int(metadata["count"]) != sections:
             raise FramePackError("This job's checkpoint does not match its settings: submit the job again.")
         done = checkpoint.sections_done
@@ -335,12 +384,22 @@ class ResumeFiles:
         if metadata["direction"] == "backward":
             chunks = chunks[::-1]
         replay = SectionResult(done - 1, sections, int(metadata["video_position"]), np.concatenate(chunks),
-                               tensors["pending_frames"].numpy(), metadata["direction"], None, {},
-                               json.loads(metadata["metadata"]), checkpoint)
+                               tensors["pending_frames"].numpy(), metadata["direction"], None, {}, recorded,
+                               checkpoint)
         return checkpoint, replay
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _lora_strengths(described: list[dict]) -> list[tuple[str, float]]:
+    """What of the LoRAs (as LoraSet.describe() and output metadata give them) makes the model: each file and its
+    strength, sorted since they add up. Fused or live runs the same model, so the mode is left out."""
+    return sorted((lora["file"], float(lora["strength"])) for lora in described)
+
+
+def _lora_text(loras: list[tuple[str, float]]) -> str:
+    return "the LoRAs " + ", ".join(f"{file}:{strength:g}" for file, strength in loras) if loras else "no LoRA"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -362,14 +421,11 @@ class LiveJob:
 
 
 def load_worker_engine(model_settings, preset: str | None, device: str):
-    """The engine one worker runs: a preset built in memory, or the model `framepack generate` would load."""
+    """The engine one worker runs: the one `framepack generate` builds from the same options, on `device`."""
     from engine.pipeline import Engine
+    from engine.settings import ModelSettings
 
-    if preset:
-        variant = "bidirectional" if model_settings.variant == "auto" else model_settings.variant
-        engine = Engine.from_preset(preset, variant=variant, device=device)
-    else:
-        engine = Engine.from_pretrained(**{**model_settings.as_dict(), "device": device})
+    engine = Engine.from_settings(ModelSettings.from_options(**{**model_settings.as_dict(), "device": device}), preset)
     if engine.notice:  # said once at start-up, not at every job
         print(engine.notice, flush=True)
         engine.notice = None
@@ -448,7 +504,10 @@ class Worker(threading.Thread):
                 state = "done"
             elif live.cancel.is_set():
                 state = "cancelled"
-        frames = self._close(output)
+        closing_error = self._close(output)
+        if closing_error is not None and state in ("done", "cancelled"):  # its video is not what it says
+            state, error = "failed", closing_error
+        frames = output.writer.frames_written if output.writer is not None else 0  # what the file holds
         if state is None:  # the server is shutting down: the job goes on after its last finished section next time
             store.requeue(job.id, frames)
             return
@@ -456,14 +515,19 @@ class Worker(threading.Thread):
         store.finish(job.id, state, error, frames)
 
     @staticmethod
-    def _close(output) -> int:
-        """Ends the file with every finished frame (the last section's pending ones as they are); its frame count."""
+    def _close(output) -> str | None:
+        """Ends the file with every finished frame (the last section's pending ones as they are). Returns None, or
+        the one-line error when the encoder failed (the file then keeps what it had published)."""
         try:
             output.close()
-        except Exception:  # the encoder failed: keep what it had published
-            traceback.print_exc()
+        except FramePackError as problem:
             output.abort()
-        return output.frame_count
+            return str(problem)
+        except Exception as problem:
+            output.abort()
+            return (f"Finishing the video failed ({type(problem).__name__}: {problem}): it keeps the frames written "
+                    "before; check free disk space and submit the job again.")
+        return None
 
 
 class _ProgressClock:

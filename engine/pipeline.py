@@ -220,6 +220,23 @@ class Engine:
 
         return build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
 
+    @classmethod
+    def from_settings(cls, settings, preset: str | None = None) -> "Engine":
+        """The engine the commands (`framepack generate`, `framepack serve`) build from their model options
+        (engine.settings.ModelSettings): `preset` built in memory, its random float weights quantized and its LoRAs
+        attached as a checkpoint's would be, or else the pretrained model."""
+        if not preset:
+            return cls.from_pretrained(**settings.as_dict())
+        from engine.loading import transform_dit, transform_text_encoder
+
+        variant = "bidirectional" if settings.variant == "auto" else settings.variant
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = cls.from_preset(preset, variant=variant, device=device)
+        if settings.quantize or settings.lora:  # otherwise the preset is used as it is built
+            engine.loras = transform_dit(engine.transformer, settings)
+            transform_text_encoder(engine.text_encoder, settings)
+        return engine
+
     # ---- LoRAs ------------------------------------------------------------------------------------------------------
 
     def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str | None = None) -> str:

@@ -368,3 +368,20 @@ def test_serve_refuses_unsafe_or_wrong_options_before_loading(tmp_path, capsys, 
     monkeypatch.delenv("FRAMEPACK_API_KEY", raising=False)
     assert main(["serve", "--preset", "tiny", "--state-dir", str(tmp_path), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_refuses_a_state_directory_another_server_uses(tmp_path, capsys):
+    from engine.jobs import JobStore
+
+    store = JobStore(tmp_path)  # the other server
+    with socket.socket() as taken:  # were the state directory not refused, the port would be: no server starts
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            code = main(["serve", "--preset", "tiny", "--state-dir", str(tmp_path), "--port", str(port)])
+        finally:
+            store.close()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "Another framepack serve is using this state directory" in error[0]
+    assert str(tmp_path) not in error[0]
