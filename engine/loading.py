@@ -466,7 +466,8 @@ def _read_keeping_quantized(checkpoint: _Checkpoint, dtype: torch.dtype, rename)
     A pre-quantized checkpoint of ours is taken as stored. In a community fp8 file (ComfyUI / kijai / musubi-tuner:
     e4m3 or e5m2 weights with a per-tensor or per-channel scale, or none), every 2-D fp8 weight becomes our fp8
     layout: the values as stored and a float32 scale per output channel; the scale keys, input scales and markers
-    are dropped, and any other fp8 tensor is folded to `dtype` as before."""
+    are dropped, and any other fp8 tensor is folded to `dtype` as before. (FramePackDiT.from_pretrained then folds
+    the layers outside the blocks to `dtype` too: only the blocks' linears run quantized.)"""
     from engine.quant import QuantScheme
 
     scheme = ours = QuantScheme.from_metadata(checkpoint.metadata)

@@ -309,6 +309,18 @@ def quantized_layer_names(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [key[: -len(".weight_scale")] for key in state_dict if key.endswith(".weight_scale")]
 
 
+def dequantize_stored_layers(model: nn.Module, state_dict: dict[str, torch.Tensor], names: list[str],
+                             dtype: torch.dtype) -> None:
+    """Folds the named layers of a quantized state dict back into float `dtype` weights, in place (their scales and
+    zero points dropped), so they load as the model's own float linears."""
+    for name in names:
+        scale = state_dict.pop(name + ".weight_scale")
+        zero = state_dict.pop(name + ".weight_zero", None)
+        in_features = model.get_submodule(name).in_features
+        state_dict[name + ".weight"] = dequantize_reference(state_dict[name + ".weight"], scale, zero, in_features,
+                                                            dtype)
+
+
 def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor], scheme: QuantScheme) -> nn.Module:
     """Before `load_state_dict(assign=True)` of a pre-quantized state dict: every layer stored quantized becomes an
     empty QuantizedLinear on the meta device, so the stored tensors are assigned as they are (no float copy)."""

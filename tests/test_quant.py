@@ -331,6 +331,36 @@ def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp
     assert_relative_error(dit_output(model, inputs), dit_output(oracle.eval(), inputs), 1e-5)
 
 
+def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
+    """A kijai-style file storing every 2-D weight but the norms' in fp8 (proj_out, embedders, token refiner too; the
+    modulation linears, named norm1.linear, stay bf16): only the blocks' linears stay fp8; the rest load as float
+    layers holding the dequantized weight, so the head still runs in float32."""
+    from safetensors.torch import save_file
+
+    from engine.loading import load_dit_checkpoint
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    state_dict = tiny_dit_model().to(torch.bfloat16).state_dict()
+    fp8 = {key: tensor.to(torch.float8_e4m3fn) if key.endswith(".weight") and tensor.ndim == 2 and "norm" not in key
+           else tensor.contiguous() for key, tensor in state_dict.items()}
+    assert fp8["proj_out.weight"].dtype == torch.float8_e4m3fn
+    path = tmp_path / "dit.safetensors"
+    save_file({"model.diffusion_model." + key: tensor for key, tensor in fp8.items()}, str(path))
+    model = FramePackDiT.from_pretrained(path, dtype=torch.bfloat16).set_output_precision(True)
+    stored_fp8 = [layer for _, layer in model.block_linears(modulation=False)]
+    assert {id(layer) for layer in quantized_layers(model)} == {id(layer) for layer in stored_fp8}
+    assert model.fp32_output and model.proj_out.weight.dtype == torch.float32
+    # The oracle: every fp8 weight folded into bf16 (what the blocks' quantized layers compute with), head in float32.
+    config, float_state_dict = load_dit_checkpoint(path, dtype=torch.bfloat16)
+    oracle = FramePackDiT.from_config(config, dtype=torch.bfloat16)
+    oracle.load_state_dict(float_state_dict)
+    oracle.eval().set_output_precision(True)
+    inputs = section_inputs(TINY_DIT_CONFIG, dtype=torch.bfloat16)
+    output = dit_output(model, inputs)
+    assert output.dtype == torch.float32
+    assert_relative_error(output, dit_output(oracle, inputs), 1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Options
 
