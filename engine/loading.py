@@ -796,7 +796,7 @@ def transform_dit(dit, settings):
     are dequantized and quantized again); without it a quantized checkpoint stays as it is. Quantized layers use the
     Triton dequantizing matmul when fused kernels are on."""
     from engine.lora import LoraSet
-    from engine.quant import QuantScheme, quantize_dit, quantized_layers, set_quantized_kernels
+    from engine.quant import QuantScheme, layers_to_quantize, quantize_dit, quantized_layers, set_quantized_kernels
 
     lora_mode = settings.lora_mode
     if lora_mode == "fused" and settings.lora and quantized_layers(dit):
@@ -811,8 +811,7 @@ def transform_dit(dit, settings):
             loras.load(path, strength)
     if settings.quantize is not None:
         scheme = QuantScheme(settings.quantize)
-        stale = [layer for layer in quantized_layers(dit) if layer.scheme != scheme]
-        if stale or not quantized_layers(dit):
+        if layers_to_quantize(dit, scheme):  # a checkpoint stored in this format keeps its memory-mapped layers
             loras.release_originals()  # quantized layers cannot take the originals back
             quantize_dit(dit, scheme)
     set_quantized_kernels(dit, settings.fused_kernels)

@@ -75,6 +75,11 @@ class QuantScheme:
         elif self.group_size is not None:
             raise FramePackError(f"A group size applies to int4 only, not {self.format}: leave it unset.")
 
+    @property
+    def storage(self) -> tuple[str, int | None]:
+        """What a layer's stored bytes follow: the format and group size (`modulation` only says which layers)."""
+        return self.format, self.group_size
+
     def as_dict(self) -> dict:
         return {"format": self.format, "group_size": self.group_size, "modulation": self.modulation}
 
@@ -289,12 +294,17 @@ def quantize_modules(model: nn.Module, names: list[str], scheme: QuantScheme) ->
     return model
 
 
+def layers_to_quantize(dit, scheme: QuantScheme) -> list[str]:
+    """The block linears quantize_dit(dit, scheme) replaces: those not already stored in the scheme's format and
+    group size (however the checkpoint that stored them chose its modulation layers)."""
+    return [name for name, layer in dit.block_linears(modulation=scheme.modulation)
+            if not isinstance(layer, QuantizedLinear) or layer.scheme.storage != scheme.storage]
+
+
 def quantize_dit(dit, scheme: QuantScheme):
     """The linears of the DiT's blocks, quantized in place (modulation projections when scheme.modulation); layers
-    already stored in another format are dequantized and quantized again, those in this scheme are left alone."""
-    names = [name for name, layer in dit.block_linears(modulation=scheme.modulation)
-             if getattr(layer, "scheme", None) != scheme]
-    return quantize_modules(dit, names, scheme)
+    already stored in another format are dequantized and quantized again, those stored in this one are left alone."""
+    return quantize_modules(dit, layers_to_quantize(dit, scheme), scheme)
 
 
 def quantize_llama(model: nn.Module, scheme: QuantScheme) -> nn.Module:

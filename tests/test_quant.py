@@ -331,21 +331,26 @@ def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp
     assert_relative_error(dit_output(model, inputs), dit_output(oracle.eval(), inputs), 1e-5)
 
 
-def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
-    """A kijai-style file storing every 2-D weight but the norms' in fp8 (proj_out, embedders, token refiner too; the
-    modulation linears, named norm1.linear, stay bf16): only the blocks' linears stay fp8; the rest load as float
-    layers holding the dequantized weight, so the head still runs in float32."""
+def write_kijai_style_fp8_file(path):
+    """A single file as kijai's fp8 exports are made: every 2-D weight in unscaled fp8 except those whose names hold
+    "norm" (so the modulation linears, norm1.linear, stay bf16); proj_out is fp8."""
     from safetensors.torch import save_file
-
-    from engine.loading import load_dit_checkpoint
-    from tests.fixtures import TINY_DIT_CONFIG
 
     state_dict = tiny_dit_model().to(torch.bfloat16).state_dict()
     fp8 = {key: tensor.to(torch.float8_e4m3fn) if key.endswith(".weight") and tensor.ndim == 2 and "norm" not in key
            else tensor.contiguous() for key, tensor in state_dict.items()}
     assert fp8["proj_out.weight"].dtype == torch.float8_e4m3fn
-    path = tmp_path / "dit.safetensors"
     save_file({"model.diffusion_model." + key: tensor for key, tensor in fp8.items()}, str(path))
+    return path
+
+
+def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
+    """A kijai-style file (proj_out, embedders and token refiner in fp8 too): only the blocks' linears stay fp8; the
+    rest load as float layers holding the dequantized weight, so the head still runs in float32."""
+    from engine.loading import load_dit_checkpoint
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    path = write_kijai_style_fp8_file(tmp_path / "dit.safetensors")
     model = FramePackDiT.from_pretrained(path, dtype=torch.bfloat16).set_output_precision(True)
     stored_fp8 = [layer for _, layer in model.block_linears(modulation=False)]
     assert {id(layer) for layer in quantized_layers(model)} == {id(layer) for layer in stored_fp8}
@@ -359,6 +364,42 @@ def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
     output = dit_output(model, inputs)
     assert output.dtype == torch.float32
     assert_relative_error(output, dit_output(oracle, inputs), 1e-5)
+
+
+def test_quantize_on_load_keeps_the_layers_stored_in_that_format(tmp_path, framepack_transformer_folder):
+    """A --keep-modulation int8 checkpoint loaded with quantize='int8': its memory-mapped int8 layers are kept as
+    stored (not quantized again into RAM), and only its float modulation linears are quantized. Another format
+    re-quantizes every layer."""
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+
+    keep_modulation = QuantScheme("int8", modulation=False)
+    out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "q", keep_modulation)
+    dit = FramePackDiT.from_pretrained(out, dtype=torch.float32)
+    stored = {name: layer.weight for name, layer in dit.block_linears(modulation=False)}
+    assert len(quantized_layers(dit)) == len(stored) < len(dit.block_linears())
+    transform_dit(dit, ModelSettings.from_options(quantize="int8"))
+    layers = dict(dit.block_linears())
+    assert all(isinstance(layer, QuantizedLinear) and layer.format == "int8" for layer in layers.values())
+    assert all(layers[name].weight is weight for name, weight in stored.items())
+    transform_dit(dit, ModelSettings.from_options(quantize="int4"))
+    assert {layer.format for layer in quantized_layers(dit)} == {"int4"}
+    assert len(quantized_layers(dit)) == len(layers)
+
+
+def test_quantize_on_load_completes_a_community_fp8_file(tmp_path):
+    """A kijai-style fp8 file keeps its modulation linears in bf16: quantize='fp8' quantizes those and keeps the
+    layers the file stores in fp8 as they are."""
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+
+    dit = FramePackDiT.from_pretrained(write_kijai_style_fp8_file(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
+    stored = {name: layer.weight for name, layer in dit.block_linears() if isinstance(layer, QuantizedLinear)}
+    assert 0 < len(stored) < len(dit.block_linears())
+    transform_dit(dit, ModelSettings.from_options(quantize="fp8"))
+    layers = dict(dit.block_linears())
+    assert all(isinstance(layer, QuantizedLinear) and layer.format == "fp8" for layer in layers.values())
+    assert all(layers[name].weight is weight for name, weight in stored.items())
 
 
 # --------------------------------------------------------------------------------------------------------------------
