@@ -794,7 +794,7 @@ def transform_dit(dit, settings):
 
     `settings.quantize` quantizes the blocks' linears (layers a checkpoint already stores quantized in another format
     are dequantized and quantized again); without it a quantized checkpoint stays as it is. Quantized layers use the
-    Triton dequantizing matmul when fused kernels are on."""
+    Triton dequantizing matmul when fused kernels are on. Over quantized weights the LoraSet's default mode is live."""
     from engine.lora import LoraSet
     from engine.quant import QuantScheme, layers_to_quantize, quantize_dit, quantized_layers, set_quantized_kernels
 
@@ -814,6 +814,9 @@ def transform_dit(dit, settings):
         if layers_to_quantize(dit, scheme):  # a checkpoint stored in this format keeps its memory-mapped layers
             loras.release_originals()  # quantized layers cannot take the originals back
             quantize_dit(dit, scheme)
+    if quantized_layers(dit) and loras.default_mode == "fused":
+        # The LoRAs loaded from now on (Engine.load_lora) have no float weights to merge into: they run live.
+        loras.default_mode = "live"
     set_quantized_kernels(dit, settings.fused_kernels)
     if lora_mode == "live":  # around the layers as they will run, quantized or not
         for path, strength in settings.lora or ():

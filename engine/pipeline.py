@@ -242,8 +242,9 @@ class Engine:
     def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str | None = None) -> str:
         """Attaches a LoRA (.safetensors in the kohya/musubi-tuner, diffusers/PEFT or ComfyUI layout, for FramePack
         or HunyuanVideo); several add up, each with its strength. mode: "fused" (merged into the weights, full
-        speed) or "live" (a branch beside them); default: the model's lora_mode. Returns its name (default: the
-        file's stem), which unload_lora and set_lora_strength take."""
+        speed) or "live" (a branch beside them); default: the model's lora_mode ("live" over quantized weights,
+        which have no float weights to merge into). Returns its name (default: the file's stem), which unload_lora
+        and set_lora_strength take."""
         return self.loras.load(path, strength, name, mode)
 
     def unload_lora(self, name: str) -> None:
