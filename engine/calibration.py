@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 from engine.errors import FramePackError
 from engine.step_cache import BRANCHES, StepCache, StepCaches
+from engine.video import atomic_path
 
 FORMAT = "framepack-magcache-calibration"
 VERSION = 1
@@ -70,9 +70,8 @@ class MagCacheCalibration:
                                  "magcache.json.")
         if not path.parent.is_dir():
             raise FramePackError(f"The folder of {path.name!r} does not exist: create it or pick another path.")
-        temporary = path.with_name(path.name + ".partial")
-        temporary.write_text(json.dumps(self.as_json(), indent=2) + "\n")
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(self.as_json(), indent=2) + "\n")
         return path
 
     @classmethod

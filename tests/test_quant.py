@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +457,46 @@ def test_quantize_command(tmp_path, framepack_transformer_folder, capsys):
     assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "r"), "--format", "int8",
                  "--group-size", "64"]) == 2
     assert "int4 only" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_failed_quantize_leaves_nothing_and_can_run_again(tmp_path, framepack_transformer_folder,
+                                                                            monkeypatch, capsys):
+    """A shard write failing (disk full) or Ctrl-C after the first of several shards: what the run wrote is
+    removed, the command says so in one line (exit 2 / 130), and the same command then succeeds."""
+    import errno
+
+    import safetensors.torch
+
+    from engine.cli import main
+
+    save_file = safetensors.torch.save_file
+    out = tmp_path / "q"
+    command = ["quantize", str(framepack_transformer_folder), str(out), "--format", "int8"]
+    for failure, code in ((OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)):
+        calls = []
+
+        def second_shard_fails(tensors, filename, metadata=None):
+            calls.append(filename)
+            if len(calls) == 2:
+                Path(filename).write_bytes(b"part of a shard")
+                raise failure
+            save_file(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", second_shard_fails)
+        assert main(command) == code
+        err = capsys.readouterr().err
+        message = "\n".join(line for line in err.splitlines() if line and not line.startswith("[quantize]"))
+        assert len(calls) == 2 and len(message.splitlines()) == 1 and "Traceback" not in err
+        assert ("No space left on device" in message) if code == 2 else message.startswith("Interrupted")
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert main(command) == 0
+    assert quantized_layers(FramePackDiT.from_pretrained(out))
+
+
+def test_quantize_refuses_an_existing_file_as_its_output_folder(tmp_path, framepack_transformer_folder, capsys):
+    from engine.cli import main
+
+    (tmp_path / "q").write_text("not a folder")
+    assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "q"), "--format", "int8"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -347,6 +347,24 @@ def test_calibration_round_trip_gives_the_same_decisions(dit, tmp_path):
     assert made == made_again and any(made) and torch.equal(latents, latents_again)
 
 
+def test_a_failed_calibration_save_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = MagCacheCalibration(steps=2, ratios={"positive": [1.0, 0.9]}).save(tmp_path / "magcache.json")
+    before = path.read_text()
+    write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        write_text(self, text[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        MagCacheCalibration(steps=3, ratios={"positive": [1.0, 0.9, 0.8]}).save(path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["magcache.json"] and path.read_text() == before
+
+
 @pytest.mark.parametrize("content,message", [
     ("not json", "not readable JSON"),
     ('{"steps": 2}', "is not a MagCache calibration"),
