@@ -372,6 +372,8 @@ class Engine:
         else:
             height, width = settings.height or resolution, settings.width or resolution
         bucket_height, bucket_width = find_nearest_bucket(height, width, resolution=resolution)
+        if step_caches is not None and step_caches.magcache_calibration is not None:
+            step_caches.magcache_calibration.warn_if_other_bucket([bucket_height, bucket_width])
         if start_image is None:
             # Text to video starts from a black frame, as the community apps do.
             start_image = np.zeros((bucket_height, bucket_width, 3), dtype=np.uint8)
