@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from engine.buckets import VAE_SPATIAL_COMPRESSION
 from engine.errors import FramePackError, FramePackWarning
 from engine.step_cache import BRANCHES, StepCache, StepCaches
 from engine.video import atomic_path
 
 FORMAT = "framepack-magcache-calibration"
 VERSION = 1
-VAE_SPATIAL_COMPRESSION = 8
 
 
 @dataclass

@@ -32,7 +32,8 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import FramePackWarning, ModelSourceError
 from kernels.reference import FP8_DTYPES, dequantize_reference
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Weight files we refuse to read: unpickling can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # The folders of the diffusers / transformers layout, by component name.
 COMPONENTS = (
@@ -137,7 +138,7 @@ def _not_a_transformer(display: str, root: Path) -> ModelSourceError:
         return ModelSourceError(
             f"{display!r} is a diffusers pipeline folder without a FramePack transformer: give it as --base, and "
             "--transformer the FramePack checkpoint (e.g. lllyasviel/FramePackI2V_HY).")
-    pickles = [p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES] if root.is_dir() else []
+    pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES] if root.is_dir() else []
     if pickles and not any(root.glob("*.safetensors")):
         return _pickle_refusal(pickles[0])
     if any(root.glob("*.safetensors")):
@@ -164,7 +165,7 @@ def _existing_local_path(source: str | Path) -> Path:
 
 
 def _check_weights_file_name(path: Path) -> None:
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise _pickle_refusal(path.name)
     if path.suffix == ".gguf":
         raise ModelSourceError(
@@ -236,7 +237,7 @@ def files_to_fetch(repo_files: list[str], folder: str) -> list[str]:
         chosen = [name for name in repo_files if name.startswith(folder.rstrip("/") + "/")]
     else:
         chosen = [name for name in repo_files if "/" not in name]
-    skipped = _PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".gguf", ".ot")
+    skipped = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".gguf", ".ot")
     return [name for name in chosen if not name.endswith(skipped)]
 
 
@@ -317,7 +318,7 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    pickles = [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES] if folder.is_dir() else []
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
     if pickles:
         raise _pickle_refusal(pickles[0].name)
     raise ModelSourceError(f"No .safetensors weights in {folder.name!r}: point at the model folder that holds them.")
