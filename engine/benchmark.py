@@ -39,7 +39,7 @@ import torch
 
 from engine import flops as flop_counter
 from engine.attention import BACKEND_NAMES
-from engine.buckets import find_nearest_bucket
+from engine.buckets import VAE_SPATIAL_COMPRESSION, find_nearest_bucket
 from engine.conditioning import PromptEmbedding
 from engine.dit import FramePackDiT
 from engine.errors import FramePackError
@@ -55,7 +55,6 @@ from engine.step_cache import DEFAULT_THRESHOLDS, StepCaches
 from kernels.reference import relative_error
 
 SCHEMA = "framepack-bench/1"
-VAE_SPATIAL_COMPRESSION = 8
 PIXEL_FRAMES_PER_LATENT_FRAME = 4  # each section adds 4 * latent_window_size pixel frames to the video
 MAX_PROMPT_TOKENS = 512  # the official app pads (or crops) the Llama hidden states to 512 tokens
 SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px: a 27 x 27 grid

@@ -18,6 +18,8 @@ import math
 from engine.errors import FramePackError
 
 REFERENCE_RESOLUTION = 640
+# Pixels per latent along height and width (the VAE's downsampling): a bucket is a whole number of latents.
+VAE_SPATIAL_COMPRESSION = 8
 BUCKET_MULTIPLE = 16
 
 # (height, width) of the official table for 640, widest first.

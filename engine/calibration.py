@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from engine.errors import FramePackError
+from engine.buckets import VAE_SPATIAL_COMPRESSION
+from engine.errors import FramePackError, FramePackWarning
 from engine.step_cache import BRANCHES, StepCache, StepCaches
+from engine.video import atomic_path
 
 FORMAT = "framepack-magcache-calibration"
 VERSION = 1
-VAE_SPATIAL_COMPRESSION = 8
 
 
 @dataclass
@@ -43,6 +44,7 @@ class MagCacheCalibration:
     bucket: list[int] | None = None  # [height, width] in pixels
     latent_window_size: int | None = None
     sampler: str = ""
+    shift: float | None = None  # the fixed flux shift; None: from the token count
     cfg: float = 1.0
     sections: int = 0  # sections averaged
     random_weights: bool = False
@@ -59,6 +61,30 @@ class MagCacheCalibration:
                                  "recorded with cfg 1): calibrate with the cfg you generate with.")
         return self.ratios[branch]
 
+    def warn_if_recorded_otherwise(self, latent_window_size: int, sampler: str, shift: float | None) -> None:
+        """A FramePackWarning when the generation's window, sampler or shift differ from the recorded ones: each
+        changes the step-to-step residual magnitudes the ratios describe."""
+        if self.latent_window_size is None:  # not recorded by calibrate-cache: no settings to compare
+            return
+        recorded = {"latent-window-size": self.latent_window_size, "sampler": self.sampler, "shift": self.shift}
+        used = {"latent-window-size": latent_window_size, "sampler": sampler, "shift": shift}
+        differ = [name for name in recorded if recorded[name] != used[name]]
+        if differ:
+            flags = " ".join(f"--{name} {used[name]}" if used[name] is not None else f"without --{name}"
+                             for name in differ)
+            warnings.warn(FramePackWarning(
+                f"The MagCache calibration was recorded with {_describe(recorded, differ)}, this generation uses "
+                f"{_describe(used, differ)}: its ratios may not fit; record one with these settings "
+                f"(framepack calibrate-cache {flags})."), stacklevel=3)
+
+    def warn_if_other_bucket(self, bucket: list[int]) -> None:
+        """A FramePackWarning when the generation runs at another bucket (height, width) than the recorded one."""
+        if self.bucket and list(self.bucket) != list(bucket):
+            warnings.warn(FramePackWarning(
+                f"The MagCache calibration was recorded at {self.bucket[0]}x{self.bucket[1]}, this generation runs at "
+                f"{bucket[0]}x{bucket[1]}: its ratios may not fit; record one at this size with framepack "
+                "calibrate-cache (the same image and resolution)."), stacklevel=3)
+
     def as_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
@@ -70,9 +96,8 @@ class MagCacheCalibration:
                                  "magcache.json.")
         if not path.parent.is_dir():
             raise FramePackError(f"The folder of {path.name!r} does not exist: create it or pick another path.")
-        temporary = path.with_name(path.name + ".partial")
-        temporary.write_text(json.dumps(self.as_json(), indent=2) + "\n")
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(self.as_json(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -164,7 +189,12 @@ def calibrate(engine, prompt: str, image=None, end_image=None, *, input_video=No
             f"Recorded by framepack calibrate-cache on {engine.name}: valid for this model, bucket and step count.")
     return recorder.calibration(model=engine.name, variant=engine.variant, bucket=bucket,
                                 latent_window_size=settings.latent_window_size, sampler=settings.sampler,
-                                cfg=settings.cfg, random_weights=random_weights, note=note)
+                                shift=settings.shift, cfg=settings.cfg, random_weights=random_weights, note=note)
+
+
+def _describe(values: dict, names: list[str]) -> str:
+    """'latent-window-size 5, sampler euler, shift from the token count' for the named settings."""
+    return ", ".join(f"{name} {'from the token count' if values[name] is None else values[name]}" for name in names)
 
 
 # The command ---------------------------------------------------------------------------------------------------------

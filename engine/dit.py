@@ -611,9 +611,10 @@ class FramePackDiT(nn.Module):
         """Loads a repo id, a model folder (config.json + safetensors, sharded or not) or a single .safetensors file
         (ComfyUI-style too, fp8 with scales included; its config read off its tensors unless `config` is given).
 
-        The model is built on the meta device and its parameters take the memory-mapped tensors as they are; layers
-        a checkpoint stores quantized (`framepack quantize`, community fp8 files) become engine.quant.QuantizedLinear
-        modules holding the stored bytes.
+        The model is built on the meta device and its parameters take the memory-mapped tensors as they are; block
+        linears a checkpoint stores quantized (`framepack quantize`, community fp8 files) become
+        engine.quant.QuantizedLinear modules holding the stored bytes, and any other layer it stores quantized
+        (a community file's proj_out or token refiner) is dequantized to `dtype`.
         """
         from engine.loading import load_dit_checkpoint
 
@@ -628,8 +629,16 @@ class FramePackDiT(nn.Module):
                 f"The config of {name!r} does not describe a FramePack transformer ({type(error).__name__}: {error}): "
                 "download its config.json again.") from None
         if "quantization" in config:  # quantized layers are built as such and take the stored bytes as they are
-            from engine.quant import QuantScheme, build_quantized_layers
+            from engine.quant import (QuantScheme, build_quantized_layers, dequantize_stored_layers,
+                                      quantized_layer_names)
 
+            # Only the blocks' linears run quantized (what quantize_dit owns); a community file that also stores,
+            # say, proj_out in fp8 has those folded to `dtype`, so the head keeps its float (float32) precision.
+            owned = {layer_name for layer_name, _ in model.block_linears(modulation=True)}
+            linears = model.linear_layers()
+            folded = [layer_name for layer_name in quantized_layer_names(state_dict)
+                      if layer_name in linears and layer_name not in owned]
+            dequantize_stored_layers(model, state_dict, folded, dtype)
             build_quantized_layers(model, state_dict, QuantScheme.from_dict(config["quantization"]))
         expected = model.state_dict()
         for key, tensor in state_dict.items():

@@ -32,7 +32,8 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import FramePackWarning, ModelSourceError
 from kernels.reference import FP8_DTYPES, dequantize_reference
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Weight files we refuse to read: unpickling can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # The folders of the diffusers / transformers layout, by component name.
 COMPONENTS = (
@@ -137,7 +138,7 @@ def _not_a_transformer(display: str, root: Path) -> ModelSourceError:
         return ModelSourceError(
             f"{display!r} is a diffusers pipeline folder without a FramePack transformer: give it as --base, and "
             "--transformer the FramePack checkpoint (e.g. lllyasviel/FramePackI2V_HY).")
-    pickles = [p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES] if root.is_dir() else []
+    pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES] if root.is_dir() else []
     if pickles and not any(root.glob("*.safetensors")):
         return _pickle_refusal(pickles[0])
     if any(root.glob("*.safetensors")):
@@ -164,7 +165,7 @@ def _existing_local_path(source: str | Path) -> Path:
 
 
 def _check_weights_file_name(path: Path) -> None:
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise _pickle_refusal(path.name)
     if path.suffix == ".gguf":
         raise ModelSourceError(
@@ -236,7 +237,7 @@ def files_to_fetch(repo_files: list[str], folder: str) -> list[str]:
         chosen = [name for name in repo_files if name.startswith(folder.rstrip("/") + "/")]
     else:
         chosen = [name for name in repo_files if "/" not in name]
-    skipped = _PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".gguf", ".ot")
+    skipped = PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".gguf", ".ot")
     return [name for name in chosen if not name.endswith(skipped)]
 
 
@@ -317,7 +318,7 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    pickles = [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES] if folder.is_dir() else []
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
     if pickles:
         raise _pickle_refusal(pickles[0].name)
     raise ModelSourceError(f"No .safetensors weights in {folder.name!r}: point at the model folder that holds them.")
@@ -466,7 +467,8 @@ def _read_keeping_quantized(checkpoint: _Checkpoint, dtype: torch.dtype, rename)
     A pre-quantized checkpoint of ours is taken as stored. In a community fp8 file (ComfyUI / kijai / musubi-tuner:
     e4m3 or e5m2 weights with a per-tensor or per-channel scale, or none), every 2-D fp8 weight becomes our fp8
     layout: the values as stored and a float32 scale per output channel; the scale keys, input scales and markers
-    are dropped, and any other fp8 tensor is folded to `dtype` as before."""
+    are dropped, and any other fp8 tensor is folded to `dtype` as before. (FramePackDiT.from_pretrained then folds
+    the layers outside the blocks to `dtype` too: only the blocks' linears run quantized.)"""
     from engine.quant import QuantScheme
 
     scheme = ours = QuantScheme.from_metadata(checkpoint.metadata)
@@ -793,9 +795,9 @@ def transform_dit(dit, settings):
 
     `settings.quantize` quantizes the blocks' linears (layers a checkpoint already stores quantized in another format
     are dequantized and quantized again); without it a quantized checkpoint stays as it is. Quantized layers use the
-    Triton dequantizing matmul when fused kernels are on."""
+    Triton dequantizing matmul when fused kernels are on. Over quantized weights the LoraSet's default mode is live."""
     from engine.lora import LoraSet
-    from engine.quant import QuantScheme, quantize_dit, quantized_layers, set_quantized_kernels
+    from engine.quant import QuantScheme, layers_to_quantize, quantize_dit, quantized_layers, set_quantized_kernels
 
     lora_mode = settings.lora_mode
     if lora_mode == "fused" and settings.lora and quantized_layers(dit):
@@ -810,10 +812,12 @@ def transform_dit(dit, settings):
             loras.load(path, strength)
     if settings.quantize is not None:
         scheme = QuantScheme(settings.quantize)
-        stale = [layer for layer in quantized_layers(dit) if layer.scheme != scheme]
-        if stale or not quantized_layers(dit):
+        if layers_to_quantize(dit, scheme):  # a checkpoint stored in this format keeps its memory-mapped layers
             loras.release_originals()  # quantized layers cannot take the originals back
             quantize_dit(dit, scheme)
+    if quantized_layers(dit) and loras.default_mode == "fused":
+        # The LoRAs loaded from now on (Engine.load_lora) have no float weights to merge into: they run live.
+        loras.default_mode = "live"
     set_quantized_kernels(dit, settings.fused_kernels)
     if lora_mode == "live":  # around the layers as they will run, quantized or not
         for path, strength in settings.lora or ():

@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FramePackError
+from engine.loading import PICKLE_SUFFIXES
 
 LORA_MODES = ("fused", "live")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _FLOAT_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # `<module>.<lora_down|lora_up|lora_A|lora_B>[.<part>][.<adapter name>].<weight|bias>`
@@ -139,7 +139,7 @@ def check_lora_source(path: str | Path) -> Path:
     """The LoRA file (a .safetensors file, or a PEFT folder holding adapter_model.safetensors), or a FramePackError;
     cheap, so it runs before any model loads."""
     path = Path(path).expanduser()
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise FramePackError(f"LoRA {path.name!r} is a pickle file, which we refuse to load (it can run code): "
                              "convert it to .safetensors or use the safetensors release of the LoRA.")
     if not path.exists():

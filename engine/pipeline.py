@@ -242,8 +242,9 @@ class Engine:
     def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str | None = None) -> str:
         """Attaches a LoRA (.safetensors in the kohya/musubi-tuner, diffusers/PEFT or ComfyUI layout, for FramePack
         or HunyuanVideo); several add up, each with its strength. mode: "fused" (merged into the weights, full
-        speed) or "live" (a branch beside them); default: the model's lora_mode. Returns its name (default: the
-        file's stem), which unload_lora and set_lora_strength take."""
+        speed) or "live" (a branch beside them); default: the model's lora_mode ("live" over quantized weights,
+        which have no float weights to merge into). Returns its name (default: the file's stem), which unload_lora
+        and set_lora_strength take."""
         return self.loras.load(path, strength, name, mode)
 
     def unload_lora(self, name: str) -> None:
@@ -371,6 +372,8 @@ class Engine:
         else:
             height, width = settings.height or resolution, settings.width or resolution
         bucket_height, bucket_width = find_nearest_bucket(height, width, resolution=resolution)
+        if step_caches is not None and step_caches.magcache_calibration is not None:
+            step_caches.magcache_calibration.warn_if_other_bucket([bucket_height, bucket_width])
         if start_image is None:
             # Text to video starts from a black frame, as the community apps do.
             start_image = np.zeros((bucket_height, bucket_width, 3), dtype=np.uint8)

@@ -75,6 +75,11 @@ class QuantScheme:
         elif self.group_size is not None:
             raise FramePackError(f"A group size applies to int4 only, not {self.format}: leave it unset.")
 
+    @property
+    def storage(self) -> tuple[str, int | None]:
+        """What a layer's stored bytes follow: the format and group size (`modulation` only says which layers)."""
+        return self.format, self.group_size
+
     def as_dict(self) -> dict:
         return {"format": self.format, "group_size": self.group_size, "modulation": self.modulation}
 
@@ -289,12 +294,17 @@ def quantize_modules(model: nn.Module, names: list[str], scheme: QuantScheme) ->
     return model
 
 
+def layers_to_quantize(dit, scheme: QuantScheme) -> list[str]:
+    """The block linears quantize_dit(dit, scheme) replaces: those not already stored in the scheme's format and
+    group size (however the checkpoint that stored them chose its modulation layers)."""
+    return [name for name, layer in dit.block_linears(modulation=scheme.modulation)
+            if not isinstance(layer, QuantizedLinear) or layer.scheme.storage != scheme.storage]
+
+
 def quantize_dit(dit, scheme: QuantScheme):
     """The linears of the DiT's blocks, quantized in place (modulation projections when scheme.modulation); layers
-    already stored in another format are dequantized and quantized again, those in this scheme are left alone."""
-    names = [name for name, layer in dit.block_linears(modulation=scheme.modulation)
-             if getattr(layer, "scheme", None) != scheme]
-    return quantize_modules(dit, names, scheme)
+    already stored in another format are dequantized and quantized again, those stored in this one are left alone."""
+    return quantize_modules(dit, layers_to_quantize(dit, scheme), scheme)
 
 
 def quantize_llama(model: nn.Module, scheme: QuantScheme) -> nn.Module:
@@ -307,6 +317,18 @@ def quantize_llama(model: nn.Module, scheme: QuantScheme) -> nn.Module:
 def quantized_layer_names(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """The layers of a state dict that are stored quantized: those with a `weight_scale`."""
     return [key[: -len(".weight_scale")] for key in state_dict if key.endswith(".weight_scale")]
+
+
+def dequantize_stored_layers(model: nn.Module, state_dict: dict[str, torch.Tensor], names: list[str],
+                             dtype: torch.dtype) -> None:
+    """Folds the named layers of a quantized state dict back into float `dtype` weights, in place (their scales and
+    zero points dropped), so they load as the model's own float linears."""
+    for name in names:
+        scale = state_dict.pop(name + ".weight_scale")
+        zero = state_dict.pop(name + ".weight_zero", None)
+        in_features = model.get_submodule(name).in_features
+        state_dict[name + ".weight"] = dequantize_reference(state_dict[name + ".weight"], scale, zero, in_features,
+                                                            dtype)
 
 
 def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor], scheme: QuantScheme) -> nn.Module:
@@ -347,17 +369,41 @@ def write_quantized_checkpoint(source, out: str | Path, scheme: QuantScheme, all
     """Reads the DiT at `source` (repo id, folder or single file; a community fp8 file is dequantized first) shard by
     shard and writes it quantized to `out`: a folder with the source's config.json and one shard per source shard
     (plus the index when there are several), or, when `out` ends in .safetensors, one file with the config in its
-    metadata. Every file's metadata names the scheme. Returns `out`."""
-    from engine.dit import FramePackDiT
-    from engine.loading import dit_source_shards, read_dit_config
+    metadata. Every file's metadata names the scheme. A run that fails or is interrupted removes what it wrote, so
+    the same command can run again. Returns `out`."""
+    from safetensors import SafetensorError
+
+    from engine.loading import read_dit_config
 
     log = log or (lambda message: None)
     out = Path(out)
     single_file = out.suffix == ".safetensors"
-    if out.exists() and (single_file or any(out.iterdir())):
+    if out.exists() and (single_file or not out.is_dir() or any(out.iterdir())):
         raise FramePackError(f"{out.name!r} already exists: choose a new output path (nothing is overwritten).")
     config = read_dit_config(source, allow_download=allow_download)
     config.pop("quantization", None)
+    made_folder = not single_file and not out.exists()
+    written: list[Path] = []
+    try:
+        _write_quantized_files(source, out, scheme, config, allow_download, log, written)
+    except BaseException as error:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made_folder and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(error, (OSError, SafetensorError)):
+            raise FramePackError(f"Writing {out.name!r} failed ({getattr(error, 'strerror', None) or error}): free "
+                                 "disk space or choose a writable output path, then run the command again.") from None
+        raise
+    return out
+
+
+def _write_quantized_files(source, out: Path, scheme: QuantScheme, config: dict, allow_download, log,
+                           written: list[Path]) -> None:
+    """write_quantized_checkpoint's files, each published whole or not at all; `written` lists those published."""
+    from engine.dit import FramePackDiT
+    from engine.loading import dit_source_shards
+
     layout = FramePackDiT.from_config(config, device="meta")  # names and shapes only: no memory
     layers = layout.block_linears(modulation=scheme.modulation)
     quantized = {name + ".weight" for name, _ in layers}
@@ -366,40 +412,47 @@ def write_quantized_checkpoint(source, out: str | Path, scheme: QuantScheme, all
         padded = {name: layer.in_features for name, layer in layers if layer.in_features % scheme.group_size}
         if padded:
             metadata[INT4_WIDTHS_KEY] = json.dumps(padded)
-    written, weight_map = [], {}
+    weight_map = {}
     with dit_source_shards(source, allow_download=allow_download) as shards:
-        if single_file:
+        if out.suffix == ".safetensors":
             metadata["config"] = json.dumps(config)
-            out.parent.mkdir(parents=True, exist_ok=True)
             tensors = {}
             for _, read in shards:
                 tensors.update(_quantize_shard(read(), quantized, scheme))
-            _save_atomically(tensors, out, metadata)
+            _save_shard(tensors, out, metadata, written)
             log(f"wrote {out.name}")
-            return out
+            return
         out.mkdir(parents=True, exist_ok=True)
         for shard_name, read in shards:
             tensors = _quantize_shard(read(), quantized, scheme)
-            _save_atomically(tensors, out / shard_name, metadata)
+            _save_shard(tensors, out / shard_name, metadata, written)
             weight_map.update({key: shard_name for key in tensors})
-            written.append(shard_name)
             log(f"wrote {shard_name} ({len(tensors)} tensors)")
             del tensors
     if len(written) > 1:
-        total = sum((out / name).stat().st_size for name in written)
+        total = sum(path.stat().st_size for path in written)
         index = {"metadata": {"total_size": total, **scheme.metadata()}, "weight_map": weight_map}
-        (out / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _publish_text(out / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2), written)
     # Last: a folder with a config.json is a loadable model, so an interrupted run never looks like one.
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out
+    _publish_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True), written)
 
 
-def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], written: list[Path]) -> None:
     from safetensors.torch import save_file
 
-    temporary = path.with_name(path.name + ".partial")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    from engine.video import atomic_path
+
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    written.append(path)
+
+
+def _publish_text(path: Path, text: str, written: list[Path]) -> None:
+    from engine.video import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    written.append(path)
 
 
 def _quantize_shard(items, quantized: set[str], scheme: QuantScheme) -> dict[str, torch.Tensor]:
@@ -441,7 +494,11 @@ def command_quantize(args) -> int:
     import sys
 
     scheme = QuantScheme(args.format, args.group_size, modulation=not args.keep_modulation)
-    out = write_quantized_checkpoint(args.source, args.out, scheme, allow_download=False if args.offline else None,
-                                     log=lambda message: print(f"[quantize] {message}", file=sys.stderr))
+    try:
+        out = write_quantized_checkpoint(args.source, args.out, scheme, allow_download=False if args.offline else None,
+                                         log=lambda message: print(f"[quantize] {message}", file=sys.stderr))
+    except KeyboardInterrupt:
+        print("\nInterrupted: no checkpoint was written.", file=sys.stderr)
+        return 130
     print(f"Wrote {out} ({scheme.format}{f', group size {scheme.group_size}' if scheme.group_size else ''})")
     return 0

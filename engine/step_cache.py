@@ -163,9 +163,10 @@ class StepCaches:
     """`run_sections`' make_step_cache: a fresh policy per section and guidance branch, and per section the count of
     model calls that ran the blocks and that were skipped (both branches together when cfg > 1)."""
 
-    def __init__(self, make_policy: Callable[[str], StepCache]):
+    def __init__(self, make_policy: Callable[[str], StepCache], magcache_calibration=None):
         self.make_policy = make_policy
         self.live: dict[int, list[StepCache]] = {}
+        self.magcache_calibration = magcache_calibration  # the generation checks its bucket once it is known
 
     def __call__(self, section, branch: str) -> StepCache:
         policy = self.make_policy(branch)
@@ -193,7 +194,7 @@ class StepCaches:
                  retention: float = MAGCACHE_RETENTION, branches=("positive",)) -> "StepCaches":
         """calibration: an engine.calibration.MagCacheCalibration; branches: those the generation will run."""
         ratios = {branch: calibration.ratios_for(branch, steps) for branch in branches}
-        return cls(lambda branch: MagCache(steps, ratios[branch], threshold, k, retention))
+        return cls(lambda branch: MagCache(steps, ratios[branch], threshold, k, retention), calibration)
 
     @classmethod
     def from_settings(cls, settings, model: str | None = None) -> "StepCaches | None":
@@ -210,6 +211,7 @@ class StepCaches:
             warnings.warn(f"The MagCache calibration was recorded for {calibration.model!r}, this model is {model!r}: "
                           "its ratios may not fit; calibrate this model with framepack calibrate-cache.",
                           FramePackWarning, stacklevel=2)
+        calibration.warn_if_recorded_otherwise(settings.latent_window_size, settings.sampler, settings.shift)
         branches = BRANCHES if settings.cfg != 1 else BRANCHES[:1]
         return cls.magcache(settings.steps, calibration, settings.cache_threshold, settings.magcache_k,
                             settings.magcache_retention, branches)

@@ -711,3 +711,31 @@ def test_fused_loras_over_a_quantized_checkpoint_run_live(tmp_path):
     with torch.no_grad():
         without = base(**inputs, return_dict=False)[0]
     assert relative_error(outputs["live"], without) > 1e-3  # the LoRA does act
+
+
+@pytest.mark.parametrize("quantized", ["at load", "in the checkpoint"])
+def test_loras_loaded_later_over_quantized_weights_run_live(tmp_path, quantized):
+    """Quantized without --lora (or from a quantized checkpoint): a later Engine.load_lora(path), mode not given,
+    attaches live (fused would need float weights); a float model keeps merging by default."""
+    from engine.dit import FramePackDiT
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+    from tests.fixtures import tiny_dit_model, write_single_file_dit
+
+    if quantized == "at load":
+        dit, _ = make_dit()
+        settings = ModelSettings.from_options(quantize="int8")
+    else:
+        path = write_single_file_dit(tmp_path / "dit_fp8.safetensors",
+                                     tiny_dit_model().to(torch.bfloat16).state_dict(), fp8=torch.float8_e4m3fn,
+                                     prefix="model.diffusion_model.")
+        dit = FramePackDiT.from_pretrained(path, dtype=torch.float32).eval()
+        settings = ModelSettings.from_options()
+    lora = random_framepack_lora(tmp_path / "style.safetensors", dit, seed=40)
+    loras = transform_dit(dit, settings)
+    loras.load(lora, 0.7)
+    assert [item["mode"] for item in loras.describe()] == ["live"]
+    float_dit, _ = make_dit()
+    float_loras = transform_dit(float_dit, ModelSettings.from_options())
+    float_loras.load(random_framepack_lora(tmp_path / "float.safetensors", float_dit, seed=41), 0.7)
+    assert [item["mode"] for item in float_loras.describe()] == ["fused"]

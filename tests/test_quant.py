@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,6 +332,77 @@ def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp
     assert_relative_error(dit_output(model, inputs), dit_output(oracle.eval(), inputs), 1e-5)
 
 
+def write_kijai_style_fp8_file(path):
+    """A single file as kijai's fp8 exports are made: every 2-D weight in unscaled fp8 except those whose names hold
+    "norm" (so the modulation linears, norm1.linear, stay bf16); proj_out is fp8."""
+    from safetensors.torch import save_file
+
+    state_dict = tiny_dit_model().to(torch.bfloat16).state_dict()
+    fp8 = {key: tensor.to(torch.float8_e4m3fn) if key.endswith(".weight") and tensor.ndim == 2 and "norm" not in key
+           else tensor.contiguous() for key, tensor in state_dict.items()}
+    assert fp8["proj_out.weight"].dtype == torch.float8_e4m3fn
+    save_file({"model.diffusion_model." + key: tensor for key, tensor in fp8.items()}, str(path))
+    return path
+
+
+def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
+    """A kijai-style file (proj_out, embedders and token refiner in fp8 too): only the blocks' linears stay fp8; the
+    rest load as float layers holding the dequantized weight, so the head still runs in float32."""
+    from engine.loading import load_dit_checkpoint
+    from tests.fixtures import TINY_DIT_CONFIG
+
+    path = write_kijai_style_fp8_file(tmp_path / "dit.safetensors")
+    model = FramePackDiT.from_pretrained(path, dtype=torch.bfloat16).set_output_precision(True)
+    stored_fp8 = [layer for _, layer in model.block_linears(modulation=False)]
+    assert {id(layer) for layer in quantized_layers(model)} == {id(layer) for layer in stored_fp8}
+    assert model.fp32_output and model.proj_out.weight.dtype == torch.float32
+    # The oracle: every fp8 weight folded into bf16 (what the blocks' quantized layers compute with), head in float32.
+    config, float_state_dict = load_dit_checkpoint(path, dtype=torch.bfloat16)
+    oracle = FramePackDiT.from_config(config, dtype=torch.bfloat16)
+    oracle.load_state_dict(float_state_dict)
+    oracle.eval().set_output_precision(True)
+    inputs = section_inputs(TINY_DIT_CONFIG, dtype=torch.bfloat16)
+    output = dit_output(model, inputs)
+    assert output.dtype == torch.float32
+    assert_relative_error(output, dit_output(oracle, inputs), 1e-5)
+
+
+def test_quantize_on_load_keeps_the_layers_stored_in_that_format(tmp_path, framepack_transformer_folder):
+    """A --keep-modulation int8 checkpoint loaded with quantize='int8': its memory-mapped int8 layers are kept as
+    stored (not quantized again into RAM), and only its float modulation linears are quantized. Another format
+    re-quantizes every layer."""
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+
+    keep_modulation = QuantScheme("int8", modulation=False)
+    out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "q", keep_modulation)
+    dit = FramePackDiT.from_pretrained(out, dtype=torch.float32)
+    stored = {name: layer.weight for name, layer in dit.block_linears(modulation=False)}
+    assert len(quantized_layers(dit)) == len(stored) < len(dit.block_linears())
+    transform_dit(dit, ModelSettings.from_options(quantize="int8"))
+    layers = dict(dit.block_linears())
+    assert all(isinstance(layer, QuantizedLinear) and layer.format == "int8" for layer in layers.values())
+    assert all(layers[name].weight is weight for name, weight in stored.items())
+    transform_dit(dit, ModelSettings.from_options(quantize="int4"))
+    assert {layer.format for layer in quantized_layers(dit)} == {"int4"}
+    assert len(quantized_layers(dit)) == len(layers)
+
+
+def test_quantize_on_load_completes_a_community_fp8_file(tmp_path):
+    """A kijai-style fp8 file keeps its modulation linears in bf16: quantize='fp8' quantizes those and keeps the
+    layers the file stores in fp8 as they are."""
+    from engine.loading import transform_dit
+    from engine.settings import ModelSettings
+
+    dit = FramePackDiT.from_pretrained(write_kijai_style_fp8_file(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
+    stored = {name: layer.weight for name, layer in dit.block_linears() if isinstance(layer, QuantizedLinear)}
+    assert 0 < len(stored) < len(dit.block_linears())
+    transform_dit(dit, ModelSettings.from_options(quantize="fp8"))
+    layers = dict(dit.block_linears())
+    assert all(isinstance(layer, QuantizedLinear) and layer.format == "fp8" for layer in layers.values())
+    assert all(layers[name].weight is weight for name, weight in stored.items())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Options
 
@@ -385,3 +457,46 @@ def test_quantize_command(tmp_path, framepack_transformer_folder, capsys):
     assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "r"), "--format", "int8",
                  "--group-size", "64"]) == 2
     assert "int4 only" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_failed_quantize_leaves_nothing_and_can_run_again(tmp_path, framepack_transformer_folder,
+                                                                            monkeypatch, capsys):
+    """A shard write failing (disk full) or Ctrl-C after the first of several shards: what the run wrote is
+    removed, the command says so in one line (exit 2 / 130), and the same command then succeeds."""
+    import errno
+
+    import safetensors.torch
+
+    from engine.cli import main
+
+    save_file = safetensors.torch.save_file
+    out = tmp_path / "q"
+    command = ["quantize", str(framepack_transformer_folder), str(out), "--format", "int8"]
+    for failure, code in ((OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)):
+        calls = []
+
+        def second_shard_fails(tensors, filename, metadata=None):
+            calls.append(filename)
+            if len(calls) == 2:
+                Path(filename).write_bytes(b"part of a shard")
+                raise failure
+            save_file(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", second_shard_fails)
+        assert main(command) == code
+        err = capsys.readouterr().err
+        message = "\n".join(line for line in err.splitlines() if line and not line.startswith("[quantize]"))
+        assert len(calls) == 2 and len(message.splitlines()) == 1 and "Traceback" not in err
+        assert ("No space left on device" in message) if code == 2 else message.startswith("Interrupted")
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert main(command) == 0
+    assert quantized_layers(FramePackDiT.from_pretrained(out))
+
+
+def test_quantize_refuses_an_existing_file_as_its_output_folder(tmp_path, framepack_transformer_folder, capsys):
+    from engine.cli import main
+
+    (tmp_path / "q").write_text("not a folder")
+    assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "q"), "--format", "int8"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -347,6 +347,24 @@ def test_calibration_round_trip_gives_the_same_decisions(dit, tmp_path):
     assert made == made_again and any(made) and torch.equal(latents, latents_again)
 
 
+def test_a_failed_calibration_save_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = MagCacheCalibration(steps=2, ratios={"positive": [1.0, 0.9]}).save(tmp_path / "magcache.json")
+    before = path.read_text()
+    write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        write_text(self, text[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        MagCacheCalibration(steps=3, ratios={"positive": [1.0, 0.9, 0.8]}).save(path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["magcache.json"] and path.read_text() == before
+
+
 @pytest.mark.parametrize("content,message", [
     ("not json", "not readable JSON"),
     ('{"steps": 2}', "is not a MagCache calibration"),
@@ -369,6 +387,38 @@ def test_calibration_must_fit_the_generation():
         StepCaches.magcache(6, calibration)
     with pytest.raises(FramePackError, match="negative guidance branch"):
         StepCaches.magcache(4, calibration, branches=("positive", "negative"))
+
+
+def test_a_calibration_recorded_with_other_settings_is_named_in_a_warning(tmp_path):
+    """Window, sampler and shift change the residual magnitudes: a mismatch warns in one line naming both sides and
+    the command that records a fitting calibration; matching settings are silent."""
+    import warnings
+
+    from engine.errors import FramePackWarning
+
+    path = MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4}, bucket=[320, 448], latent_window_size=5,
+                               sampler="euler", shift=None).save(tmp_path / "magcache.json")
+
+    def caches(**options):
+        return StepCaches.from_settings(GenerationSettings.from_options(
+            prompt="x", steps=4, cache="magcache", magcache_calibration=path, **options))
+
+    with pytest.warns(FramePackWarning) as caught:
+        caches(latent_window_size=9, sampler="unipc", shift=3.0)
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "\n" not in message
+    assert "recorded with latent-window-size 5, sampler euler, shift from the token count" in message
+    assert "this generation uses latent-window-size 9, sampler unipc, shift 3.0" in message
+    assert "framepack calibrate-cache --latent-window-size 9 --sampler unipc --shift 3.0" in message
+    with pytest.warns(FramePackWarning, match="recorded with shift 3.0, this generation uses shift from the token"):
+        MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4}, latent_window_size=5, sampler="euler",
+                            shift=3.0).warn_if_recorded_otherwise(5, "euler", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitting = caches(latent_window_size=5, sampler="euler")
+        fitting.magcache_calibration.warn_if_other_bucket([320, 448])
+    with pytest.warns(FramePackWarning, match="recorded at 320x448, this generation runs at 448x320"):
+        fitting.magcache_calibration.warn_if_other_bucket([448, 320])
 
 
 # Settings -------------------------------------------------------------------------------------------------------------
@@ -443,6 +493,14 @@ def test_calibrate_then_generate_with_magcache_from_the_command(tmp_path, capsys
     settings = json.loads((out / "settings.json").read_text())
     assert settings["cache"] == "magcache" and settings["cache_threshold"] == 10.0
     assert settings["magcache_k"] == 3 and settings["magcache_retention"] == 0.2
+    assert "warning" not in capsys.readouterr().err  # the settings and bucket it was recorded with
+    assert data["shift"] is None and data["latent_window_size"] == 2 and data["sampler"] == "unipc"
+
+    # Another bucket: generated, with a one-line warning naming both sizes.
+    assert main(["generate", "a cat", *fast, "--resolution", "96", "--quiet", "--cache", "magcache",
+                 "--magcache-calibration", str(calibration), "--out", str(tmp_path / "other")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "recorded at 64x64, this generation runs at" in warned[0]
 
     # Steps that do not match the calibration: one line, exit 2.
     capsys.readouterr()
