@@ -203,6 +203,9 @@ class BlockStreamer:
         blocks = list(blocks)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            # The worker thread must select the device by index (torch.cuda.set_device refuses a bare "cuda").
+            self.device = torch.device("cuda", torch.cuda.current_device())
         streamed = set(range(len(blocks)) if streamed is None else streamed)
         self.order = [block for index, block in enumerate(blocks) if index in streamed]
         self.position = {id(block): position for position, block in enumerate(self.order)}
@@ -392,19 +395,36 @@ class BlockStreamer:
             self._pass += 1  # stale jobs see a new pass and stop
             self._condition.notify_all()
             while self._pending:
+                if not self._worker.is_alive():  # its jobs will never run: drop them and start a new worker next pass
+                    self._drop_queued_jobs()
+                    self._worker = None
+                    break
                 self._condition.wait(0.1)
             for slot in self._slots:
                 slot.state, slot.position = FREE, -1
         self._next = -1
 
     def _raise_worker_error(self) -> None:
+        alive = self._worker.is_alive()  # read first: a worker that died has recorded its error before
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"copying a block's weights failed: {error}") from error
+        if not alive:
+            raise RuntimeError("the block streamer's copy worker stopped; no block can be copied to the device")
+
+    def _drop_queued_jobs(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        self._pending = 0
 
     def _work(self) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.device)
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+        except BaseException as error:  # the thread ends here; acquire() raises this instead of waiting for copies
+            self._error = error
+            return
         while True:
             job = self._jobs.get()
             if job is None:

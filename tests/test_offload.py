@@ -299,6 +299,26 @@ def test_a_failing_block_leaves_the_streamer_usable():
         streamer.close()
 
 
+def test_a_bare_cuda_device_gets_the_current_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert BlockStreamer([], "cuda").device == torch.device("cuda", 3)
+
+
+def test_a_worker_that_cannot_start_makes_acquire_raise_instead_of_waiting_forever():
+    """The worker's first CUDA call failing (here: set_device of an index-less device, what __init__ used to keep)
+    reaches the caller as an error; free() and close() still return. The CUDA flags are set on a CPU streamer: the
+    failure happens before any other CUDA call."""
+    blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    streamer.cuda, streamer.device = True, torch.device("cuda")
+    for _ in range(2):  # the next pass starts a new worker, which fails the same way
+        with pytest.raises(RuntimeError, match="copying a block's weights failed"):
+            within(10, lambda: streamer.acquire(blocks[0]))
+    streamer.cuda = False
+    within(10, streamer.close)
+    assert not streamer._pending and streamer._jobs.empty()
+
+
 def test_hooks_stream_the_layers_of_a_model_that_loops_itself():
     """The Llama text encoder's layers stream around their own forward calls, converted to the compute dtype."""
     encoder = tiny_text_encoder(torch.Generator().manual_seed(0))
