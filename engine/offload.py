@@ -402,6 +402,7 @@ class BlockStreamer:
                 self._condition.wait(0.1)
             for slot in self._slots:
                 slot.state, slot.position = FREE, -1
+            self._error = None  # a copy for the abandoned pass failed: no later pass needs it
         self._next = -1
 
     def _raise_worker_error(self) -> None:
@@ -440,6 +441,9 @@ class BlockStreamer:
                     self._condition.notify_all()
 
     def _fill(self, pass_id: int, position: int) -> None:
+        with self._condition:
+            if pass_id != self._pass:  # abandoned: not even read into staging (_abort_pass waits for every job)
+                return
         slot = self._slots[position % self.slot_count]
         layout = self.layouts[position]
         staging = None

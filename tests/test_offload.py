@@ -3,6 +3,7 @@ streamed blocks' bytes, and no slot is refilled while the block using it compute
 
 import dataclasses
 import time
+import types
 
 import pytest
 import torch
@@ -297,6 +298,53 @@ def test_a_failing_block_leaves_the_streamer_usable():
         assert all(slot.state == "free" for slot in streamer._slots)
     finally:
         streamer.close()
+
+
+def test_an_abandoned_pass_reads_no_more_blocks_and_its_copy_error_is_not_raised_later(monkeypatch):
+    import threading
+
+    import engine.offload as offload
+
+    generator = torch.Generator().manual_seed(3)
+    blocks = nn.ModuleList([SlowBlock(16, generator, seconds=0.0) for _ in range(5)])
+    x = torch.randn(2, 16, generator=generator)
+    expected = run_blocks(blocks, iter, x)
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    second_block_tried = threading.Event()
+    fills = []
+    fill = offload._Layout.fill
+
+    def failing_once_fill(layout, buffer):
+        if layout is streamer.layouts[1] and not second_block_tried.is_set():
+            second_block_tried.set()
+            raise OSError("injected read error")
+        time.sleep(0.02)  # every later acquire waits for its copy, so it would see a left-over error
+        fills.append(layout)
+        fill(layout, buffer)
+
+    monkeypatch.setattr(offload._Layout, "fill", failing_once_fill)
+
+    def wait_for_the_failed_copy(module, args):
+        second_block_tried.wait(10)
+
+    blocks[0].register_forward_pre_hook(wait_for_the_failed_copy)
+    try:
+        with pytest.raises(RuntimeError, match="shape"):
+            within(30, lambda: run_blocks(blocks, streamer, torch.randn(2, 7)))  # the first block fails
+        assert within(30, lambda: run_blocks(blocks, streamer, x)).equal(expected)
+    finally:
+        within(30, streamer.close)
+
+    # A job of a pass that has ended returns before reading its block (the CUDA path reads into staging first).
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    streamer.cuda = True
+    streamer._staging = [torch.empty(streamer.slot_bytes, dtype=torch.uint8) for _ in range(2)]
+    streamer._staging_done = [types.SimpleNamespace(synchronize=lambda: None) for _ in range(2)]  # no copies pending
+    fills.clear()
+    streamer._fill(streamer._pass - 1, 2)
+    streamer.cuda = False
+    streamer.close()
+    assert not fills and all(slot.state == "free" for slot in streamer._slots)
 
 
 def test_a_bare_cuda_device_gets_the_current_index(monkeypatch):
