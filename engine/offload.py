@@ -97,12 +97,19 @@ class ModuleHome:
         self._placed: list[int] = []  # data pointers of the copies to_device made
 
     def to_device(self) -> None:
-        if not self.on_device:
+        if self.on_device:
+            return
+        before = [tensor.data for tensor in self.tensors]
+        try:
             with torch.inference_mode(False):  # device copies usable outside inference mode too
                 for tensor, host, place in zip(self.tensors, self.host, self.dtypes):
                     tensor.data = host.to(self.device, place)
-            self._placed = [tensor.data_ptr() for tensor in self.tensors]
-            self.on_device = True
+        except BaseException:  # out of memory half-way: the copies made so far would stay with nothing to free them
+            for tensor, data in zip(self.tensors, before):
+                tensor.data = data
+            raise
+        self._placed = [tensor.data_ptr() for tensor in self.tensors]
+        self.on_device = True
 
     def to_host(self) -> None:
         for index, tensor in enumerate(self.tensors):

@@ -404,6 +404,25 @@ def test_module_home_moves_without_copying_back():
     assert module.weight.data_ptr() == host.data_ptr() and module.weight.dtype == torch.bfloat16
 
 
+def test_module_home_failing_half_way_to_the_device_stays_on_the_host():
+    """Out of memory on the third tensor: the two already copied are let go, the module is as before."""
+
+    class OutOfMemoryOnMove(torch.Tensor):
+        def to(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("out of memory (injected)")
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    loaded = [parameter.data_ptr() for parameter in module.parameters()]
+    home = ModuleHome(module, "cpu", torch.float64)  # float64 "device" copies: distinct tensors, as on CUDA
+    home.host[2] = home.host[2].as_subclass(OutOfMemoryOnMove)
+    with pytest.raises(torch.OutOfMemoryError):
+        with home.in_use():
+            pass
+    assert not home.on_device
+    assert [parameter.data_ptr() for parameter in module.parameters()] == loaded
+    assert all(parameter.dtype == torch.float32 for parameter in module.parameters())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_streaming_is_bit_identical_and_stays_in_its_slots(pinned):
