@@ -38,6 +38,12 @@ def _align(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """Page-locked host bytes (what a copy to a CUDA device reads at full speed and without blocking)."""
+    with torch.inference_mode(False):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
 def owned_tensors(module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[torch.Tensor]:
     """Every parameter and buffer of `module` and its submodules, once each, leaving out those of `skip` modules."""
     skipped = {id(sub) for root in skip for sub in root.modules()}
@@ -243,12 +249,7 @@ class BlockStreamer:
         self._staging_next = 0
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.order else None
         if pinned and self.cuda and self.order:
-            with torch.inference_mode(False):
-                self._sources = [torch.empty(layout.size, dtype=torch.uint8, pin_memory=True)
-                                 for layout in self.layouts]
-                self._source_views = [layout.views(source) for layout, source in zip(self.layouts, self._sources)]
-                for position in range(len(self.layouts)):
-                    self._refresh_source(position)
+            self._pin_sources()
         if allocate:
             self.allocate()
 
@@ -286,7 +287,7 @@ class BlockStreamer:
                            if position % self.slot_count == slot.index}
             if self.cuda and self._sources is None:
                 # Two staging buffers: one fills from the file while the other crosses the bus.
-                self._staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                self._staging = [pinned_buffer(self.slot_bytes) for _ in range(2)]
                 self._staging_done = [torch.cuda.Event() for _ in self._staging]
 
     def free(self) -> None:
@@ -368,13 +369,26 @@ class BlockStreamer:
             slot.state = FREE
             self._condition.notify_all()
 
+    def _pin_sources(self) -> None:
+        """Copies each streamed block into a pinned buffer of its own (the loaded tensors can then be let go)."""
+        self._sources = [None] * len(self.layouts)
+        self._source_views = [[] for _ in self.layouts]
+        for position in range(len(self.layouts)):
+            self._refresh_source(position)
+
     def _refresh_source(self, position: int) -> None:
-        """Makes a block's pinned copy hold its tensors as they are now, and points them at it (the loaded ones can
-        then be let go). Only tensors given a new host tensor since (a LoRA fused at run time) are copied again."""
-        for tensor, view in zip(self.layouts[position].tensors, self._source_views[position]):
-            if tensor.data.data_ptr() != view.data_ptr():
-                view.copy_(tensor.data)
-                tensor.data = view
+        """Makes a block's pinned copy hold its tensors as they are now, and points them at it. A block whose tensors
+        changed since (a LoRA fused at run time gave one a new host tensor) gets a new buffer: the old one is never
+        written, as its views may be held elsewhere (the LoRA keeps the weight it replaced to restore it)."""
+        layout, views = self.layouts[position], self._source_views[position]
+        if views and all(tensor.data.data_ptr() == view.data_ptr() for tensor, view in zip(layout.tensors, views)):
+            return
+        source = pinned_buffer(layout.size)
+        views = layout.views(source)
+        for tensor, view in zip(layout.tensors, views):
+            view.copy_(tensor.data)
+            tensor.data = view
+        self._sources[position], self._source_views[position] = source, views
 
     # ---- passes and the worker ---------------------------------------------------------------------------------
 

@@ -117,6 +117,39 @@ def test_a_lora_loaded_while_blocks_stream_reaches_them(tmp_path, mode):
     assert torch.equal(run(), expected)  # back on the host, the LoRA stays
 
 
+def test_a_lora_fused_into_pinned_blocks_unloads_and_reloads_exactly(tmp_path, monkeypatch):
+    """Pinned source (the CUDA path; plain host buffers stand in for the pinned ones here): the copy made before each
+    pass of a block whose weight a LoRA changed must not overwrite the original the LoRA keeps to restore."""
+    import engine.offload as offload
+    from engine.lora import LoraSet
+    from tests.utils import TINY_CONFIG
+    from tests.test_lora import write_kohya
+
+    monkeypatch.setattr(offload, "pinned_buffer", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    dit = random_dit(TINY_CONFIG, torch.device("cpu"), torch.float32, seed=2)
+    target = "transformer_blocks.1.ff.net.2"
+    layer = dit.linear_layers()[target]
+    generator = torch.Generator().manual_seed(0)
+    path = write_kohya(tmp_path / "lora.safetensors", {target: (torch.randn(2, layer.in_features, generator=generator),
+                                                                torch.randn(layer.out_features, 2, generator=generator),
+                                                                2.0)})
+    streamer = BlockStreamer(dit.blocks, "cpu", prefetch=1, keep=dit.modules_used_outside_blocks(), allocate=False)
+    streamer._pin_sources()  # what __init__ does with pinned=True on CUDA
+    position = streamer.position[id(dit.blocks[1])]
+    original = layer.weight.detach().clone()
+    loras = LoraSet(dit)
+    name = loras.load(path, 1.0, mode="fused")
+    fused = layer.weight.detach().clone()
+    streamer._refresh_source(position)  # before the block's next copy to the device
+    loras.unload(name)
+    streamer._refresh_source(position)
+    assert torch.equal(layer.weight, original)
+    loras.load(path, 1.0, mode="fused")
+    streamer._refresh_source(position)
+    assert not torch.equal(fused, original) and torch.equal(layer.weight, fused)
+    streamer.close()
+
+
 @pytest.mark.slow
 def test_small_preset_streams_bit_identically_in_bfloat16():
     dit = random_dit(DIT_PRESETS["small"], torch.device("cpu"), torch.bfloat16, seed=0)
