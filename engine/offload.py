@@ -91,7 +91,8 @@ class ModuleHome:
     """A module's tensors kept where loading put them (the host), copied to the device while it is in use.
 
     `to_host` points the module back at the host tensors and drops the device copies, so moving a model off the
-    device costs no host memory and no copy when it was loaded from a memory-mapped file.
+    device costs no host memory and no copy when it was loaded from a memory-mapped file. A tensor given a new value
+    while on the device (a LoRA fused at run time swaps in a new tensor) becomes the host tensor instead.
     """
 
     def __init__(self, module: nn.Module, device, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()):
@@ -120,9 +121,8 @@ class ModuleHome:
     def to_host(self) -> None:
         for index, tensor in enumerate(self.tensors):
             current = tensor.data
-            if (self.on_device and current.device.type == "cpu" and current.data_ptr() != self._placed[index]
-                    and current.dtype == self.host[index].dtype):
-                self.host[index] = current  # given a new host tensor while placed (a LoRA fused at run time)
+            if self.on_device and current.data_ptr() != self._placed[index]:
+                self.host[index] = current.to("cpu", self.host[index].dtype)  # no copy when already that
             tensor.data = self.host[index]
         self.on_device = False
 

@@ -150,6 +150,50 @@ def test_a_lora_fused_into_pinned_blocks_unloads_and_reloads_exactly(tmp_path, m
     streamer.close()
 
 
+def test_a_lora_fused_into_a_block_on_the_device_stays_when_it_goes_back_to_the_host(tmp_path):
+    """A resident block (ModuleHome) on the device when a LoRA is fused: moving it back to the host (a re-plan) keeps
+    the fused weight, and unloading then restores the original. The device copy is a float64 one here, a distinct
+    tensor as on CUDA."""
+    from engine.lora import LoraSet
+    from tests.utils import TINY_CONFIG
+    from tests.test_lora import write_kohya
+
+    target = "transformer_blocks.1.ff.net.2"
+    dit, reference = (random_dit(TINY_CONFIG, torch.device("cpu"), torch.float32, seed=2) for _ in range(2))
+    layer = dit.linear_layers()[target]
+    generator = torch.Generator().manual_seed(0)
+    path = write_kohya(tmp_path / "lora.safetensors", {target: (torch.randn(2, layer.in_features, generator=generator),
+                                                                torch.randn(layer.out_features, 2, generator=generator),
+                                                                2.0)})
+    LoraSet(reference).load(path, 1.0, mode="fused")
+    fused, original = reference.linear_layers()[target].weight.detach(), layer.weight.detach().clone()
+    home = ModuleHome(dit.blocks[1], "cpu", torch.float64)
+    home.to_device()
+    loras = LoraSet(dit)
+    name = loras.load(path, 1.0, mode="fused")
+    home.to_host()
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, fused)
+    assert not torch.equal(fused, original)
+    home.to_device()
+    assert torch.equal(layer.weight, fused.double())  # the next placement carries it
+    home.to_host()
+    loras.unload(name)
+    assert torch.equal(layer.weight, original)
+
+
+@pytest.mark.gpu
+def test_a_lora_fused_on_a_cuda_resident_layer_survives_to_host():
+    from engine.lora import _put
+
+    layer = nn.Linear(16, 16)
+    home = ModuleHome(layer, "cuda")
+    home.to_device()
+    fused = torch.randn(16, 16)
+    _put(layer.weight, fused.cuda())
+    home.to_host()
+    assert layer.weight.device.type == "cpu" and torch.equal(layer.weight, fused)
+
+
 @pytest.mark.slow
 def test_small_preset_streams_bit_identically_in_bfloat16():
     dit = random_dit(DIT_PRESETS["small"], torch.device("cpu"), torch.bfloat16, seed=0)
