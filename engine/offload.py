@@ -244,6 +244,10 @@ class BlockStreamer:
         self._worker: threading.Thread | None = None
         self._sources = None  # pinned per-block buffers, or None (read the loaded tensors)
         self._source_views: list[list[torch.Tensor]] = []
+        # Per block: the host tensors its pinned copy was made from, pointed back at by close(). Kept while pinned:
+        # the loaded ones are memory-mapped pages the system may drop, a LoRA-fused one is that layer's only copy
+        # outside the pinned buffer.
+        self._unpinned: list[list[torch.Tensor]] = []
         self._staging: list[torch.Tensor] = []
         self._staging_done: list[torch.cuda.Event] = []
         self._staging_next = 0
@@ -307,6 +311,7 @@ class BlockStreamer:
             self._worker = None
         for home in self.residents:
             home.to_host()
+        self._unpin_sources()
 
     # ---- the seams: an iterator for run_blocks, or hooks around each block's forward ----------------------------
 
@@ -370,11 +375,22 @@ class BlockStreamer:
             self._condition.notify_all()
 
     def _pin_sources(self) -> None:
-        """Copies each streamed block into a pinned buffer of its own (the loaded tensors can then be let go)."""
+        """Copies each streamed block into a pinned buffer of its own, which the copies to the device read; the
+        loaded tensors stay for close() to point back at."""
         self._sources = [None] * len(self.layouts)
         self._source_views = [[] for _ in self.layouts]
+        self._unpinned = [[None] * len(layout.tensors) for layout in self.layouts]
         for position in range(len(self.layouts)):
             self._refresh_source(position)
+
+    def _unpin_sources(self) -> None:
+        """Points the tensors back at the host tensors they were pinned from, so that the pinned buffers are freed
+        (a later placement pins its own)."""
+        for layout, views, unpinned in zip(self.layouts, self._source_views, self._unpinned):
+            for tensor, view, host in zip(layout.tensors, views, unpinned):
+                if tensor.data.data_ptr() == view.data_ptr():  # else given a new tensor since: it stays
+                    tensor.data = host
+        self._sources, self._source_views, self._unpinned = None, [], []
 
     def _refresh_source(self, position: int) -> None:
         """Makes a block's pinned copy hold its tensors as they are now, and points them at it. A block whose tensors
@@ -383,6 +399,10 @@ class BlockStreamer:
         layout, views = self.layouts[position], self._source_views[position]
         if views and all(tensor.data.data_ptr() == view.data_ptr() for tensor, view in zip(layout.tensors, views)):
             return
+        unpinned = self._unpinned[position]
+        for index, tensor in enumerate(layout.tensors):
+            if not views or tensor.data.data_ptr() != views[index].data_ptr():
+                unpinned[index] = tensor.data  # a fused LoRA stays after close()
         source = pinned_buffer(layout.size)
         views = layout.views(source)
         for tensor, view in zip(layout.tensors, views):

@@ -150,6 +150,37 @@ def test_a_lora_fused_into_pinned_blocks_unloads_and_reloads_exactly(tmp_path, m
     streamer.close()
 
 
+def test_close_points_pinned_blocks_back_at_their_loaded_tensors(monkeypatch):
+    """After close() no weight lives in the streamer's pinned buffers (so a re-plan does not pin a second copy while
+    the first can never be freed); a weight changed since pinning keeps its new values. Plain host buffers stand in
+    for the pinned ones."""
+    import engine.offload as offload
+
+    pinned = []
+
+    def host_buffer(nbytes):
+        pinned.append(torch.empty(nbytes, dtype=torch.uint8))
+        return pinned[-1]
+
+    monkeypatch.setattr(offload, "pinned_buffer", host_buffer)
+    blocks = nn.ModuleList([nn.Linear(64, 64) for _ in range(3)])
+    loaded = [block.weight.data_ptr() for block in blocks]
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1, allocate=False)
+    streamer._pin_sources()  # what __init__ does with pinned=True on CUDA
+    assert all(block.weight.data_ptr() != pointer for block, pointer in zip(blocks, loaded))
+    changed = torch.randn(64, 64)
+    blocks[1].weight.data = changed.clone()  # as a fused LoRA does
+    streamer._refresh_source(1)
+    streamer.close()
+
+    def in_pinned(tensor):
+        return any(buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + buffer.numel() for buffer in pinned)
+
+    assert not any(in_pinned(tensor) for tensor in blocks.parameters())
+    assert blocks[0].weight.data_ptr() == loaded[0] and blocks[2].weight.data_ptr() == loaded[2]
+    assert torch.equal(blocks[1].weight, changed)
+
+
 def test_a_lora_fused_into_a_block_on_the_device_stays_when_it_goes_back_to_the_host(tmp_path):
     """A resident block (ModuleHome) on the device when a LoRA is fused: moving it back to the host (a re-plan) keeps
     the fused weight, and unloading then restores the original. The device copy is a float64 one here, a distinct
