@@ -22,6 +22,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -166,6 +167,21 @@ class _Layout:
             view.copy_(tensor.data)
 
 
+def _copy_worker(streamer_ref: weakref.ref, jobs: queue.Queue) -> None:
+    """The worker thread's body. It holds the streamer only while it runs a job, so a streamer dropped without
+    close() (and the model its layouts reach) can be collected; its finalizer then ends the thread."""
+    streamer = streamer_ref()
+    if streamer is None or not streamer._prepare_worker():
+        return
+    del streamer
+    while (job := jobs.get()) is not None:
+        streamer = streamer_ref()
+        if streamer is None:
+            return
+        streamer._run_job(job)
+        del streamer
+
+
 # Slot states.
 FREE, FILLING, READY, IN_USE = "free", "filling", "ready", "in use"
 
@@ -241,6 +257,7 @@ class BlockStreamer:
         self._pending = 0  # jobs handed to the worker and not finished
         self._error: BaseException | None = None
         self._jobs: queue.Queue = queue.Queue()
+        weakref.finalize(self, self._jobs.put, None)  # dropped without close(): the worker thread ends too
         self._worker: threading.Thread | None = None
         self._sources = None  # pinned per-block buffers, or None (read the loaded tensors)
         self._source_views: list[list[torch.Tensor]] = []
@@ -417,7 +434,8 @@ class BlockStreamer:
         slot the block goes to is free, so it runs ahead of the compute by at most `prefetch` blocks."""
         self._abort_pass()
         if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="block-streamer", daemon=True)
+            self._worker = threading.Thread(target=_copy_worker, args=(weakref.ref(self), self._jobs),
+                                            name="block-streamer", daemon=True)
             self._worker.start()
         with self._condition:
             self._pass += 1
@@ -460,26 +478,25 @@ class BlockStreamer:
                 self._jobs.get_nowait()
         self._pending = 0
 
-    def _work(self) -> None:
+    def _prepare_worker(self) -> bool:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.device)
-        except BaseException as error:  # the thread ends here; acquire() raises this instead of waiting for copies
+        except BaseException as error:  # the thread ends; acquire() raises this instead of waiting for copies
             self._error = error
-            return
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                with torch.inference_mode(False):
-                    self._fill(*job)
-            except BaseException as error:  # handed to the compute side, which raises it
-                self._error = error
-            finally:
-                with self._condition:
-                    self._pending -= 1
-                    self._condition.notify_all()
+            return False
+        return True
+
+    def _run_job(self, job: tuple[int, int]) -> None:
+        try:
+            with torch.inference_mode(False):
+                self._fill(*job)
+        except BaseException as error:  # handed to the compute side, which raises it
+            self._error = error
+        finally:
+            with self._condition:
+                self._pending -= 1
+                self._condition.notify_all()
 
     def _fill(self, pass_id: int, position: int) -> None:
         with self._condition:

@@ -475,6 +475,21 @@ def test_a_worker_that_cannot_start_makes_acquire_raise_instead_of_waiting_forev
     assert not streamer._pending and streamer._jobs.empty()
 
 
+def test_a_streamer_dropped_without_close_lets_the_model_go_and_its_worker_ends():
+    import gc
+    import weakref
+
+    blocks = nn.ModuleList([nn.Linear(32, 32) for _ in range(4)])
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    run_blocks(blocks, streamer, torch.randn(2, 32))
+    worker, block, dropped = streamer._worker, weakref.ref(blocks[0]), weakref.ref(streamer)
+    del blocks, streamer
+    gc.collect()
+    assert dropped() is None and block() is None
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def test_hooks_stream_the_layers_of_a_model_that_loops_itself():
     """The Llama text encoder's layers stream around their own forward calls, converted to the compute dtype."""
     encoder = tiny_text_encoder(torch.Generator().manual_seed(0))
