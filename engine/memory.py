@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
 
 import torch
 
@@ -81,15 +82,20 @@ class Component:
     other_bytes: int
     block_bytes: tuple[int, ...] = ()
     activation_bytes: int = 0
-    slot_bytes: int = 0  # a slot that holds any block (its tensors aligned); 0: the largest block's bytes
+    block_slot_bytes: tuple[int, ...] = ()  # each block's bytes in a slot (its tensors aligned); (): block_bytes
 
     @property
     def weight_bytes(self) -> int:
         return self.other_bytes + sum(self.block_bytes)
 
+    def slot_for(self, blocks: Iterable[int]) -> int:
+        """Bytes of a slot that holds any of these blocks (the streamer sizes its slots by the streamed ones)."""
+        sizes = self.block_slot_bytes or self.block_bytes
+        return max((sizes[index] for index in blocks), default=0)
+
     @property
     def largest_slot(self) -> int:
-        return self.slot_bytes or max(self.block_bytes, default=0)
+        return self.slot_for(range(len(self.block_bytes)))
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ def dit_footprint(dit, dtype: torch.dtype | None = None) -> tuple[Component, DiT
     blocks, kept = dit.blocks, dit.modules_used_outside_blocks()  # kept: resident parts of the blocks
     component = Component("transformer", tensor_bytes(dit, dtype, skip=blocks) + tensor_bytes_of(kept, dtype),
                           tuple(tensor_bytes(block, dtype, skip=kept) for block in blocks),
-                          slot_bytes=max((slot_bytes(block, dtype, kept) for block in blocks), default=0))
+                          block_slot_bytes=tuple(slot_bytes(block, dtype, kept) for block in blocks))
     return component, dit.config, (dtype or dit.compute_dtype).itemsize
 
 
@@ -135,7 +141,7 @@ def text_encoder_footprint(llama, clip, dtype: torch.dtype | None, prompt_tokens
     clip_bytes = tensor_bytes(clip, dtype) if clip is not None else 0
     return Component("text_encoder", tensor_bytes(llama, dtype, skip=[llama.layers]) + clip_bytes,
                      tuple(tensor_bytes(layer, dtype) for layer in llama.layers), activation,
-                     max((slot_bytes(layer, dtype) for layer in llama.layers), default=0))
+                     tuple(slot_bytes(layer, dtype) for layer in llama.layers))
 
 
 def image_encoder_footprint(model, dtype: torch.dtype | None) -> Component:
@@ -374,7 +380,6 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     blocks = dit.block_bytes
     sequence = section_sequence(footprint.dit_config, resolution, latent_window_size, text_tokens, image_tokens, size)
     activations = dit_activation_bytes(footprint.dit_config, sequence, footprint.dit_element_size)
-    slot = dit.largest_slot
     vae_floor = 0
     if footprint.vae_model is not None:
         vae_floor = _smallest_vae_working_set(footprint.vae_model,
@@ -383,8 +388,9 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     optional = {name: getattr(footprint, name) for name in PLACEMENT_CHOICES if getattr(footprint, name) is not None}
 
     def phases(choice: _Choice) -> dict:
-        streamed = len(blocks) - len(choice.resident)
-        slots = min(choice.prefetch + 1, streamed) if streamed else 0
+        streamed = [index for index in range(len(blocks)) if index not in choice.resident]
+        slots = min(choice.prefetch + 1, len(streamed)) if streamed else 0
+        slot = dit.slot_for(streamed)
         # The DiT's slots are given back while the encoders run (engine.memory.Placement.use).
         always = dit.other_bytes + sum(blocks[i] for i in choice.resident)
         resident = sum(component.weight_bytes for name, component in optional.items()
@@ -461,6 +467,7 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     phase_bytes = phases(choice)
     streamed = tuple(i for i in range(len(blocks)) if i not in choice.resident)
     slots = min(choice.prefetch + 1, len(streamed)) if streamed else 0
+    slot = dit.slot_for(streamed)
     streamed_bytes = sum(blocks[i] for i in streamed)
     vae_budget = 0
     if "vae" in phase_bytes:

@@ -21,6 +21,23 @@ def official():
     return official_footprint()
 
 
+def test_the_plan_reserves_the_slots_the_streamer_allocates(official):
+    """Slots as large as the largest streamed block: where only single blocks stream (the larger double blocks
+    resident), single-block sized."""
+    from engine.offload import BlockStreamer
+    from engine.presets import FULL_DIT_CONFIG
+
+    dit = FramePackDiT.from_config(FULL_DIT_CONFIG, device="meta", dtype=torch.bfloat16)
+    doubles = len(dit.transformer_blocks)
+    plans = [plan_memory(official, budget * GiB, host_ram_bytes=64 * GiB) for budget in (12, 16, 20, 24)]
+    assert any(min(plan.streamed_blocks) >= doubles for plan in plans)  # the case where the sizes differ
+    for plan in plans:
+        streamer = BlockStreamer(dit.blocks, "meta", plan.streamed_blocks, prefetch=plan.prefetch,
+                                 keep=dit.modules_used_outside_blocks(), allocate=False)
+        assert (streamer.slot_count, streamer.slot_bytes) == (plan.slots, plan.slot_bytes)
+        streamer.close()
+
+
 @pytest.mark.parametrize("host_ram_gb", [None, 8, 64])
 def test_full_model_plans_fit_their_budgets(official, host_ram_gb):
     host = None if host_ram_gb is None else host_ram_gb * GiB
@@ -36,7 +53,8 @@ def test_full_model_plans_fit_their_budgets(official, host_ram_gb):
                                                 + plan.slots * plan.slot_bytes + plan.dit_activation_bytes)
         assert plan.vae_budget_bytes > 0 and plan.minimum_budget_bytes <= budget * GiB
         if plan.streams:
-            assert plan.slots == plan.prefetch + 1 and max(blocks) <= plan.slot_bytes < max(blocks) + 2**20
+            largest_streamed = max(blocks[i] for i in plan.streamed_blocks)
+            assert plan.slots == plan.prefetch + 1 and largest_streamed <= plan.slot_bytes < largest_streamed + 2**20
     # More memory never streams more, and 80 GB holds everything.
     streamed = [plan.bytes_streamed_per_step for plan in plans]
     assert streamed == sorted(streamed, reverse=True) and streamed[0] > 20 * GiB

@@ -37,7 +37,7 @@ def streaming_plan(dit, prefetch=1, resident=()):
     plan = plan_memory(Footprint(component, config, element_size), 2**40, device="cpu", resolution=64)
     streamed = tuple(i for i in range(len(dit.blocks)) if i not in resident)
     return dataclasses.replace(plan, resident_blocks=tuple(resident), streamed_blocks=streamed, prefetch=prefetch,
-                               slots=min(prefetch + 1, len(streamed)), slot_bytes=component.largest_slot,
+                               slots=min(prefetch + 1, len(streamed)), slot_bytes=component.slot_for(streamed),
                                source="mmap")
 
 
