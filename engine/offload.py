@@ -76,16 +76,12 @@ def target_dtypes(module: nn.Module, tensors: list[torch.Tensor], dtype: torch.d
 
 def tensor_bytes(module: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of the module's tensors as they are (or as `dtype` would make its floating-point ones)."""
-    tensors = owned_tensors(module, skip)
-    return sum(tensor.numel() * place.itemsize for tensor, place in zip(tensors, target_dtypes(module, tensors, dtype)))
+    return _Layout(module, dtype, skip).nbytes
 
 
 def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of a slot that holds `block` (but its `skip` modules): its tensors, each at an ALIGNMENT boundary."""
-    offset, tensors = 0, owned_tensors(block, skip)
-    for tensor, place in zip(tensors, target_dtypes(block, tensors, dtype)):
-        offset = _align(offset + tensor.numel() * place.itemsize)
-    return offset
+    return _Layout(block, dtype, skip).size
 
 
 class ModuleHome:
