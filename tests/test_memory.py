@@ -162,6 +162,7 @@ def test_info_prints_the_plan_and_refuses_an_impossible_budget(capsys):
     assert main(["info", "--plan", "--vram-budget-gb", "6", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for cuda: budget 6.00 GB" in out and "blocks through" in out and "per step" in out
+    assert out.count("memory plan for") == 1 and "models: the official models" in out
     assert "expected host RAM" in out and "text encoder: stream" in out and "VAE tiling budget" in out
     assert main(["info", "--plan", "--vram-budget-gb", "3", "--device", "cuda"]) == 2
     assert re.search(r"the smallest budget that works is 4\.\d GB", capsys.readouterr().err)
