@@ -55,6 +55,15 @@ PINNED_SHARE = 0.8
 # What a memory-mapped file delivers when the page cache cannot hold it: a fast NVMe drive.
 DISK_BYTES_PER_SECOND = 3e9
 
+
+def pinned_allocation_bytes(nbytes: int) -> int:
+    """Host RAM a pinned buffer of `nbytes` takes: torch's caching host allocator rounds every pinned allocation up to
+    a power of two. Counted rather than avoided (pageable memory registered with cudaHostRegister would not round)
+    because registering needs its own lifetime rules: a buffer must stay registered while a copy from it is in
+    flight and while a view of it is held (a LoRA's kept original), which torch's allocator already tracks."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 PHASES = ("text", "image", "vae", "sampling")
 PLACEMENT_CHOICES = {"text_encoder": ("device", "offload", "stream"), "image_encoder": ("device", "offload"),
                      "vae": ("device", "offload")}
@@ -449,7 +458,8 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     source_pinned = False
     if device == "cuda" and pinned is not False:
         choice = arrange(extra_slot=False)
-        pinned_bytes = sum(blocks[i] for i in range(len(blocks)) if i not in choice.resident)
+        pinned_bytes = sum(pinned_allocation_bytes(dit.slot_for([i])) for i in range(len(blocks))
+                           if i not in choice.resident)
         source_pinned = bool(pinned) or (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + pinned_bytes
                                          <= PINNED_SHARE * host_ram_bytes)
     if not source_pinned:
@@ -478,8 +488,11 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
 
     host = HOST_BASELINE_BYTES.get(device, GiB)
     if device == "cuda":
-        host += streamed_bytes if source_pinned else (2 * slot if streamed else 0)
-        host += 2 * text.largest_slot if text_streams else 0  # the Llama's staging buffers
+        if source_pinned:  # a pinned buffer per streamed block
+            host += sum(pinned_allocation_bytes(dit.slot_for([i])) for i in streamed)
+        elif streamed:  # two pinned staging buffers
+            host += 2 * pinned_allocation_bytes(slot)
+        host += 2 * pinned_allocation_bytes(text.largest_slot) if text_streams else 0  # the Llama's staging buffers
     else:
         host += max(phase_bytes.values())  # the device is the host
     weight_source, disk_seconds = "device", None
