@@ -232,7 +232,7 @@ def command_info(args) -> int:
         budget = ModelSettings.from_options(vram_budget_gb=args.vram_budget_gb, memory_margin_gb=args.memory_margin_gb)
         plan, models = official_plan(args.device or device, budget.vram_budget_gb, budget.memory_margin_gb,
                                      args.resolution)
-        print(f"memory plan for {models}:")
+        print(f"models: {models}")  # plan.lines() starts with the plan's own heading
         print("\n".join(plan.lines()))
     return 0
 

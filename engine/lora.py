@@ -632,12 +632,10 @@ def _host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _put(parameter: torch.Tensor, value: torch.Tensor) -> None:
-    """Sets a weight's values in its dtype: on the host by swapping in the tensor (no copy of the kept original),
-    on a device in place (same storage)."""
-    if parameter.device.type == "cpu":
-        parameter.data = value.to("cpu", parameter.dtype)
-    else:
-        parameter.data.copy_(value)
+    """Sets a weight's values in its dtype by swapping in a new tensor where it is (on the host no copy of the kept
+    original). Never in place: whoever placed the weight on a device (ModuleHome) sees a new tensor and keeps it when
+    moving the weight back to the host."""
+    parameter.data = value.to(parameter.device, parameter.dtype)
 
 
 def _branch_dtype_and_device(base: nn.Module, dit) -> tuple[torch.dtype, torch.device]:

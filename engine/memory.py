@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
 
 import torch
 
@@ -54,6 +55,15 @@ PINNED_SHARE = 0.8
 # What a memory-mapped file delivers when the page cache cannot hold it: a fast NVMe drive.
 DISK_BYTES_PER_SECOND = 3e9
 
+
+def pinned_allocation_bytes(nbytes: int) -> int:
+    """Host RAM a pinned buffer of `nbytes` takes: torch's caching host allocator rounds every pinned allocation up to
+    a power of two. Counted rather than avoided (pageable memory registered with cudaHostRegister would not round)
+    because registering needs its own lifetime rules: a buffer must stay registered while a copy from it is in
+    flight and while a view of it is held (a LoRA's kept original), which torch's allocator already tracks."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 PHASES = ("text", "image", "vae", "sampling")
 PLACEMENT_CHOICES = {"text_encoder": ("device", "offload", "stream"), "image_encoder": ("device", "offload"),
                      "vae": ("device", "offload")}
@@ -81,15 +91,20 @@ class Component:
     other_bytes: int
     block_bytes: tuple[int, ...] = ()
     activation_bytes: int = 0
-    slot_bytes: int = 0  # a slot that holds any block (its tensors aligned); 0: the largest block's bytes
+    block_slot_bytes: tuple[int, ...] = ()  # each block's bytes in a slot (its tensors aligned); (): block_bytes
 
     @property
     def weight_bytes(self) -> int:
         return self.other_bytes + sum(self.block_bytes)
 
+    def slot_for(self, blocks: Iterable[int]) -> int:
+        """Bytes of a slot that holds any of these blocks (the streamer sizes its slots by the streamed ones)."""
+        sizes = self.block_slot_bytes or self.block_bytes
+        return max((sizes[index] for index in blocks), default=0)
+
     @property
     def largest_slot(self) -> int:
-        return self.slot_bytes or max(self.block_bytes, default=0)
+        return self.slot_for(range(len(self.block_bytes)))
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,7 @@ def dit_footprint(dit, dtype: torch.dtype | None = None) -> tuple[Component, DiT
     blocks, kept = dit.blocks, dit.modules_used_outside_blocks()  # kept: resident parts of the blocks
     component = Component("transformer", tensor_bytes(dit, dtype, skip=blocks) + tensor_bytes_of(kept, dtype),
                           tuple(tensor_bytes(block, dtype, skip=kept) for block in blocks),
-                          slot_bytes=max((slot_bytes(block, dtype, kept) for block in blocks), default=0))
+                          block_slot_bytes=tuple(slot_bytes(block, dtype, kept) for block in blocks))
     return component, dit.config, (dtype or dit.compute_dtype).itemsize
 
 
@@ -135,7 +150,7 @@ def text_encoder_footprint(llama, clip, dtype: torch.dtype | None, prompt_tokens
     clip_bytes = tensor_bytes(clip, dtype) if clip is not None else 0
     return Component("text_encoder", tensor_bytes(llama, dtype, skip=[llama.layers]) + clip_bytes,
                      tuple(tensor_bytes(layer, dtype) for layer in llama.layers), activation,
-                     max((slot_bytes(layer, dtype) for layer in llama.layers), default=0))
+                     tuple(slot_bytes(layer, dtype) for layer in llama.layers))
 
 
 def image_encoder_footprint(model, dtype: torch.dtype | None) -> Component:
@@ -374,7 +389,6 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     blocks = dit.block_bytes
     sequence = section_sequence(footprint.dit_config, resolution, latent_window_size, text_tokens, image_tokens, size)
     activations = dit_activation_bytes(footprint.dit_config, sequence, footprint.dit_element_size)
-    slot = dit.largest_slot
     vae_floor = 0
     if footprint.vae_model is not None:
         vae_floor = _smallest_vae_working_set(footprint.vae_model,
@@ -383,8 +397,9 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     optional = {name: getattr(footprint, name) for name in PLACEMENT_CHOICES if getattr(footprint, name) is not None}
 
     def phases(choice: _Choice) -> dict:
-        streamed = len(blocks) - len(choice.resident)
-        slots = min(choice.prefetch + 1, streamed) if streamed else 0
+        streamed = [index for index in range(len(blocks)) if index not in choice.resident]
+        slots = min(choice.prefetch + 1, len(streamed)) if streamed else 0
+        slot = dit.slot_for(streamed)
         # The DiT's slots are given back while the encoders run (engine.memory.Placement.use).
         always = dit.other_bytes + sum(blocks[i] for i in choice.resident)
         resident = sum(component.weight_bytes for name, component in optional.items()
@@ -443,7 +458,8 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     source_pinned = False
     if device == "cuda" and pinned is not False:
         choice = arrange(extra_slot=False)
-        pinned_bytes = sum(blocks[i] for i in range(len(blocks)) if i not in choice.resident)
+        pinned_bytes = sum(pinned_allocation_bytes(dit.slot_for([i])) for i in range(len(blocks))
+                           if i not in choice.resident)
         source_pinned = bool(pinned) or (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + pinned_bytes
                                          <= PINNED_SHARE * host_ram_bytes)
     if not source_pinned:
@@ -461,6 +477,7 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
     phase_bytes = phases(choice)
     streamed = tuple(i for i in range(len(blocks)) if i not in choice.resident)
     slots = min(choice.prefetch + 1, len(streamed)) if streamed else 0
+    slot = dit.slot_for(streamed)
     streamed_bytes = sum(blocks[i] for i in streamed)
     vae_budget = 0
     if "vae" in phase_bytes:
@@ -471,8 +488,11 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
 
     host = HOST_BASELINE_BYTES.get(device, GiB)
     if device == "cuda":
-        host += streamed_bytes if source_pinned else (2 * slot if streamed else 0)
-        host += 2 * text.largest_slot if text_streams else 0  # the Llama's staging buffers
+        if source_pinned:  # a pinned buffer per streamed block
+            host += sum(pinned_allocation_bytes(dit.slot_for([i])) for i in streamed)
+        elif streamed:  # two pinned staging buffers
+            host += 2 * pinned_allocation_bytes(slot)
+        host += 2 * pinned_allocation_bytes(text.largest_slot) if text_streams else 0  # the Llama's staging buffers
     else:
         host += max(phase_bytes.values())  # the device is the host
     weight_source, disk_seconds = "device", None

@@ -22,6 +22,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -36,6 +37,12 @@ CONVERTIBLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float6
 
 def _align(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """Page-locked host bytes (what a copy to a CUDA device reads at full speed and without blocking)."""
+    with torch.inference_mode(False):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def owned_tensors(module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[torch.Tensor]:
@@ -69,23 +76,20 @@ def target_dtypes(module: nn.Module, tensors: list[torch.Tensor], dtype: torch.d
 
 def tensor_bytes(module: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of the module's tensors as they are (or as `dtype` would make its floating-point ones)."""
-    tensors = owned_tensors(module, skip)
-    return sum(tensor.numel() * place.itemsize for tensor, place in zip(tensors, target_dtypes(module, tensors, dtype)))
+    return _Layout(module, dtype, skip).nbytes
 
 
 def slot_bytes(block: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> int:
     """Bytes of a slot that holds `block` (but its `skip` modules): its tensors, each at an ALIGNMENT boundary."""
-    offset, tensors = 0, owned_tensors(block, skip)
-    for tensor, place in zip(tensors, target_dtypes(block, tensors, dtype)):
-        offset = _align(offset + tensor.numel() * place.itemsize)
-    return offset
+    return _Layout(block, dtype, skip).size
 
 
 class ModuleHome:
     """A module's tensors kept where loading put them (the host), copied to the device while it is in use.
 
     `to_host` points the module back at the host tensors and drops the device copies, so moving a model off the
-    device costs no host memory and no copy when it was loaded from a memory-mapped file.
+    device costs no host memory and no copy when it was loaded from a memory-mapped file. A tensor given a new value
+    while on the device (a LoRA fused at run time swaps in a new tensor) becomes the host tensor instead.
     """
 
     def __init__(self, module: nn.Module, device, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()):
@@ -97,19 +101,25 @@ class ModuleHome:
         self._placed: list[int] = []  # data pointers of the copies to_device made
 
     def to_device(self) -> None:
-        if not self.on_device:
+        if self.on_device:
+            return
+        before = [tensor.data for tensor in self.tensors]
+        try:
             with torch.inference_mode(False):  # device copies usable outside inference mode too
                 for tensor, host, place in zip(self.tensors, self.host, self.dtypes):
                     tensor.data = host.to(self.device, place)
-            self._placed = [tensor.data_ptr() for tensor in self.tensors]
-            self.on_device = True
+        except BaseException:  # out of memory half-way: the copies made so far would stay with nothing to free them
+            for tensor, data in zip(self.tensors, before):
+                tensor.data = data
+            raise
+        self._placed = [tensor.data_ptr() for tensor in self.tensors]
+        self.on_device = True
 
     def to_host(self) -> None:
         for index, tensor in enumerate(self.tensors):
             current = tensor.data
-            if (self.on_device and current.device.type == "cpu" and current.data_ptr() != self._placed[index]
-                    and current.dtype == self.host[index].dtype):
-                self.host[index] = current  # given a new host tensor while placed (a LoRA fused at run time)
+            if self.on_device and current.data_ptr() != self._placed[index]:
+                self.host[index] = current.to("cpu", self.host[index].dtype)  # no copy when already that
             tensor.data = self.host[index]
         self.on_device = False
 
@@ -151,6 +161,21 @@ class _Layout:
         """Copies the block's host tensors into `buffer` (reading a memory-mapped file's pages as it goes)."""
         for view, tensor in zip(self.views(buffer), self.tensors):
             view.copy_(tensor.data)
+
+
+def _copy_worker(streamer_ref: weakref.ref, jobs: queue.Queue) -> None:
+    """The worker thread's body. It holds the streamer only while it runs a job, so a streamer dropped without
+    close() (and the model its layouts reach) can be collected; its finalizer then ends the thread."""
+    streamer = streamer_ref()
+    if streamer is None or not streamer._prepare_worker():
+        return
+    del streamer
+    while (job := jobs.get()) is not None:
+        streamer = streamer_ref()
+        if streamer is None:
+            return
+        streamer._run_job(job)
+        del streamer
 
 
 # Slot states.
@@ -203,6 +228,9 @@ class BlockStreamer:
         blocks = list(blocks)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            # The worker thread must select the device by index (torch.cuda.set_device refuses a bare "cuda").
+            self.device = torch.device("cuda", torch.cuda.current_device())
         streamed = set(range(len(blocks)) if streamed is None else streamed)
         self.order = [block for index, block in enumerate(blocks) if index in streamed]
         self.position = {id(block): position for position, block in enumerate(self.order)}
@@ -225,20 +253,20 @@ class BlockStreamer:
         self._pending = 0  # jobs handed to the worker and not finished
         self._error: BaseException | None = None
         self._jobs: queue.Queue = queue.Queue()
+        weakref.finalize(self, self._jobs.put, None)  # dropped without close(): the worker thread ends too
         self._worker: threading.Thread | None = None
         self._sources = None  # pinned per-block buffers, or None (read the loaded tensors)
         self._source_views: list[list[torch.Tensor]] = []
+        # Per block: the host tensors its pinned copy was made from, pointed back at by close(). Kept while pinned:
+        # the loaded ones are memory-mapped pages the system may drop, a LoRA-fused one is that layer's only copy
+        # outside the pinned buffer.
+        self._unpinned: list[list[torch.Tensor]] = []
         self._staging: list[torch.Tensor] = []
         self._staging_done: list[torch.cuda.Event] = []
         self._staging_next = 0
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.order else None
         if pinned and self.cuda and self.order:
-            with torch.inference_mode(False):
-                self._sources = [torch.empty(layout.size, dtype=torch.uint8, pin_memory=True)
-                                 for layout in self.layouts]
-                self._source_views = [layout.views(source) for layout, source in zip(self.layouts, self._sources)]
-                for position in range(len(self.layouts)):
-                    self._refresh_source(position)
+            self._pin_sources()
         if allocate:
             self.allocate()
 
@@ -276,7 +304,7 @@ class BlockStreamer:
                            if position % self.slot_count == slot.index}
             if self.cuda and self._sources is None:
                 # Two staging buffers: one fills from the file while the other crosses the bus.
-                self._staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                self._staging = [pinned_buffer(self.slot_bytes) for _ in range(2)]
                 self._staging_done = [torch.cuda.Event() for _ in self._staging]
 
     def free(self) -> None:
@@ -296,6 +324,7 @@ class BlockStreamer:
             self._worker = None
         for home in self.residents:
             home.to_host()
+        self._unpin_sources()
 
     # ---- the seams: an iterator for run_blocks, or hooks around each block's forward ----------------------------
 
@@ -358,13 +387,41 @@ class BlockStreamer:
             slot.state = FREE
             self._condition.notify_all()
 
+    def _pin_sources(self) -> None:
+        """Copies each streamed block into a pinned buffer of its own, which the copies to the device read; the
+        loaded tensors stay for close() to point back at."""
+        self._sources = [None] * len(self.layouts)
+        self._source_views = [[] for _ in self.layouts]
+        self._unpinned = [[None] * len(layout.tensors) for layout in self.layouts]
+        for position in range(len(self.layouts)):
+            self._refresh_source(position)
+
+    def _unpin_sources(self) -> None:
+        """Points the tensors back at the host tensors they were pinned from, so that the pinned buffers are freed
+        (a later placement pins its own)."""
+        for layout, views, unpinned in zip(self.layouts, self._source_views, self._unpinned):
+            for tensor, view, host in zip(layout.tensors, views, unpinned):
+                if tensor.data.data_ptr() == view.data_ptr():  # else given a new tensor since: it stays
+                    tensor.data = host
+        self._sources, self._source_views, self._unpinned = None, [], []
+
     def _refresh_source(self, position: int) -> None:
-        """Makes a block's pinned copy hold its tensors as they are now, and points them at it (the loaded ones can
-        then be let go). Only tensors given a new host tensor since (a LoRA fused at run time) are copied again."""
-        for tensor, view in zip(self.layouts[position].tensors, self._source_views[position]):
-            if tensor.data.data_ptr() != view.data_ptr():
-                view.copy_(tensor.data)
-                tensor.data = view
+        """Makes a block's pinned copy hold its tensors as they are now, and points them at it. A block whose tensors
+        changed since (a LoRA fused at run time gave one a new host tensor) gets a new buffer: the old one is never
+        written, as its views may be held elsewhere (the LoRA keeps the weight it replaced to restore it)."""
+        layout, views = self.layouts[position], self._source_views[position]
+        if views and all(tensor.data.data_ptr() == view.data_ptr() for tensor, view in zip(layout.tensors, views)):
+            return
+        unpinned = self._unpinned[position]
+        for index, tensor in enumerate(layout.tensors):
+            if not views or tensor.data.data_ptr() != views[index].data_ptr():
+                unpinned[index] = tensor.data  # a fused LoRA stays after close()
+        source = pinned_buffer(layout.size)
+        views = layout.views(source)
+        for tensor, view in zip(layout.tensors, views):
+            view.copy_(tensor.data)
+            tensor.data = view
+        self._sources[position], self._source_views[position] = source, views
 
     # ---- passes and the worker ---------------------------------------------------------------------------------
 
@@ -373,7 +430,8 @@ class BlockStreamer:
         slot the block goes to is free, so it runs ahead of the compute by at most `prefetch` blocks."""
         self._abort_pass()
         if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="block-streamer", daemon=True)
+            self._worker = threading.Thread(target=_copy_worker, args=(weakref.ref(self), self._jobs),
+                                            name="block-streamer", daemon=True)
             self._worker.start()
         with self._condition:
             self._pass += 1
@@ -392,34 +450,54 @@ class BlockStreamer:
             self._pass += 1  # stale jobs see a new pass and stop
             self._condition.notify_all()
             while self._pending:
+                if not self._worker.is_alive():  # its jobs will never run: drop them and start a new worker next pass
+                    self._drop_queued_jobs()
+                    self._worker = None
+                    break
                 self._condition.wait(0.1)
             for slot in self._slots:
                 slot.state, slot.position = FREE, -1
+            self._error = None  # a copy for the abandoned pass failed: no later pass needs it
         self._next = -1
 
     def _raise_worker_error(self) -> None:
+        alive = self._worker.is_alive()  # read first: a worker that died has recorded its error before
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"copying a block's weights failed: {error}") from error
+        if not alive:
+            raise RuntimeError("the block streamer's copy worker stopped; no block can be copied to the device")
 
-    def _work(self) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                with torch.inference_mode(False):
-                    self._fill(*job)
-            except BaseException as error:  # handed to the compute side, which raises it
-                self._error = error
-            finally:
-                with self._condition:
-                    self._pending -= 1
-                    self._condition.notify_all()
+    def _drop_queued_jobs(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        self._pending = 0
+
+    def _prepare_worker(self) -> bool:
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+        except BaseException as error:  # the thread ends; acquire() raises this instead of waiting for copies
+            self._error = error
+            return False
+        return True
+
+    def _run_job(self, job: tuple[int, int]) -> None:
+        try:
+            with torch.inference_mode(False):
+                self._fill(*job)
+        except BaseException as error:  # handed to the compute side, which raises it
+            self._error = error
+        finally:
+            with self._condition:
+                self._pending -= 1
+                self._condition.notify_all()
 
     def _fill(self, pass_id: int, position: int) -> None:
+        with self._condition:
+            if pass_id != self._pass:  # abandoned: not even read into staging (_abort_pass waits for every job)
+                return
         slot = self._slots[position % self.slot_count]
         layout = self.layouts[position]
         staging = None

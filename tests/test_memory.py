@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.dit import FramePackDiT
-from engine.memory import (GiB, Footprint, InsufficientMemoryError, dit_activation_bytes, dit_footprint,
-                           official_footprint, plan_memory, section_sequence)
+from engine.memory import (HOST_BASELINE_BYTES, GiB, Footprint, InsufficientMemoryError, dit_activation_bytes,
+                           dit_footprint, official_footprint, plan_memory, section_sequence)
 from engine.offload import owned_tensors
 from engine.presets import DIT_PRESETS, TINY_DIT_CONFIG, randomize_weights_
 
@@ -19,6 +19,42 @@ BUDGETS_GB = (6, 8, 12, 24, 80)
 @pytest.fixture(scope="module")
 def official():
     return official_footprint()
+
+
+def test_the_plan_reserves_the_slots_the_streamer_allocates(official):
+    """Slots as large as the largest streamed block: where only single blocks stream (the larger double blocks
+    resident), single-block sized."""
+    from engine.offload import BlockStreamer
+    from engine.presets import FULL_DIT_CONFIG
+
+    dit = FramePackDiT.from_config(FULL_DIT_CONFIG, device="meta", dtype=torch.bfloat16)
+    doubles = len(dit.transformer_blocks)
+    plans = [plan_memory(official, budget * GiB, host_ram_bytes=64 * GiB) for budget in (12, 16, 20, 24)]
+    assert any(min(plan.streamed_blocks) >= doubles for plan in plans)  # the case where the sizes differ
+    for plan in plans:
+        streamer = BlockStreamer(dit.blocks, "meta", plan.streamed_blocks, prefetch=plan.prefetch,
+                                 keep=dit.modules_used_outside_blocks(), allocate=False)
+        assert (streamer.slot_count, streamer.slot_bytes) == (plan.slots, plan.slot_bytes)
+        streamer.close()
+
+
+def test_pinned_host_memory_is_counted_as_torch_allocates_it(official):
+    """Every pinned buffer is rounded up to a power of two by torch's caching host allocator: the plan's host RAM
+    holds the rounded per-block buffers BlockStreamer pins (and the Llama's staging buffers)."""
+    from engine.offload import BlockStreamer
+    from engine.presets import FULL_DIT_CONFIG
+
+    def rounded(nbytes):
+        return 1 << (nbytes - 1).bit_length()
+
+    dit = FramePackDiT.from_config(FULL_DIT_CONFIG, device="meta", dtype=torch.bfloat16)
+    plan = plan_memory(official, 12 * GiB, host_ram_bytes=64 * GiB)
+    assert plan.source == "pinned" and plan.placements["text_encoder"] == "stream"
+    streamer = BlockStreamer(dit.blocks, "meta", plan.streamed_blocks, prefetch=plan.prefetch,
+                             keep=dit.modules_used_outside_blocks(), allocate=False)
+    pinned = sum(rounded(layout.size) for layout in streamer.layouts)
+    streamer.close()
+    assert plan.host_bytes >= HOST_BASELINE_BYTES["cuda"] + pinned + 2 * rounded(plan.text_encoder_slot_bytes)
 
 
 @pytest.mark.parametrize("host_ram_gb", [None, 8, 64])
@@ -36,7 +72,8 @@ def test_full_model_plans_fit_their_budgets(official, host_ram_gb):
                                                 + plan.slots * plan.slot_bytes + plan.dit_activation_bytes)
         assert plan.vae_budget_bytes > 0 and plan.minimum_budget_bytes <= budget * GiB
         if plan.streams:
-            assert plan.slots == plan.prefetch + 1 and max(blocks) <= plan.slot_bytes < max(blocks) + 2**20
+            largest_streamed = max(blocks[i] for i in plan.streamed_blocks)
+            assert plan.slots == plan.prefetch + 1 and largest_streamed <= plan.slot_bytes < largest_streamed + 2**20
     # More memory never streams more, and 80 GB holds everything.
     streamed = [plan.bytes_streamed_per_step for plan in plans]
     assert streamed == sorted(streamed, reverse=True) and streamed[0] > 20 * GiB
@@ -48,8 +85,8 @@ def test_full_model_plans_fit_their_budgets(official, host_ram_gb):
         assert sources == ["mmap"] * 4 + ["none"]
     elif host_ram_gb == 64:
         assert sources == ["pinned"] * 4 + ["none"] and plans[0].host_bytes > plans[0].bytes_streamed_per_step
-    else:
-        assert sources == ["mmap"] * 3 + ["pinned", "none"] and plans[0].prefetch == 2
+    else:  # the 14 single blocks streamed at 24 GB would pin 7 GB (power-of-two allocations): too much of 8 GB
+        assert sources == ["mmap"] * 4 + ["none"] and plans[0].prefetch == 2
         assert plans[0].weight_source == "disk" and all(plan.host_bytes <= 0.8 * host for plan in plans)
 
 
@@ -144,6 +181,7 @@ def test_info_prints_the_plan_and_refuses_an_impossible_budget(capsys):
     assert main(["info", "--plan", "--vram-budget-gb", "6", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for cuda: budget 6.00 GB" in out and "blocks through" in out and "per step" in out
+    assert out.count("memory plan for") == 1 and "models: the official models" in out
     assert "expected host RAM" in out and "text encoder: stream" in out and "VAE tiling budget" in out
     assert main(["info", "--plan", "--vram-budget-gb", "3", "--device", "cuda"]) == 2
     assert re.search(r"the smallest budget that works is 4\.\d GB", capsys.readouterr().err)

@@ -3,6 +3,7 @@ streamed blocks' bytes, and no slot is refilled while the block using it compute
 
 import dataclasses
 import time
+import types
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def streaming_plan(dit, prefetch=1, resident=()):
     plan = plan_memory(Footprint(component, config, element_size), 2**40, device="cpu", resolution=64)
     streamed = tuple(i for i in range(len(dit.blocks)) if i not in resident)
     return dataclasses.replace(plan, resident_blocks=tuple(resident), streamed_blocks=streamed, prefetch=prefetch,
-                               slots=min(prefetch + 1, len(streamed)), slot_bytes=component.largest_slot,
+                               slots=min(prefetch + 1, len(streamed)), slot_bytes=component.slot_for(streamed),
                                source="mmap")
 
 
@@ -114,6 +115,114 @@ def test_a_lora_loaded_while_blocks_stream_reaches_them(tmp_path, mode):
     finally:
         placement.close()
     assert torch.equal(run(), expected)  # back on the host, the LoRA stays
+
+
+def test_a_lora_fused_into_pinned_blocks_unloads_and_reloads_exactly(tmp_path, monkeypatch):
+    """Pinned source (the CUDA path; plain host buffers stand in for the pinned ones here): the copy made before each
+    pass of a block whose weight a LoRA changed must not overwrite the original the LoRA keeps to restore."""
+    import engine.offload as offload
+    from engine.lora import LoraSet
+    from tests.utils import TINY_CONFIG
+    from tests.test_lora import write_kohya
+
+    monkeypatch.setattr(offload, "pinned_buffer", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    dit = random_dit(TINY_CONFIG, torch.device("cpu"), torch.float32, seed=2)
+    target = "transformer_blocks.1.ff.net.2"
+    layer = dit.linear_layers()[target]
+    generator = torch.Generator().manual_seed(0)
+    path = write_kohya(tmp_path / "lora.safetensors", {target: (torch.randn(2, layer.in_features, generator=generator),
+                                                                torch.randn(layer.out_features, 2, generator=generator),
+                                                                2.0)})
+    streamer = BlockStreamer(dit.blocks, "cpu", prefetch=1, keep=dit.modules_used_outside_blocks(), allocate=False)
+    streamer._pin_sources()  # what __init__ does with pinned=True on CUDA
+    position = streamer.position[id(dit.blocks[1])]
+    original = layer.weight.detach().clone()
+    loras = LoraSet(dit)
+    name = loras.load(path, 1.0, mode="fused")
+    fused = layer.weight.detach().clone()
+    streamer._refresh_source(position)  # before the block's next copy to the device
+    loras.unload(name)
+    streamer._refresh_source(position)
+    assert torch.equal(layer.weight, original)
+    loras.load(path, 1.0, mode="fused")
+    streamer._refresh_source(position)
+    assert not torch.equal(fused, original) and torch.equal(layer.weight, fused)
+    streamer.close()
+
+
+def test_close_points_pinned_blocks_back_at_their_loaded_tensors(monkeypatch):
+    """After close() no weight lives in the streamer's pinned buffers (so a re-plan does not pin a second copy while
+    the first can never be freed); a weight changed since pinning keeps its new values. Plain host buffers stand in
+    for the pinned ones."""
+    import engine.offload as offload
+
+    pinned = []
+
+    def host_buffer(nbytes):
+        pinned.append(torch.empty(nbytes, dtype=torch.uint8))
+        return pinned[-1]
+
+    monkeypatch.setattr(offload, "pinned_buffer", host_buffer)
+    blocks = nn.ModuleList([nn.Linear(64, 64) for _ in range(3)])
+    loaded = [block.weight.data_ptr() for block in blocks]
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1, allocate=False)
+    streamer._pin_sources()  # what __init__ does with pinned=True on CUDA
+    assert all(block.weight.data_ptr() != pointer for block, pointer in zip(blocks, loaded))
+    changed = torch.randn(64, 64)
+    blocks[1].weight.data = changed.clone()  # as a fused LoRA does
+    streamer._refresh_source(1)
+    streamer.close()
+
+    def in_pinned(tensor):
+        return any(buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + buffer.numel() for buffer in pinned)
+
+    assert not any(in_pinned(tensor) for tensor in blocks.parameters())
+    assert blocks[0].weight.data_ptr() == loaded[0] and blocks[2].weight.data_ptr() == loaded[2]
+    assert torch.equal(blocks[1].weight, changed)
+
+
+def test_a_lora_fused_into_a_block_on_the_device_stays_when_it_goes_back_to_the_host(tmp_path):
+    """A resident block (ModuleHome) on the device when a LoRA is fused: moving it back to the host (a re-plan) keeps
+    the fused weight, and unloading then restores the original. The device copy is a float64 one here, a distinct
+    tensor as on CUDA."""
+    from engine.lora import LoraSet
+    from tests.utils import TINY_CONFIG
+    from tests.test_lora import write_kohya
+
+    target = "transformer_blocks.1.ff.net.2"
+    dit, reference = (random_dit(TINY_CONFIG, torch.device("cpu"), torch.float32, seed=2) for _ in range(2))
+    layer = dit.linear_layers()[target]
+    generator = torch.Generator().manual_seed(0)
+    path = write_kohya(tmp_path / "lora.safetensors", {target: (torch.randn(2, layer.in_features, generator=generator),
+                                                                torch.randn(layer.out_features, 2, generator=generator),
+                                                                2.0)})
+    LoraSet(reference).load(path, 1.0, mode="fused")
+    fused, original = reference.linear_layers()[target].weight.detach(), layer.weight.detach().clone()
+    home = ModuleHome(dit.blocks[1], "cpu", torch.float64)
+    home.to_device()
+    loras = LoraSet(dit)
+    name = loras.load(path, 1.0, mode="fused")
+    home.to_host()
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, fused)
+    assert not torch.equal(fused, original)
+    home.to_device()
+    assert torch.equal(layer.weight, fused.double())  # the next placement carries it
+    home.to_host()
+    loras.unload(name)
+    assert torch.equal(layer.weight, original)
+
+
+@pytest.mark.gpu
+def test_a_lora_fused_on_a_cuda_resident_layer_survives_to_host():
+    from engine.lora import _put
+
+    layer = nn.Linear(16, 16)
+    home = ModuleHome(layer, "cuda")
+    home.to_device()
+    fused = torch.randn(16, 16)
+    _put(layer.weight, fused.cuda())
+    home.to_host()
+    assert layer.weight.device.type == "cpu" and torch.equal(layer.weight, fused)
 
 
 @pytest.mark.slow
@@ -299,6 +408,88 @@ def test_a_failing_block_leaves_the_streamer_usable():
         streamer.close()
 
 
+def test_an_abandoned_pass_reads_no_more_blocks_and_its_copy_error_is_not_raised_later(monkeypatch):
+    import threading
+
+    import engine.offload as offload
+
+    generator = torch.Generator().manual_seed(3)
+    blocks = nn.ModuleList([SlowBlock(16, generator, seconds=0.0) for _ in range(5)])
+    x = torch.randn(2, 16, generator=generator)
+    expected = run_blocks(blocks, iter, x)
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    second_block_tried = threading.Event()
+    fills = []
+    fill = offload._Layout.fill
+
+    def failing_once_fill(layout, buffer):
+        if layout is streamer.layouts[1] and not second_block_tried.is_set():
+            second_block_tried.set()
+            raise OSError("injected read error")
+        time.sleep(0.02)  # every later acquire waits for its copy, so it would see a left-over error
+        fills.append(layout)
+        fill(layout, buffer)
+
+    monkeypatch.setattr(offload._Layout, "fill", failing_once_fill)
+
+    def wait_for_the_failed_copy(module, args):
+        second_block_tried.wait(10)
+
+    blocks[0].register_forward_pre_hook(wait_for_the_failed_copy)
+    try:
+        with pytest.raises(RuntimeError, match="shape"):
+            within(30, lambda: run_blocks(blocks, streamer, torch.randn(2, 7)))  # the first block fails
+        assert within(30, lambda: run_blocks(blocks, streamer, x)).equal(expected)
+    finally:
+        within(30, streamer.close)
+
+    # A job of a pass that has ended returns before reading its block (the CUDA path reads into staging first).
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    streamer.cuda = True
+    streamer._staging = [torch.empty(streamer.slot_bytes, dtype=torch.uint8) for _ in range(2)]
+    streamer._staging_done = [types.SimpleNamespace(synchronize=lambda: None) for _ in range(2)]  # no copies pending
+    fills.clear()
+    streamer._fill(streamer._pass - 1, 2)
+    streamer.cuda = False
+    streamer.close()
+    assert not fills and all(slot.state == "free" for slot in streamer._slots)
+
+
+def test_a_bare_cuda_device_gets_the_current_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert BlockStreamer([], "cuda").device == torch.device("cuda", 3)
+
+
+def test_a_worker_that_cannot_start_makes_acquire_raise_instead_of_waiting_forever():
+    """The worker's first CUDA call failing (here: set_device of an index-less device, what __init__ used to keep)
+    reaches the caller as an error; free() and close() still return. The CUDA flags are set on a CPU streamer: the
+    failure happens before any other CUDA call."""
+    blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    streamer.cuda, streamer.device = True, torch.device("cuda")
+    for _ in range(2):  # the next pass starts a new worker, which fails the same way
+        with pytest.raises(RuntimeError, match="copying a block's weights failed"):
+            within(10, lambda: streamer.acquire(blocks[0]))
+    streamer.cuda = False
+    within(10, streamer.close)
+    assert not streamer._pending and streamer._jobs.empty()
+
+
+def test_a_streamer_dropped_without_close_lets_the_model_go_and_its_worker_ends():
+    import gc
+    import weakref
+
+    blocks = nn.ModuleList([nn.Linear(32, 32) for _ in range(4)])
+    streamer = BlockStreamer(blocks, "cpu", prefetch=1)
+    run_blocks(blocks, streamer, torch.randn(2, 32))
+    worker, block, dropped = streamer._worker, weakref.ref(blocks[0]), weakref.ref(streamer)
+    del blocks, streamer
+    gc.collect()
+    assert dropped() is None and block() is None
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def test_hooks_stream_the_layers_of_a_model_that_loops_itself():
     """The Llama text encoder's layers stream around their own forward calls, converted to the compute dtype."""
     encoder = tiny_text_encoder(torch.Generator().manual_seed(0))
@@ -334,6 +525,25 @@ def test_module_home_moves_without_copying_back():
     assert home.on_device and module.weight.dtype == torch.float32
     home.to_host()
     assert module.weight.data_ptr() == host.data_ptr() and module.weight.dtype == torch.bfloat16
+
+
+def test_module_home_failing_half_way_to_the_device_stays_on_the_host():
+    """Out of memory on the third tensor: the two already copied are let go, the module is as before."""
+
+    class OutOfMemoryOnMove(torch.Tensor):
+        def to(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("out of memory (injected)")
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    loaded = [parameter.data_ptr() for parameter in module.parameters()]
+    home = ModuleHome(module, "cpu", torch.float64)  # float64 "device" copies: distinct tensors, as on CUDA
+    home.host[2] = home.host[2].as_subclass(OutOfMemoryOnMove)
+    with pytest.raises(torch.OutOfMemoryError):
+        with home.in_use():
+            pass
+    assert not home.on_device
+    assert [parameter.data_ptr() for parameter in module.parameters()] == loaded
+    assert all(parameter.dtype == torch.float32 for parameter in module.parameters())
 
 
 @pytest.mark.gpu
