@@ -30,7 +30,7 @@ from typing import Iterable
 
 import torch
 
-from engine.buckets import find_nearest_bucket
+from engine.buckets import VAE_SPATIAL_COMPRESSION, find_nearest_bucket
 from engine.dit import DiTConfig
 from engine.errors import FramePackError
 from engine.flops import PackedSequence, packed_sequence
@@ -40,7 +40,6 @@ from engine.sections import CLEAN_1X_FRAMES, CLEAN_2X_FRAMES, CLEAN_4X_FRAMES
 GiB = 2**30
 MAX_PROMPT_TOKENS = 256  # engine.conditioning.MAX_PROMPT_TOKENS: the prompt's Llama tokens after the template
 SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px: a 27 x 27 grid
-VAE_SPATIAL_COMPRESSION = 8
 # The DiT's working set per packed token, fitted to the peak of live tensors measured (torch profiler, CPU) over
 # several widths, MLP ratios and dtypes and rounded up (tests/test_memory.py keeps the fit honest): this many hidden
 # vectors in the model's dtype besides one MLP vector, this many in float32 (norm and rotary temporaries), and this
