@@ -549,12 +549,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def require_server_packages() -> None:
-    for package in ("fastapi", "uvicorn", "multipart"):
-        try:
-            __import__(package)
-        except ImportError:
+    import importlib.util
+
+    # python-multipart installs as `python_multipart` (the old name `multipart` warns on import)
+    for package in ("fastapi", "uvicorn", "python_multipart"):
+        if importlib.util.find_spec(package) is None:
             raise FramePackError("framepack serve needs the server packages: pip install "
-                                 "\"framepack-engine[serve]\" (fastapi, uvicorn, python-multipart).") from None
+                                 "\"framepack-engine[serve]\" (fastapi, uvicorn, python-multipart).")
 
 
 def load_engines(model_settings, preset: str | None, devices: list[str]) -> list[tuple[str, object]]:

@@ -385,3 +385,14 @@ def test_serve_refuses_a_state_directory_another_server_uses(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and "Another framepack serve is using this state directory" in error[0]
     assert str(tmp_path) not in error[0]
+
+
+def test_missing_server_packages_are_named_with_the_install(monkeypatch):
+    import importlib.util
+
+    from engine.server import require_server_packages
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    with pytest.raises(FramePackError, match=r"framepack-engine\[serve\]"):
+        require_server_packages()
