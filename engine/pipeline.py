@@ -189,6 +189,28 @@ class Engine:
         # Said once per generation, e.g. that a preset's random weights make noise.
         self.notice = notice
         self.loras = loras if loras is not None else LoraSet(transformer)
+        self.closed = False
+
+    def close(self) -> None:
+        """Gives back what the engine holds outside its models: the memory plan's device slots, pinned host buffers
+        and the block streamer's thread, with every model put back on the host as loaded; then the freed host and
+        device memory. The engine generates no more after this (a notebook's way to free the GPU without ending
+        the process). Safe to call twice; `with Engine.from_pretrained(...) as engine:` calls it on leaving."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.placement is not None:
+            self.placement.close()
+            self.placement = None
+        release_freed_host_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- construction ---------------------------------------------------------------------------------------------
 
@@ -354,6 +376,8 @@ class Engine:
         resume: a finished section's `checkpoint`: the generation goes on after it (prompts and images are encoded
         again, which is cheap next to a section; the sections before it are not sampled again).
         """
+        if self.closed:
+            raise FramePackError("This engine is closed: load the model again (Engine.from_pretrained) to generate.")
         settings = self.settings(prompt, **options)
         step_caches = step_caches or StepCaches.from_settings(settings, model=self.name)
         check_inputs_for_variant(self.variant, image, end_image, input_video)

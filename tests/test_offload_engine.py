@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from engine import Engine
 from engine.dit import FramePackDiT
+from engine.errors import FramePackError
 from engine.memory import GiB, Placement
 from engine.presets import randomize_weights_
 from tests.fixtures import (TINY_DIT_CONFIG, flux_redux_folder, framepack_transformer_folder,  # noqa: F401
@@ -173,3 +174,21 @@ def test_bench_compares_resident_and_streamed_on_the_same_weights(monkeypatch):
     assert streamed["bytes_streamed_per_step"] == sum(tensor_bytes(block, skip=kept) for block in meta.blocks)
     assert streamed["memory"]["host_rss_anon_peak_bytes"] > 0
     assert results["comparisons"][1]["output_relative_error_vs_reference"] == 0.0
+
+
+def test_closing_a_streamed_engine_gives_its_slots_and_thread_back(framepack_transformer_folder,
+                                                                   hunyuan_video_base_folder, flux_redux_folder):
+    import threading
+
+    folders = (framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_folder)
+    with load(*folders) as resident:
+        minimum = resident.memory_plan.minimum_budget_bytes
+    with load(*folders, vram_budget_gb=minimum / GiB) as engine:
+        streamer = engine.placement.streamer()
+        engine.generate("a cat walks", image=gradient_image(), **FAST)
+        assert any(thread.name == "block-streamer" and thread.is_alive() for thread in threading.enumerate())
+    assert engine.placement is None and not streamer.allocated
+    assert not any(thread.name == "block-streamer" and thread.is_alive() for thread in threading.enumerate())
+    engine.close()  # twice is fine
+    with pytest.raises(FramePackError, match="closed"):
+        engine.generate("a cat walks", image=gradient_image(), **FAST)
