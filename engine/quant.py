@@ -30,6 +30,7 @@ and assigns the memory-mapped tensors, so no full-precision copy ever exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -401,6 +402,8 @@ def write_quantized_checkpoint(source, out: str | Path, scheme: QuantScheme, all
 def _write_quantized_files(source, out: Path, scheme: QuantScheme, config: dict, allow_download, log,
                            written: list[Path]) -> None:
     """write_quantized_checkpoint's files, each published whole or not at all; `written` lists those published."""
+    from safetensors.torch import save_file
+
     from engine.dit import FramePackDiT
     from engine.loading import dit_source_shards
 
@@ -419,39 +422,36 @@ def _write_quantized_files(source, out: Path, scheme: QuantScheme, config: dict,
             tensors = {}
             for _, read in shards:
                 tensors.update(_quantize_shard(read(), quantized, scheme))
-            _save_shard(tensors, out, metadata, written)
+            with _publish(out, written) as temporary:
+                save_file(tensors, str(temporary), metadata=metadata)
             log(f"wrote {out.name}")
             return
         out.mkdir(parents=True, exist_ok=True)
         for shard_name, read in shards:
             tensors = _quantize_shard(read(), quantized, scheme)
-            _save_shard(tensors, out / shard_name, metadata, written)
+            with _publish(out / shard_name, written) as temporary:
+                save_file(tensors, str(temporary), metadata=metadata)
             weight_map.update({key: shard_name for key in tensors})
             log(f"wrote {shard_name} ({len(tensors)} tensors)")
             del tensors
     if len(written) > 1:
         total = sum(path.stat().st_size for path in written)
         index = {"metadata": {"total_size": total, **scheme.metadata()}, "weight_map": weight_map}
-        _publish_text(out / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2), written)
+        with _publish(out / "diffusion_pytorch_model.safetensors.index.json", written) as temporary:
+            temporary.write_text(json.dumps(index, indent=2))
     # Last: a folder with a config.json is a loadable model, so an interrupted run never looks like one.
-    _publish_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True), written)
+    with _publish(out / "config.json", written) as temporary:
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], written: list[Path]) -> None:
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def _publish(path: Path, written: list[Path]):
+    """A temporary path to write `path`'s content to; published whole (an atomic rename) and listed in `written`
+    when the block succeeds, removed when it fails."""
     from engine.video import atomic_path
 
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-    written.append(path)
-
-
-def _publish_text(path: Path, text: str, written: list[Path]) -> None:
-    from engine.video import atomic_path
-
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        yield temporary
     written.append(path)
 
 
