@@ -454,11 +454,13 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
 
     # Streamed blocks come from pinned host copies when the host RAM can hold them; else from the mapped file, where
     # reads vary (page cache or disk) and a second block in flight absorbs that.
+    def pinned_source_bytes(streamed_blocks) -> int:  # a pinned buffer per streamed block
+        return sum(pinned_allocation_bytes(dit.slot_for([index])) for index in streamed_blocks)
+
     source_pinned = False
     if device == "cuda" and pinned is not False:
         choice = arrange(extra_slot=False)
-        pinned_bytes = sum(pinned_allocation_bytes(dit.slot_for([i])) for i in range(len(blocks))
-                           if i not in choice.resident)
+        pinned_bytes = pinned_source_bytes(i for i in range(len(blocks)) if i not in choice.resident)
         source_pinned = bool(pinned) or (host_ram_bytes is not None and HOST_BASELINE_BYTES[device] + pinned_bytes
                                          <= PINNED_SHARE * host_ram_bytes)
     if not source_pinned:
@@ -487,8 +489,8 @@ def plan_memory(footprint: Footprint, budget_bytes: int, *, device: str = "cuda"
 
     host = HOST_BASELINE_BYTES.get(device, GiB)
     if device == "cuda":
-        if source_pinned:  # a pinned buffer per streamed block
-            host += sum(pinned_allocation_bytes(dit.slot_for([i])) for i in streamed)
+        if source_pinned:
+            host += pinned_source_bytes(streamed)
         elif streamed:  # two pinned staging buffers
             host += 2 * pinned_allocation_bytes(slot)
         host += 2 * pinned_allocation_bytes(text.largest_slot) if text_streams else 0  # the Llama's staging buffers
