@@ -507,7 +507,7 @@ class Worker(threading.Thread):
         closing_error = self._close(output)
         if closing_error is not None and state in ("done", "cancelled"):  # its video is not what it says
             state, error = "failed", closing_error
-        frames = output.writer.frames_written if output.writer is not None else 0  # what the file holds
+        frames = output.frames_written
         if state is None:  # the server is shutting down: the job goes on after its last finished section next time
             store.requeue(job.id, frames)
             return

@@ -39,6 +39,11 @@ class SectionOutputFile:
         """The file's path once a section is in it (what an abort or a writer failure leaves), else None."""
         return None if self.writer is None else self.writer.published
 
+    @property
+    def frames_written(self) -> int:
+        """Frames in the file now (`frame_count` counts those handed over, some maybe still being encoded)."""
+        return 0 if self.writer is None else self.writer.frames_written
+
     def close(self) -> Path | None:
         """Writes the frames still pending a crossfade (the video ends here), waits for the encoder and returns the
         file's path, or None when no section finished. After a writer failure (already reported) it returns what
