@@ -20,8 +20,8 @@ def cuda_extensions():
     if CUDA_HOME is None or torch.version.cuda is None:
         raise SystemExit("FRAMEPACK_BUILD_CUDA=1 needs nvcc and a CUDA build of PyTorch; unset it to use the Triton fallback.")
     sources = sorted(str(p) for p in Path("csrc").glob("*.cu")) + sorted(str(p) for p in Path("csrc").glob("*.cpp"))
-    # A top-level module (not engine._cuda_ops): kernels/cuda_ops.py loads it, and kernels/ never imports engine/.
-    extension = CUDAExtension("framepack_cuda_ops", sources, include_dirs=[str(Path("csrc").resolve())],
+    # Inside framepack_kernels (kernels/cuda_ops.py loads it), which never imports framepack_engine.
+    extension = CUDAExtension("framepack_kernels._cuda_ops", sources, include_dirs=[str(Path("csrc").resolve())],
                               extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     return {"build_ext": BuildExtension}, [extension]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.benchmark import add_bench_arguments, command_bench
-from engine.errors import FramePackError
+from framepack_engine.commands.bench import add_bench_arguments, command_bench
+from framepack_engine.errors import FramePackError
 
 
 def main(argv=None) -> int:

@@ -23,11 +23,11 @@ from typing import Callable
 
 import torch
 
-from kernels import cuda_ops
-from kernels.attention import packed_attention, packed_attention_reference
-from kernels.launch import interpreting
-from kernels.reference import random_rope_tables, relative_error
-from kernels.norm import (
+from framepack_kernels import cuda_ops
+from framepack_kernels.attention import packed_attention, packed_attention_reference
+from framepack_kernels.launch import interpreting
+from framepack_kernels.reference import random_rope_tables, relative_error
+from framepack_kernels.norm import (
     gated_residual,
     gated_residual_layer_norm_modulate,
     gated_residual_layer_norm_modulate_reference,
@@ -37,7 +37,7 @@ from kernels.norm import (
     rms_norm_rotary,
     rms_norm_rotary_reference,
 )
-from kernels.patchify import PatchGroup, packed_patchify, packed_patchify_reference
+from framepack_kernels.patchify import PatchGroup, packed_patchify, packed_patchify_reference
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ def _triton_runs(device) -> str | None:
 
 
 def attention_case(shapes: Shapes, device, dtype, padded=False) -> Case:
-    from engine.attention import sdpa_attention
-    from engine.attention_backends import flash_attention, sage_attention
+    from framepack_engine.runtime.attention import sdpa_attention
+    from framepack_engine.runtime.attention_backends import flash_attention, sage_attention
 
     batch = 2 if padded else shapes.batch
     tokens, heads, head_dim = shapes.tokens, shapes.heads, shapes.head_dim
@@ -222,8 +222,8 @@ def quant_matmul_case(shapes, device, dtype, scheme_name) -> Case:
     """The MLP's up projection (hidden -> 4 * hidden) over a section's tokens with a quantized weight: the Triton
     dequantizing matmul, the plain path (dequantize, then matmul) and the float weight it stands for (the cuBLAS
     matmul it replaces); fp8 also through torch._scaled_mm on fp8 tensor cores."""
-    from engine.quant import QuantScheme, quantize_weight
-    from kernels.quant_matmul import fp8_scaled_matmul, quantized_matmul, quantized_matmul_reference
+    from framepack_engine.runtime.quant import QuantScheme, quantize_weight
+    from framepack_kernels.quant_matmul import fp8_scaled_matmul, quantized_matmul, quantized_matmul_reference
 
     scheme = QuantScheme(*{"int4": ("int4", 64)}.get(scheme_name, (scheme_name,)))
     rows, in_features, out_features = shapes.tokens, shapes.hidden, 4 * shapes.hidden

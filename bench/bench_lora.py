@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.dit import FramePackDiT
-from engine.history import HistoryContext
-from engine.lora import LoraSet
-from engine.presets import DIT_PRESETS, randomize_weights_
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.models.history import HistoryContext
+from framepack_engine.runtime.lora import LoraSet
+from framepack_engine.models.presets import DIT_PRESETS, randomize_weights_
 
 
 def write_random_lora(path: Path, dit: FramePackDiT, rank: int, seed: int) -> Path:

@@ -57,7 +57,7 @@ def run_server_side(jobs: int, state_dir: Path) -> dict:
     port = free_port()
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(state_dir.parent / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--preset", "tiny", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "framepack_engine.commands.main", "serve", "--preset", "tiny", "--port", str(port),
                                "--state-dir", str(state_dir), "--max-queued", str(jobs)],
                               stdout=log, stderr=subprocess.STDOUT, env=environment)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -126,8 +126,8 @@ def run_server_side(jobs: int, state_dir: Path) -> dict:
 def run_api_side(jobs: int, folder: Path) -> dict:
     import resource
 
-    from engine import Engine
-    from engine.output import SectionOutputFile
+    from framepack_engine import Engine
+    from framepack_engine.media.output import SectionOutputFile
 
     engine = Engine.from_preset("tiny")
     engine.notice = None

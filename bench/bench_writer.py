@@ -51,7 +51,7 @@ class FrameSource:
 
 
 def run_writer(args) -> dict:
-    import engine.video as video
+    import framepack_engine.media.video as video
 
     joining = [0.0]
     publish = video._VideoSink.publish
@@ -83,7 +83,7 @@ def run_writer(args) -> dict:
 def run_one_encode(args) -> dict:
     import av
 
-    from engine.encoders import encoder_settings, open_video_stream
+    from framepack_engine.media.codecs import encoder_settings, open_video_stream
 
     source = FrameSource(args.height, args.width)
     lengths = section_lengths(args.seconds, args.fps)
@@ -110,9 +110,9 @@ def run_engine(args) -> dict:
     generation, outside its measured peak, replayed through the writer alone (flushing after every section, so each
     is joined into the file) and compared with one encode of the final frames: while the engine samples, the writer's
     thread shares the cores with torch, so only the replay separates the encoding's own cost (wall and CPU)."""
-    import engine.video as video
-    from engine import Engine
-    from engine.output import SectionOutputFile
+    import framepack_engine.media.video as video
+    from framepack_engine import Engine
+    from framepack_engine.media.output import SectionOutputFile
 
     variant = "f1" if args.direction == "forward" else "bidirectional"
     engine = Engine.from_preset("tiny", variant=variant)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
-KERNEL_MODULES = ("kernels.attention", "kernels.norm", "kernels.patchify")
+KERNEL_MODULES = ("framepack_kernels.attention", "framepack_kernels.norm", "framepack_kernels.patchify")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "framepack" / "kernel-resources"
 
 
@@ -143,7 +143,7 @@ class Launch:
 
 
 def _keep_rules():
-    from kernels import attention, patchify
+    from framepack_kernels import attention, patchify
 
     return {"_packed_attention_kernel": attention.kept_configs, "_patch_embed_kernel": patchify.kept_gemm_configs}
 
@@ -200,10 +200,10 @@ def capture_launches(shapes: Shapes) -> list[Launch]:
 
     import torch
 
-    from kernels.attention import packed_attention
-    from kernels.norm import gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate, rms_norm_rotary
-    from kernels.patchify import PatchGroup, packed_patchify
-    from kernels.reference import rope_pool
+    from framepack_kernels.attention import packed_attention
+    from framepack_kernels.norm import gated_residual, gated_residual_layer_norm_modulate, layer_norm_modulate, rms_norm_rotary
+    from framepack_kernels.patchify import PatchGroup, packed_patchify
+    from framepack_kernels.reference import rope_pool
 
     dtype = getattr(torch, shapes.dtype)
 

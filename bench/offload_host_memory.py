@@ -44,7 +44,7 @@ POOL_VALUES = 1 << 26  # 64 Mi random values per file, sliced for every matrix (
 
 
 def small_tensor(name: str, shape, seed: int) -> torch.Tensor:
-    """A vector as engine.presets.randomize_weights_ draws it: norm weights near 1, small biases."""
+    """A vector as framepack_engine.models.presets.randomize_weights_ draws it: norm weights near 1, small biases."""
     values = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     return values.mul_(0.1).add_(1.0) if "norm" in name and name.endswith("weight") else values.mul_(0.05)
 
@@ -109,10 +109,10 @@ def write_checkpoints(scratch: Path, log) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, SiglipVisionConfig, \
         SiglipVisionModel
 
-    from engine.dit import FramePackDiT
-    from engine.memory import OFFICIAL_CLIP, OFFICIAL_LLAMA, OFFICIAL_SIGLIP
-    from engine.presets import FULL_DIT_CONFIG, tiny_clip_tokenizer, tiny_llama_tokenizer
-    from engine.vae import HunyuanVideoVAE
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.models.footprints import OFFICIAL_CLIP, OFFICIAL_LLAMA, OFFICIAL_SIGLIP
+    from framepack_engine.models.presets import FULL_DIT_CONFIG, tiny_clip_tokenizer, tiny_llama_tokenizer
+    from framepack_engine.models.vae import HunyuanVideoVAE
 
     paths = {"transformer": scratch / "FramePackI2V_HY", "base": scratch / "HunyuanVideo",
              "image_encoder": scratch / "flux_redux_bfl"}
@@ -188,8 +188,11 @@ def read_bytes() -> int:
 
 def measure_dit(paths: dict) -> dict:
     """One DiT call at a small latent size, every block streamed from the mapped shards."""
-    from engine.dit import FramePackDiT
-    from engine.memory import AnonymousMemoryPeak, DiTPlacement, Footprint, dit_footprint, plan_memory
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.runtime.host_memory import AnonymousMemoryPeak
+    from framepack_engine.runtime.placement import DiTPlacement
+    from framepack_engine.runtime.planner import plan_memory
+    from framepack_engine.models.footprints import engine_footprint
 
     evict(paths["transformer"])
     size, window, text_tokens, image_tokens = (64, 64), 1, 16, 16
@@ -197,7 +200,7 @@ def measure_dit(paths: dict) -> dict:
     with AnonymousMemoryPeak() as peak:
         dit = FramePackDiT.from_pretrained(paths["transformer"], dtype=torch.bfloat16).eval()
         dit.set_output_precision(True)
-        footprint = Footprint(*dit_footprint(dit))
+        footprint = engine_footprint(dit)
         options = dict(device="cpu", size=size, latent_window_size=window, text_tokens=text_tokens,
                        image_tokens=image_tokens)
         smallest = plan_memory(footprint, 2**62, **options).minimum_budget_bytes
@@ -225,8 +228,10 @@ def measure_dit(paths: dict) -> dict:
 def measure_text(paths: dict) -> dict:
     """One prompt through Llama 8B (its layers streamed from the mapped shards) and CLIP-L, in float32 as the
     engine runs encoders on a CPU."""
-    from engine.conditioning import TextEncoder
-    from engine.memory import AnonymousMemoryPeak, Placement, official_plan
+    from framepack_engine.models.conditioning import TextEncoder
+    from framepack_engine.runtime.host_memory import AnonymousMemoryPeak
+    from framepack_engine.runtime.placement import Placement
+    from framepack_engine.models.footprints import official_plan
 
     evict(paths["base"] / "text_encoder")
     reads, start = read_bytes(), time.perf_counter()
@@ -250,8 +255,8 @@ def measure_text(paths: dict) -> dict:
 def measure_generate(paths: dict) -> dict:
     """The whole path through the Engine: load under a 6 GB plan (the engine's encoders run in float32 on a CPU), then
     one section (one step) at 64 px."""
-    from engine import Engine
-    from engine.memory import AnonymousMemoryPeak
+    from framepack_engine import Engine
+    from framepack_engine.runtime.host_memory import AnonymousMemoryPeak
 
     for folder in paths.values():
         evict(folder)

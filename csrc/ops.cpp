@@ -1,5 +1,5 @@
 // PyTorch binding of the CUDA glue ops: torch.ops.framepack.{layer_norm_modulate, gated_residual,
-// gated_residual_layer_norm_modulate}. Importing the built module `framepack_cuda_ops` registers them;
+// gated_residual_layer_norm_modulate}. Importing the built module `framepack_kernels._cuda_ops` registers them;
 // kernels/cuda_ops.py does that and falls back to the Triton twins when the module was not built.
 #include <Python.h>
 
@@ -110,7 +110,7 @@ TORCH_LIBRARY_IMPL(framepack, CUDA, m) {
 }
 
 // The ops register themselves when the library is loaded; Python only needs an importable module to load it.
-extern "C" PyObject* PyInit_framepack_cuda_ops(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "framepack_cuda_ops", nullptr, -1, nullptr};
+extern "C" PyObject* PyInit__cuda_ops(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "framepack_kernels._cuda_ops", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }

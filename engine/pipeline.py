@@ -1,10 +1,10 @@
 """Engine: the public API that turns a prompt and images into a video, section by section.
 
 One generation, as the official app does it:
-  1. the settings are checked (engine.settings), the images read and fitted to a resolution bucket;
+  1. the settings are checked (framepack_engine.settings), the images read and fitted to a resolution bucket;
   2. every prompt work is done up front: each section's prompt (and the negative) through Llama + CLIP-L, the start
      (and end) image through SigLIP and the VAE; then the encoders can be released;
-  3. engine.runner.run_sections samples each section of the plan (engine.sections) with the DiT, puts it into the
+  3. framepack_engine.generation.runner.run_sections samples each section of the plan (framepack_engine.generation.sections) with the DiT, puts it into the
      latent history, decodes it and crossfades it into the video.
 """
 
@@ -20,19 +20,21 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from engine import sections
-from engine.buckets import find_nearest_bucket
-from engine.conditioning import PromptEmbedding
-from engine.errors import FramePackError
-from engine.images import image_to_pixels, load_image, load_video_frames, resize_and_center_crop
-from engine.lora import LoraSet
-from engine.memory import release_freed_host_memory
-from engine.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
-from engine.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
-from engine.settings import GenerationSettings
-from engine.step_cache import StepCaches
-from engine.vae import decode_tiling
-from engine.video import Video
+from framepack_engine.errors import FramePackError
+from framepack_engine.generation import sections
+from framepack_engine.generation.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
+from framepack_engine.generation.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
+from framepack_engine.generation.step_cache import StepCaches
+from framepack_engine.loading import load_engine, place_models, transform_dit, transform_text_encoder
+from framepack_engine.media.images import image_to_pixels, resize_and_center_crop
+from framepack_engine.media.video import Video
+from framepack_engine.models.conditioning import PromptEmbedding
+from framepack_engine.models.presets import build_preset_engine
+from framepack_engine.models.vae import decode_tiling
+from framepack_engine.resolve import Request, ResolvedModels, resolve_models, resolve_request
+from framepack_engine.runtime.host_memory import release_freed_host_memory
+from framepack_engine.runtime.lora import LoraSet
+from framepack_engine.settings import GenerationSettings, ModelSettings
 
 
 class GenerationCancelled(Exception):
@@ -141,37 +143,18 @@ def parse_section_prompts(section_prompts, prompt: str, count: int, seconds_per_
             for position in video_positions]
 
 
-def generation_mode(image, end_image, input_video) -> str:
-    """t2v, i2v, flf2v or extend: the mode follows the inputs."""
-    if input_video is not None:
-        return "extend"
-    if end_image is not None:
-        return "flf2v"
-    return "i2v" if image is not None else "t2v"
-
-
-def check_inputs_for_variant(variant: str, image, end_image, input_video) -> None:
-    """The input combinations a model can take; checked before anything loads."""
-    if end_image is not None and image is None:
-        raise FramePackError("An end image needs a start image too: pass image=... with end_image=... .")
-    if end_image is not None and variant != "bidirectional":
-        raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop end_image or load that model.")
-    if input_video is not None and variant != "f1":
-        raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with variant='f1'.")
-
-
 class Engine:
     """A loaded FramePack model: DiT, VAE, text and image encoders, on one device."""
 
     def __init__(self, transformer, vae, text_encoder, image_encoder=None, variant: str = "bidirectional",
                  device="cpu", dtype=torch.bfloat16, name: str = "framepack", notice: str | None = None,
                  default_resolution: int = 640, release_encoders: bool = False, loras=None, placement=None):
-        """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: engine.conditioning.TextEncoder (or any
-        object whose encode(prompt) gives a PromptEmbedding); image_encoder: engine.conditioning.ImageEncoder.
+        """transformer: FramePackDiT; vae: HunyuanVideoVAE; text_encoder: framepack_engine.models.conditioning.TextEncoder (or any
+        object whose encode(prompt) gives a PromptEmbedding); image_encoder: framepack_engine.models.conditioning.ImageEncoder.
         release_encoders: drop the text and image encoders once a generation's prompts and images are encoded
         (frees their memory for the DiT; later generations can then only reuse prompts already encoded).
-        loras: the engine.lora.LoraSet already attached to the transformer (the loader's), else an empty one.
-        placement: an engine.memory.Placement (the memory plan applied to these models), or None when every model
+        loras: the framepack_engine.runtime.lora.LoraSet already attached to the transformer (the loader's), else an empty one.
+        placement: an framepack_engine.runtime.planner.Placement (the memory plan applied to these models), or None when every model
         simply stays where it is."""
         if variant not in sections.VARIANTS:
             raise FramePackError(f"Unknown variant {variant!r}: choose 'bidirectional' or 'f1'.")
@@ -217,14 +200,11 @@ class Engine:
     @classmethod
     def from_pretrained(cls, *, allow_download: bool | None = None, cache_dir=None, release_encoders: bool = False,
                         **options) -> "Engine":
-        """Options (engine.settings.ModelSettings): transformer, base, image_encoder (each a Hugging Face repo id,
+        """Options (framepack_engine.settings.ModelSettings): transformer, base, image_encoder (each a Hugging Face repo id,
         looked up in the local cache first and downloaded when allowed, or a local folder in the repo's layout, or
         for the transformer a single .safetensors file), variant ("auto" reads "F1" in the transformer's name),
         device, dtype (a torch dtype or its name), attention, fused_kernels, vram_budget_gb (the memory planner's
         budget: what does not fit streams), memory_margin_gb, quantize (fp8, int8, int4), fp8_compute, offline."""
-        from engine.loading import load_engine
-        from engine.settings import ModelSettings
-
         if isinstance(options.get("dtype"), torch.dtype):
             options["dtype"] = str(options["dtype"]).removeprefix("torch.")
         if options.get("device") is not None:
@@ -232,31 +212,43 @@ class Engine:
         for key in ("transformer", "base", "image_encoder"):
             if options.get(key) is not None:
                 options[key] = str(options[key])
-        settings = ModelSettings.from_options(**options)
-        return load_engine(cls, settings, allow_download=allow_download, cache_dir=cache_dir,
-                           release_encoders=release_encoders)
+        return cls.from_resolved(resolve_models(ModelSettings.from_options(**options)), allow_download=allow_download,
+                                 cache_dir=cache_dir, release_encoders=release_encoders)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", variant: str = "bidirectional", device="cpu", seed: int = 0) -> "Engine":
-        from engine.presets import build_preset_engine
-
         return build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
 
     @classmethod
-    def from_settings(cls, settings, preset: str | None = None) -> "Engine":
+    def from_settings(cls, settings, preset: str | None = None, request: Request | None = None,
+                      given=()) -> "Engine":
         """The engine the commands (`framepack generate`, `framepack serve`) build from their model options
-        (engine.settings.ModelSettings): `preset` built in memory, its random float weights quantized and its LoRAs
-        attached as a checkpoint's would be, or else the pretrained model."""
-        if not preset:
-            return cls.from_pretrained(**settings.as_dict())
-        from engine.loading import transform_dit, transform_text_encoder
+        (framepack_engine.settings.ModelSettings; `given`: the names the user set) through the resolve step."""
+        return cls.from_resolved(resolve_models(settings, preset, given), request)
 
-        variant = "bidirectional" if settings.variant == "auto" else settings.variant
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = cls.from_preset(preset, variant=variant, device=device)
+    @classmethod
+    def from_resolved(cls, models: ResolvedModels, request: Request | None = None, *,
+                      allow_download: bool | None = None, cache_dir=None, release_encoders: bool = False) -> "Engine":
+        """The engine of resolved model options: `models.preset` built in memory (its random float weights
+        quantized, its LoRAs attached and, with vram_budget_gb, its models placed by a memory plan, as a
+        checkpoint's would be), or else the pretrained model. The memory plan is made for `request`'s section (its
+        bucket and window) when one is given, else for the model's default resolution."""
+        if not models.preset:
+            return load_engine(cls, models, request, allow_download=allow_download, cache_dir=cache_dir,
+                               release_encoders=release_encoders)
+        settings = models.settings
+        engine = cls.from_preset(models.preset, variant=models.variant, device=models.device)
+        engine.release_encoders_after_use = release_encoders
         if settings.quantize or settings.lora:  # otherwise the preset is used as it is built
             engine.loras = transform_dit(engine.transformer, settings)
             transform_text_encoder(engine.text_encoder, settings)
+        if settings.vram_budget_gb is not None:  # the preset's models placed by a plan, as a checkpoint's would be
+            engine.placement = place_models(settings, models.device, engine.transformer, engine.text_encoder,
+                                            engine.image_encoder, engine.vae, request=request,
+                                            default_resolution=engine.default_resolution)
+        if settings.attention != "auto" or settings.fused_kernels:  # otherwise the preset keeps what it is built with
+            engine.transformer.set_attention_backend(settings.attention)
+            engine.transformer.set_fused_kernels(settings.fused_kernels)
         return engine
 
     # ---- LoRAs ------------------------------------------------------------------------------------------------------
@@ -280,7 +272,8 @@ class Engine:
 
     @property
     def memory_plan(self):
-        """The engine.memory.MemoryPlan the models were placed by (None for an engine built without one)."""
+        """The MemoryPlan (framepack_engine.runtime.planner) the models were placed by (None for an engine built
+        without one)."""
         return None if self.placement is None else self.placement.plan
 
     def _on_device(self, name: str):
@@ -338,7 +331,7 @@ class Engine:
 
     def generate(self, prompt: str, image=None, end_image=None, **options) -> Video:
         """Generates the whole video; on cancellation returns the sections finished so far. Options: those of
-        engine.settings.GenerationSettings, plus input_video, callback and cancel as for `stream`."""
+        framepack_engine.settings.GenerationSettings, plus input_video, callback and cancel as for `stream`."""
         collector, stats = FrameCollector(), {"sections": []}
         fps = None
         for result in self.stream(prompt, image=image, end_image=end_image, **options):
@@ -363,41 +356,39 @@ class Engine:
             meta["loras"] = self.loras.describe()
         return meta
 
-    def stream(self, prompt: str, image=None, end_image=None, *, input_video=None,
+    def stream(self, prompt: str = "", image=None, end_image=None, *, input_video=None,
                callback: Callable[[dict], None] | None = None,
                cancel: threading.Event | Callable[[], bool] | None = None, step_caches: StepCaches | None = None,
-               resume: SectionCheckpoint | None = None, **options) -> Iterator[SectionResult]:
+               resume: SectionCheckpoint | None = None, request: Request | None = None, **options
+               ) -> Iterator[SectionResult]:
         """Yields each finished section as soon as it is decoded (see SectionResult).
 
         callback(info) runs after every sampler step (info: section, sections, i, total_steps, x, denoised, sigma and
         a uint8 latent preview, and with a step cache the section's cache_steps_computed/skipped so far); cancel (an
-        Event or a function) is checked at each step and stops at the next one. step_caches: an
-        engine.step_cache.StepCaches used instead of the one the `cache` option asks for (calibration records so).
-        resume: a finished section's `checkpoint`: the generation goes on after it (prompts and images are encoded
-        again, which is cheap next to a section; the sections before it are not sampled again).
+        Event or a function) is checked at each step and stops at the next one. step_caches: a StepCaches
+        (framepack_engine.generation.step_cache) used instead of the one the `cache` option asks for (calibration
+        records so). resume: a finished section's `checkpoint`: the generation goes on after it (prompts and images
+        are encoded again, which is cheap next to a section; the sections before it are not sampled again).
+        request: a framepack_engine.resolve.Request already resolved (the commands and the server resolve before
+        loading the model); then prompt, inputs and options are its own and must not be given again.
         """
         if self.closed:
             raise FramePackError("This engine is closed: load the model again (Engine.from_pretrained) to generate.")
-        settings = self.settings(prompt, **options)
-        step_caches = step_caches or StepCaches.from_settings(settings, model=self.name)
-        check_inputs_for_variant(self.variant, image, end_image, input_video)
-        mode = generation_mode(image, end_image, input_video)
-        start_image = load_image(image, "start image") if image is not None else None
-        end = load_image(end_image, "end image") if end_image is not None else None
-        video_frames = load_video_frames(input_video)[0] if input_video is not None else None
-        if video_frames is not None:
-            start_image = video_frames[0]
+        if request is None:
+            request = resolve_request(self.settings(prompt, **options), self.variant, image=image,
+                                      end_image=end_image, input_video=input_video,
+                                      default_resolution=self.default_resolution)
+        elif prompt or options or image is not None or end_image is not None or input_video is not None:
+            raise FramePackError("Engine.stream takes either a resolved request or a prompt with options, not both: "
+                                 "pass request=... alone.")
+        settings = request.settings
+        step_caches = step_caches or request.step_caches(model=self.name)
+        mode = request.mode
+        start_image, end, video_frames = request.start_image, request.end_image, request.input_video
         if self.notice:
             print(self.notice)
 
-        resolution = settings.resolution or self.default_resolution
-        if start_image is not None:
-            height, width = start_image.shape[:2]
-        else:
-            height, width = settings.height or resolution, settings.width or resolution
-        bucket_height, bucket_width = find_nearest_bucket(height, width, resolution=resolution)
-        if step_caches is not None and step_caches.magcache_calibration is not None:
-            step_caches.magcache_calibration.warn_if_other_bucket([bucket_height, bucket_width])
+        bucket_height, bucket_width = request.size
         if start_image is None:
             # Text to video starts from a black frame, as the community apps do.
             start_image = np.zeros((bucket_height, bucket_width, 3), dtype=np.uint8)
@@ -408,7 +399,7 @@ class Engine:
         window = settings.latent_window_size
         if self.placement is not None:  # a larger section than planned for gets a new plan before any work
             self.placement.fit((bucket_height, bucket_width), window)
-        count = sections.section_count(settings.seconds, settings.fps, window)
+        count = request.section_count
         plan = sections.plan_sections(self.variant, count, window)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator)

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.attention import BACKEND_NAMES
-from engine.errors import FramePackError
-from engine.lora import LORA_MODES, check_lora_source
-from engine.quant import FORMATS as QUANTIZE_FORMATS
-from engine.sampling import SAMPLERS
-from engine.calibration import MagCacheCalibration
-from engine.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
+from framepack_engine.runtime.attention import BACKEND_NAMES
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.lora import LORA_MODES, check_lora_source
+from framepack_engine.runtime.quant import FORMATS as QUANTIZE_FORMATS
+from framepack_engine.generation.sampling import SAMPLERS
+from framepack_engine.generation.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
 
 STEP_CACHES = ("teacache", "magcache")
 VARIANT_CHOICES = ("auto", "bidirectional", "f1")
@@ -324,10 +323,10 @@ class GenerationSettings(_Settings):
             raise FramePackError("MagCache needs per-step magnitude ratios calibrated for the model: record them once "
                                  "with `framepack calibrate-cache PROMPT --image IMAGE --out magcache.json` and pass "
                                  "magcache_calibration='magcache.json' (--magcache-calibration).")
-        # The file is small: read and fitted to this generation now, before any model loads.
-        calibration = MagCacheCalibration.load(self.magcache_calibration)
-        for branch in ("positive", "negative") if self.cfg != 1 else ("positive",):
-            calibration.ratios_for(branch, self.steps)
+        # The file itself is read once, by the resolve step (framepack_engine.resolve), before any model loads.
+        if not Path(self.magcache_calibration).is_file():
+            raise FramePackError(f"The MagCache calibration {Path(self.magcache_calibration).name!r} does not exist: "
+                                 "give the JSON file framepack calibrate-cache wrote (--magcache-calibration).")
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import dot_precision, interpreting, require_kernel_device, rope_launch_tables
-from kernels.reference import packed_attention_reference  # noqa: F401 (re-exported beside the kernel)
-from kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast, tile_dot
+from framepack_kernels.launch import dot_precision, interpreting, require_kernel_device, rope_launch_tables
+from framepack_kernels.reference import packed_attention_reference  # noqa: F401 (re-exported beside the kernel)
+from framepack_kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast, tile_dot
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)

@@ -1,6 +1,6 @@
 """The optional CUDA C++ glue ops of csrc/ and their fallbacks.
 
-`framepack_cuda_ops` is built only on opt-in (`FRAMEPACK_BUILD_CUDA=1 pip install -e . --no-build-isolation` on a
+`framepack_kernels._cuda_ops` is built only on opt-in (`FRAMEPACK_BUILD_CUDA=1 pip install -e . --no-build-isolation` on a
 machine with nvcc and a CUDA build of PyTorch). Importing it registers torch.ops.framepack.*. The `*_fused`
 functions below use it for CUDA tensors when it is there, and otherwise fall back silently to the Triton twins of
 kernels/norm.py (CUDA tensors) or to the eager references (anything else). The twins are also the compiled ops'
@@ -14,10 +14,10 @@ import importlib
 
 import torch
 
-from kernels import norm
-from kernels.launch import interpreting
+from framepack_kernels import norm
+from framepack_kernels.launch import interpreting
 
-EXTENSION_MODULE = "framepack_cuda_ops"
+EXTENSION_MODULE = "framepack_kernels._cuda_ops"
 BUILD_HINT = "build it with FRAMEPACK_BUILD_CUDA=1 pip install -e . --no-build-isolation (needs nvcc and CUDA PyTorch)"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CHANNELS = 12288  # csrc/norm_modulate.h: kMaxChannels
@@ -39,7 +39,7 @@ def _require_cuda_ops():
 
 
 def layer_norm_modulate_cuda(x, shift, scale, eps=norm.LAYER_NORM_EPS):
-    """The compiled op; raises if it was not built. Same contract as kernels.norm.layer_norm_modulate."""
+    """The compiled op; raises if it was not built. Same contract as framepack_kernels.norm.layer_norm_modulate."""
     _require_cuda_ops()
     return torch.ops.framepack.layer_norm_modulate(x, shift, scale, eps)
 

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, require_kernel_device, rope_launch_tables, row_launch_settings
-from kernels.reference import (LAYER_NORM_EPS, RMS_NORM_EPS, gated_residual_layer_norm_modulate_reference,  # noqa: F401
+from framepack_kernels.launch import interpreting, require_kernel_device, rope_launch_tables, row_launch_settings
+from framepack_kernels.reference import (LAYER_NORM_EPS, RMS_NORM_EPS, gated_residual_layer_norm_modulate_reference,  # noqa: F401
                                gated_residual_reference, layer_norm_modulate_reference, rms_norm_rotary_reference)
-from kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast
+from framepack_kernels.triton_helpers import head_rows, rotate_pairs, rounded_cast
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 

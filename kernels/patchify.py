@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import dot_precision, interpreting, require_kernel_device
-from kernels.reference import (BASE_PATCH_SIZE, GROUP_NAMES, PackedPatches, PatchGroup,  # noqa: F401 (re-exported)
+from framepack_kernels.launch import dot_precision, interpreting, require_kernel_device
+from framepack_kernels.reference import (BASE_PATCH_SIZE, GROUP_NAMES, PackedPatches, PatchGroup,  # noqa: F401 (re-exported)
                                check_patch_groups, packed_patchify_reference, patch_kernel_size, patch_output_dtype,
                                rope_pool, token_grid)
-from kernels.triton_helpers import rounded_cast, tile_dot
+from framepack_kernels.triton_helpers import rounded_cast, tile_dot
 
 
 # --- kernels ----------------------------------------------------------------------------------------------------

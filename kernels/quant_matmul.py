@@ -18,11 +18,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, require_kernel_device
-from kernels.reference import (FP8_E4M3_MAX, INT4_GROUP_SIZES, dequantize_reference,  # noqa: F401 (re-exported)
+from framepack_kernels.launch import interpreting, require_kernel_device
+from framepack_kernels.reference import (FP8_E4M3_MAX, INT4_GROUP_SIZES, dequantize_reference,  # noqa: F401 (re-exported)
                                fp8_scaled_matmul_reference, quantize_activations_fp8_reference,
                                quantized_matmul_reference, weight_format)
-from kernels.triton_helpers import rounded_cast
+from framepack_kernels.triton_helpers import rounded_cast
 
 # The kernel's FORMAT constant per storage dtype.
 _FORMATS = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1, torch.int8: 2, torch.uint8: 3}

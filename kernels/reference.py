@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.rotary import rotate_leading_tokens
+from framepack_kernels.rotary import rotate_leading_tokens
 
 
 

@@ -17,7 +17,7 @@ COMPILED_ARCHITECTURES = ("sm_80", "sm_90")
 RUN_ARCHITECTURES: tuple[str, ...] = ()
 
 # Architectures where a recorded GPU run shows packed_attention at least as fast as SDPA at the model's shapes:
-# only there may attention="auto" choose the Triton kernel (engine.attention.resolve_backend).
+# only there may attention="auto" choose the Triton kernel (framepack_engine.runtime.attention.resolve_backend).
 ATTENTION_MATCHES_SDPA: tuple[str, ...] = ()
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.presets import randomize_weights_
+from framepack_engine.models.presets import randomize_weights_
 from tests.utils import CHECKPOINT_DIT_CONFIG
 
 # The HunyuanVideo prompt template's special tokens, in the ids order of Llama 3's tokenizer.

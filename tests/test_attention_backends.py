@@ -1,4 +1,4 @@
-"""engine.attention_backends: the Triton backend against SDPA, and the library wrappers' packing on CPU.
+"""framepack_engine.runtime.attention_backends: the Triton backend against SDPA, and the library wrappers' packing on CPU.
 
 flash-attn, sageattention and xformers need a GPU and are not installed here; their wrappers are exercised against
 small stand-in modules that implement each library's documented varlen signature with plain PyTorch and check
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import attention_backends
-from engine.attention import resolve_backend, sdpa_attention
-from engine.attention_backends import pack_valid_tokens, unpack_valid_tokens, varlen_layout
-from engine.errors import BackendUnavailableError
+from framepack_engine.runtime import attention_backends
+from framepack_engine.runtime.attention import resolve_backend, sdpa_attention
+from framepack_engine.runtime.attention_backends import pack_valid_tokens, unpack_valid_tokens, varlen_layout
+from framepack_engine.errors import BackendUnavailableError
 from tests.utils import TOLERANCE, assert_relative_error
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import Engine
-from engine.cli import main
-from engine.errors import FramePackError, ModelSourceError
-from engine.loading import load_dit_checkpoint, resolve_component
+from framepack_engine import Engine
+from framepack_engine.commands.main import main
+from framepack_engine.errors import FramePackError, ModelSourceError
+from framepack_engine.models.checkpoints import load_dit_checkpoint
+from framepack_engine.runtime.sources import resolve_component
 from tests.fixtures import (flux_redux_folder, framepack_transformer_folder,  # noqa: F401 (pytest fixtures)
                             hunyuan_video_base_folder, single_file_dit_bf16)
 
@@ -64,7 +65,7 @@ def test_broken_transformer_folders_are_named(tmp_path, framepack_transformer_fo
     change, message = TRANSFORMER_BREAKAGES[breakage]
     folder = broken_copy(framepack_transformer_folder, tmp_path / "FramePackI2V_HY", change)
     with pytest.raises(FramePackError, match=message):
-        from engine.dit import FramePackDiT
+        from framepack_engine.models.dit import FramePackDiT
 
         FramePackDiT.from_pretrained(folder, dtype=torch.float32)
 
@@ -84,14 +85,24 @@ def test_a_vae_config_that_is_not_json(tmp_path, hunyuan_video_base_folder, fram
 
 
 def test_no_network_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """httpx's ConnectError is no OSError: it is recognised by the socket error it carries, as the client raises it."""
+    import socket
+
     import httpx
     import huggingface_hub
 
-    def unreachable(self, repo_id, revision=None):
-        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+    from framepack_engine.runtime import sources
 
+    def unreachable(self, repo_id, revision=None):
+        try:
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        except OSError as error:
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution") from error
+
+    monkeypatch.setattr(sources, "_check_hub_resolves", lambda repo_id: None)  # never the real network
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
-    with pytest.raises(ModelSourceError, match=r"downloading it from Hugging Face failed \(ConnectError\).*--offline"):
+    with pytest.raises(ModelSourceError, match=r"could not be reached to download it \(the Hub's host name does not "
+                                               r"resolve.*--offline"):
         resolve_component("someone/model", "transformer", allow_download=True, cache_dir=tmp_path)
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import engine.dit
-from engine import benchmark, flops
-from engine.errors import FramePackError
-from engine.sections import initial_history, plan_sections, tokens_per_section
+import framepack_engine.models.dit
+from framepack_engine.commands import bench as benchmark
+from framepack_engine.models import flops
+from framepack_engine.errors import FramePackError
+from framepack_engine.generation.sections import initial_history, plan_sections, tokens_per_section
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,13 +78,13 @@ def model_counts(model, config, variant, window, latent_height, latent_width, te
         return wrapped
 
     model._attention = counting(model._attention)  # the blocks' joint attention
-    refiner_attention = engine.dit.sdpa_attention  # the text refiner calls SDPA directly
-    engine.dit.sdpa_attention = counting(refiner_attention)
+    refiner_attention = framepack_engine.models.dit.sdpa_attention  # the text refiner calls SDPA directly
+    framepack_engine.models.dit.sdpa_attention = counting(refiner_attention)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(**arguments)
     finally:
-        engine.dit.sdpa_attention = refiner_attention
+        framepack_engine.models.dit.sdpa_attention = refiner_attention
     counts = counter.get_flop_counts()
     assert set(map(str, counts["Global"])) <= {"aten.addmm", "aten.mm", "aten.convolution"}, counts["Global"]
     linear = sum(counts["Global"].values())
@@ -299,7 +300,7 @@ def test_tiny_preset_on_cuda(tmp_path):
 
 
 def test_compare_quantize_reports_bytes_and_error_on_the_same_weights(tmp_path):
-    from engine.quant import QuantScheme, quantized_weight_bytes
+    from framepack_engine.runtime.quant import QuantScheme, quantized_weight_bytes
 
     results = bench(tmp_path, "--compare", "quantize=none,int8,int4")
     none, int8, int4 = (run["model"] for run in results["runs"])

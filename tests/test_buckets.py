@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine.buckets import bucket_options, find_nearest_bucket
-from engine.errors import FramePackError
+from framepack_engine.models.buckets import bucket_options, find_nearest_bucket
+from framepack_engine.errors import FramePackError
 
 # bucket_options[640] of the official diffusers_helper/bucket_tools.py, (height, width).
 OFFICIAL_640 = [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import main
+from framepack_engine.commands.main import main
 
 FAST = ["--preset", "tiny", "--steps", "2", "--latent-window-size", "2", "--fps", "8", "--quiet"]
 
@@ -63,7 +63,7 @@ def test_info(capsys):
 
 
 def test_ctrl_c_while_loading_is_one_line(monkeypatch, capsys, tmp_path):
-    from engine.pipeline import Engine
+    from framepack_engine.pipeline import Engine
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -88,7 +88,7 @@ def test_a_signal_mid_generation_keeps_the_finished_sections(tmp_path, signal_na
     out = tmp_path / "video.mp4"
     environment = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "generate", "x", "--seconds", "30", "--out", str(out), *FAST],
+        [sys.executable, "-m", "framepack_engine.commands.main", "generate", "x", "--seconds", "30", "--out", str(out), *FAST],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     deadline = time.monotonic() + 240
     while not out.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -116,7 +116,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 def fake_section(index, count, height=48, width=64, direction="forward"):
     import torch
 
-    from engine.pipeline import SectionResult
+    from framepack_engine.pipeline import SectionResult
 
     frames = np.full((5, height, width, 3), 40 * index, np.uint8)
     pending = frames[:2] if index < count - 1 else frames[:0]
@@ -125,10 +125,10 @@ def fake_section(index, count, height=48, width=64, direction="forward"):
 
 
 def use_fake_engine(monkeypatch, sections):
-    from engine.pipeline import Engine
+    from framepack_engine.pipeline import Engine
 
     class FakeEngine:
-        def stream(self, prompt, **options):
+        def stream(self, prompt="", **options):
             yield from sections()
 
     monkeypatch.setattr(Engine, "from_preset", classmethod(lambda cls, *a, **k: FakeEngine()))
@@ -158,7 +158,7 @@ def test_a_signal_while_the_file_is_finished_keeps_it_and_says_so(tmp_path, monk
     import signal
     import time
 
-    import engine.video as video
+    import framepack_engine.media.video as video
 
     def sections():
         for index in range(3):

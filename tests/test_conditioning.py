@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.conditioning import (
+from framepack_engine.models.conditioning import (
     HUNYUAN_VIDEO_PROMPT_TEMPLATE,
     ImageEncoder,
     TextEncoder,
     encode_image,
     template_crop_start,
 )
-from engine.errors import FramePackError, FramePackWarning
+from framepack_engine.errors import FramePackError, FramePackWarning
 from tests.fixtures import flux_redux_folder, hunyuan_video_base_folder  # noqa: F401 (pytest fixtures)
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cuda_ops, norm
+from framepack_kernels import cuda_ops, norm
 from tests.utils import TOLERANCE, assert_relative_error
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

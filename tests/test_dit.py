@@ -7,8 +7,8 @@ import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.dit import DiTConfig, FramePackDiT
-from engine.errors import BackendUnavailableError, FramePackError, ModelSourceError
+from framepack_engine.models.dit import DiTConfig, FramePackDiT
+from framepack_engine.errors import BackendUnavailableError, FramePackError, ModelSourceError
 from tests.utils import (TINY_CONFIG, TOLERANCE, assert_relative_error, diffusers_config, diffusers_kwargs,
                          randomize_weights_, relative_error, section_inputs)
 

@@ -4,8 +4,8 @@ against the plain PyTorch path, under the Triton interpreter on shapes with part
 import pytest
 import torch
 
-from engine.dit import FramePackDiT
-from engine.errors import BackendUnavailableError
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.errors import BackendUnavailableError
 from tests.utils import TINY_CONFIG, assert_relative_error, randomize_weights_, relative_error, section_inputs
 
 

@@ -1,4 +1,4 @@
-"""engine.encoders: container defaults, choices checked by opening the encoder, reproducible encodes, quiet logs."""
+"""framepack_engine.media.codecs: container defaults, choices checked by opening the encoder, reproducible encodes, quiet logs."""
 
 import os
 import subprocess
@@ -9,11 +9,11 @@ import av
 import numpy as np
 import pytest
 
-from engine import encoders
-from engine.encoders import (CONTAINERS, DEFAULT_CODECS, available_codecs, check_encoder, quiet_encoder_logs,
+from framepack_engine.media import codecs as encoders
+from framepack_engine.media.codecs import (CONTAINERS, DEFAULT_CODECS, available_codecs, check_encoder, quiet_encoder_logs,
                              usable_codecs)
-from engine.errors import FramePackError
-from engine.video import SectionVideoWriter, encode_video
+from framepack_engine.errors import FramePackError
+from framepack_engine.media.video import SectionVideoWriter, encode_video
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def dirty_heap(monkeypatch):
     real run (models loaded, sections decoded) that differs from run to run. A fresh test process has a clean
     heap and would hide the problem; this makes every encode see different leftovers, as real runs do.
     """
-    import engine.video as video
+    import framepack_engine.media.video as video
 
     encode_segment = video._VideoSink.add
     seeds = iter(range(1 << 30))
@@ -165,8 +165,8 @@ def test_caller_options_win_over_ours():
 
 LOG_RUN = """
 import sys
-from engine import encoders
-from engine.video import encode_video
+from framepack_engine.media import codecs as encoders
+from framepack_engine.media.video import encode_video
 from tests.test_encoders import textured_frames
 level = sys.argv[2]
 if level == "quiet":

@@ -1,4 +1,4 @@
-"""engine.images.load_image: orientation, bit depth, transparency and range conventions, and clear errors.
+"""framepack_engine.media.images.load_image: orientation, bit depth, transparency and range conventions, and clear errors.
 
 Every fixture is generated here; the expected pixels are computed independently of the loader (numpy rotations,
 bit-depth arithmetic, alpha blending by hand).
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import FramePackError
-from engine.images import ALPHA_BACKGROUND, load_image, load_video_frames
+from framepack_engine.errors import FramePackError
+from framepack_engine.media.images import ALPHA_BACKGROUND, load_image, load_video_frames
 
 
 def corner_image(height=20, width=40):

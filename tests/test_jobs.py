@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import FramePackError
-from engine.jobs import MAX_ATTEMPTS, JobFinished, JobNotFound, JobQueue, JobStore, LiveJob, QueueFull, ResumeFiles
-from engine.pipeline import SectionCheckpoint, SectionResult
+from framepack_engine.errors import FramePackError
+from framepack_engine.serve.jobs import MAX_ATTEMPTS, JobFinished, JobNotFound, JobQueue, JobStore, LiveJob, QueueFull, ResumeFiles
+from framepack_engine.pipeline import SectionCheckpoint, SectionResult
 
 SETTINGS = {"prompt": "x", "seconds": 1.0}
 OUTPUT = {"format": "mp4", "crf": 16}
@@ -121,9 +121,9 @@ def test_a_second_store_on_one_state_directory_is_refused_until_the_first_closes
 def test_without_locks_a_job_taken_by_another_server_is_not_claimed_again(tmp_path, monkeypatch):
     """Where no lock keeps a second server away (Windows), a job it claimed between this store's look and its
     claim stays the other's."""
-    import engine.jobs
+    import framepack_engine.serve.jobs
 
-    monkeypatch.setattr(engine.jobs, "fcntl", None)
+    monkeypatch.setattr(framepack_engine.serve.jobs, "fcntl", None)
     this, other = JobStore(tmp_path), JobStore(tmp_path)
     job = submit(this)
 
@@ -187,7 +187,7 @@ class FakeLoras:
 
 
 class FakeEngine:
-    name, variant = "preset:tiny", "v"
+    name, variant, default_resolution = "preset:tiny", "v", 64
 
     def __init__(self, loras=()):
         self.loras = FakeLoras(loras)
@@ -275,7 +275,7 @@ class StreamingEngine(FakeEngine):
         super().__init__()
         self.count, self.between = count, between
 
-    def stream(self, prompt, **options):
+    def stream(self, prompt="", **options):
         count = self.count
         for index in range(count):
             if index:
@@ -315,7 +315,7 @@ def test_a_job_starts_by_removing_what_a_killed_writer_left(tmp_path):
     publish, both named after the video (".video.mp4.<random>..."): the job's next run removes them."""
     import tempfile
 
-    from engine.video import atomic_path
+    from framepack_engine.media.video import atomic_path
 
     def leftovers(folder):
         parts = tempfile.mkdtemp(prefix=".video.mp4.", suffix=".parts", dir=folder)  # as the writer names them
@@ -331,7 +331,7 @@ def test_a_job_starts_by_removing_what_a_killed_writer_left(tmp_path):
 
 
 def test_a_video_that_cannot_be_finished_fails_its_job_with_the_frames_the_file_holds(tmp_path, monkeypatch, capsys):
-    from engine import video
+    from framepack_engine.media import video
 
     first_published = threading.Event()
     publish = video._VideoSink.publish
@@ -351,7 +351,7 @@ def test_a_video_that_cannot_be_finished_fails_its_job_with_the_frames_the_file_
 
 
 def test_an_unexpected_error_while_finishing_the_video_fails_the_job(tmp_path, monkeypatch, capsys):
-    from engine.output import SectionOutputFile
+    from framepack_engine.media.output import SectionOutputFile
 
     def broken_close(output):
         raise RuntimeError("a bug in the writer")
@@ -367,10 +367,10 @@ def test_serve_builds_the_preset_engine_generate_builds_quantized_and_with_loras
     """`framepack serve --preset tiny --quantize int8 --lora ...` runs the model `framepack generate` would."""
     from safetensors.torch import save_file
 
-    from engine.jobs import load_worker_engine
-    from engine.presets import tiny_dit
-    from engine.quant import quantized_layers
-    from engine.settings import ModelSettings
+    from framepack_engine.serve.jobs import load_worker_engine
+    from framepack_engine.models.presets import tiny_dit
+    from framepack_engine.runtime.quant import quantized_layers
+    from framepack_engine.settings import ModelSettings
 
     generator = torch.Generator().manual_seed(5)
     tensors = {}

@@ -1,12 +1,12 @@
-"""kernels.attention.packed_attention against its PyTorch reference, under the Triton interpreter on CPU."""
+"""framepack_kernels.attention.packed_attention against its PyTorch reference, under the Triton interpreter on CPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention
-from kernels.attention import packed_attention, packed_attention_reference
-from kernels.reference import random_rope_tables
+from framepack_kernels import attention
+from framepack_kernels.attention import packed_attention, packed_attention_reference
+from framepack_kernels.reference import random_rope_tables
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
 # (batch, tokens, heads, head_dim, rotary_length, valid_lengths, rope_batch). The interpreter runs 32x16 tiles,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.launch import interpreting, require_kernel_device, row_launch_settings
+from framepack_kernels.launch import interpreting, require_kernel_device, row_launch_settings
 
 
 @pytest.mark.parametrize("columns,block,warps", [(1, 1, 4), (100, 128, 4), (3072, 4096, 8), (12288, 16384, 16),
@@ -28,7 +28,7 @@ def test_device_checks(monkeypatch):
 
 
 def test_rope_launch_tables_broadcast_one_row_and_stand_in_when_unused():
-    from kernels.launch import rope_launch_tables
+    from framepack_kernels.launch import rope_launch_tables
 
     cos, sin = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
     out_cos, out_sin, batch_stride, token_stride = rope_launch_tables(cos, sin, True, torch.ones(1))

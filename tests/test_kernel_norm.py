@@ -1,9 +1,9 @@
-"""kernels.norm's fused glue ops against their eager references, under the Triton interpreter on CPU."""
+"""framepack_kernels.norm's fused glue ops against their eager references, under the Triton interpreter on CPU."""
 
 import pytest
 import torch
 
-from kernels.norm import (
+from framepack_kernels.norm import (
     gated_residual,
     gated_residual_layer_norm_modulate,
     gated_residual_layer_norm_modulate_reference,
@@ -13,7 +13,7 @@ from kernels.norm import (
     rms_norm_rotary,
     rms_norm_rotary_reference,
 )
-from kernels.reference import random_rope_tables
+from framepack_kernels.reference import random_rope_tables
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,11 +1,11 @@
-"""kernels.patchify.packed_patchify against pad + conv3d + cat, and against diffusers' FramePack modules."""
+"""framepack_kernels.patchify.packed_patchify against pad + conv3d + cat, and against diffusers' FramePack modules."""
 
 import math
 
 import pytest
 import torch
 
-from kernels.patchify import GROUP_NAMES, PatchGroup, packed_patchify, packed_patchify_reference
+from framepack_kernels.patchify import GROUP_NAMES, PatchGroup, packed_patchify, packed_patchify_reference
 from tests.utils import TOLERANCE, assert_relative_error, relative_error
 
 CHANNELS, INNER, HEAD_DIM = 4, 40, 16

@@ -1,11 +1,11 @@
-"""kernels.quant_matmul's dequantizing matmuls against their eager references, under the Triton interpreter on CPU,
+"""framepack_kernels.quant_matmul's dequantizing matmuls against their eager references, under the Triton interpreter on CPU,
 and the fp8 compute path (torch._scaled_mm) against its float32 reference."""
 
 import pytest
 import torch
 
-from engine.quant import QuantScheme, quantize_weight
-from kernels.quant_matmul import (fp8_scaled_matmul, fp8_scaled_matmul_reference, quantized_matmul,
+from framepack_engine.runtime.quant import QuantScheme, quantize_weight
+from framepack_kernels.quant_matmul import (fp8_scaled_matmul, fp8_scaled_matmul_reference, quantized_matmul,
                                   quantized_matmul_reference)
 from tests.utils import TOLERANCE, assert_relative_error
 

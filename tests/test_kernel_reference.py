@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from framepack_kernels import reference
 from tests.utils import relative_error
 
 
 def test_importing_the_references_does_not_import_triton():
-    code = "import sys, kernels.reference; print('triton' in sys.modules)"
+    code = "import sys, framepack_kernels.reference; print('triton' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import kernel_resources
-from kernels import verification
+from framepack_kernels import verification
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = {"sm_80": 80, "sm_90": 90}
@@ -80,7 +80,7 @@ def test_attention_shared_memory_estimate_bounds_the_compiled_kernel(report):
     # Other architectures (sm_86/89: 99 KB) are pruned by the estimate alone: it must never undercount.
     import triton
 
-    from kernels import attention
+    from framepack_kernels import attention
 
     data, _ = report
     rows = [r for r in data["rows"] if r["kernel"] == "packed_attention"]

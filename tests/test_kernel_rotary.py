@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels.rotary import rotate_interleaved_pairs, rotate_leading_tokens
+from framepack_kernels.rotary import rotate_interleaved_pairs, rotate_leading_tokens
 
 
 def test_rotation_is_complex_multiplication_of_interleaved_pairs():

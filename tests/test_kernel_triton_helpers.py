@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_helpers import rounded_cast, tile_dot
+from framepack_kernels.triton_helpers import rounded_cast, tile_dot
 
 
 @triton.jit

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from engine import attention
-from kernels import verification
+from framepack_engine.runtime import attention
+from framepack_kernels import verification
 
 
 @pytest.fixture

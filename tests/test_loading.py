@@ -12,21 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import loading
-from engine.errors import ModelSourceError
-from engine.loading import (
-    DEFAULT_DTYPES,
-    files_to_fetch,
-    infer_dit_config,
-    load_clip_text_encoder,
-    load_dit_checkpoint,
-    load_dit_state_dict,
-    load_llama_text_encoder,
-    read_config,
-    load_siglip_image_encoder,
-    load_state_dict,
-    resolve_component,
-)
+from framepack_engine.runtime import sources
+from framepack_engine.errors import ModelSourceError
+from framepack_engine.models.checkpoints import (DEFAULT_DTYPES, infer_dit_config, load_clip_text_encoder, load_dit_checkpoint, load_dit_state_dict, load_llama_text_encoder, load_siglip_image_encoder)
+from framepack_engine.runtime.sources import files_to_fetch, read_config, load_state_dict, resolve_component
 from tests.fixtures import (  # noqa: F401 (pytest fixtures)
     TINY_DIT_CONFIG,
     flux_redux_folder,
@@ -139,14 +128,14 @@ def test_repo_ids_resolve_through_the_hf_cache(hf_cache_dir):
 
 
 def test_offline_unknown_repo_says_how_to_get_it(hf_cache_dir, monkeypatch):
-    with pytest.raises(ModelSourceError, match=r"huggingface-cli download someone/missing-model"):
+    with pytest.raises(ModelSourceError, match=r"hf download someone/missing-model"):
         resolve_component("someone/missing-model", "transformer", allow_download=False, cache_dir=hf_cache_dir)
     # A cached repo without the folder asked for names that folder.
     with pytest.raises(ModelSourceError, match=r"--include 'transformer/\*'"):
         resolve_component("lllyasviel/flux_redux_bfl", "transformer", allow_download=False, cache_dir=hf_cache_dir)
     # HF_HUB_OFFLINE alone turns downloads off.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert loading.downloads_allowed(None) is False and loading.downloads_allowed(True) is True
+    assert sources.downloads_allowed(None) is False and sources.downloads_allowed(True) is True
     with pytest.raises(ModelSourceError, match="downloads are off"):
         resolve_component("someone/missing-model", "vae", cache_dir=hf_cache_dir)
 
@@ -172,6 +161,7 @@ def test_download_fetches_only_the_component(tmp_path, monkeypatch):
     def fake_repo_files(files):
         return lambda self, repo_id, revision=None: files
 
+    monkeypatch.setattr(sources, "_check_hub_resolves", lambda repo_id: None)  # never the real network
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fake_repo_files([
         "model_index.json", "README.md", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
@@ -192,8 +182,103 @@ def test_download_fetches_only_the_component(tmp_path, monkeypatch):
         raise ConnectionError("network is unreachable")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
-    with pytest.raises(ModelSourceError, match=r"downloading it from Hugging Face failed.*huggingface-cli download"):
+    with pytest.raises(ModelSourceError, match=r"could not be reached.*hf download owner/other"):
         resolve_component("owner/other", "vae", allow_download=True, cache_dir=tmp_path)
+
+
+def _no_snapshot(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def not_cached(*args, **kwargs):
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """No DNS: one line naming the repo, the cause and the fix, before any HTTP request (so no client retries)."""
+    import socket
+
+    import huggingface_hub
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    calls = []
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *args, **kwargs: calls.append(args))
+    _no_snapshot(monkeypatch)
+    with pytest.raises(ModelSourceError, match=r"'owner/model'.*does not resolve.*hf download owner/model.*--offline"
+                       ) as error:
+        resolve_component("owner/model", "vae", allow_download=True, cache_dir=tmp_path)
+    assert calls == [] and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("failure, cause", [
+    ("refused", "connection was refused"), ("timeout", "timed out"), ("proxy", "OSError"), ("http503", "HTTP 503")])
+def test_network_failures_are_classified_by_what_they_are(tmp_path, monkeypatch, failure, cause):
+    """Whatever HTTP client huggingface_hub uses: an error class from a module we never heard of is recognised by
+    the OSError / TimeoutError in its cause chain, or by huggingface_hub's own HTTP error with its status."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    ClientError = type("ConnectError", (Exception,), {"__module__": "httpx9._transports"})  # no OSError in its bases
+
+    def fail(self, repo_id, revision=None):
+        if failure == "http503":
+            response = type("Response", (), {"status_code": 503, "headers": {}, "request": None})()
+            raise HfHubHTTPError("503 Service Unavailable", response=response)
+        inner = {"refused": ConnectionRefusedError(111, "Connection refused"), "timeout": TimeoutError("timed out"),
+                 "proxy": OSError("Tunnel connection failed: 407 Proxy Authentication Required")}[failure]
+        try:
+            raise inner
+        except OSError as error:
+            raise ClientError("client error") from error
+
+    monkeypatch.setattr(sources, "_check_hub_resolves", lambda repo_id: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fail)
+    _no_snapshot(monkeypatch)
+    with pytest.raises(ModelSourceError, match=cause + r".*hf download owner/model"):
+        resolve_component("owner/model", "vae", allow_download=True, cache_dir=tmp_path)
+
+
+def test_an_error_that_is_not_the_network_is_not_hidden(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def bug(self, repo_id, revision=None):
+        raise ValueError("a bug of ours or of the library")
+
+    monkeypatch.setattr(sources, "_check_hub_resolves", lambda repo_id: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", bug)
+    _no_snapshot(monkeypatch)
+    with pytest.raises(ValueError, match="a bug"):
+        resolve_component("owner/model", "vae", allow_download=True, cache_dir=tmp_path)
+
+
+def test_the_command_without_network_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """`framepack generate` and `framepack quantize` with a repo id and no DNS: one line on stderr, exit 2, fast."""
+    import socket
+    import time
+
+    from framepack_engine.commands.main import main
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the suite runs offline: this test allows downloads
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _no_snapshot(monkeypatch)
+    start = time.perf_counter()
+    for argv in (["generate", "a cat", "--transformer", "owner/model", "--out", str(tmp_path / "a.mp4")],
+                 ["quantize", "owner/model", str(tmp_path / "q"), "--format", "int8"]):
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and "does not resolve" in error and "hf download owner/model" in error
+    assert time.perf_counter() - start < 30
 
 
 def test_files_to_fetch():
@@ -219,7 +304,7 @@ def test_dit_from_folder_has_the_checkpoint_keys(framepack_transformer_folder, r
         assert state_dict[key].dtype == torch.bfloat16
         assert torch.equal(state_dict[key], tensor), key
     # The shards really are several files joined through the index.
-    assert len(loading.safetensors_files(framepack_transformer_folder)) > 1
+    assert len(sources.safetensors_files(framepack_transformer_folder)) > 1
     # Other dtypes on request.
     _, float32 = load_dit_checkpoint(framepack_transformer_folder, dtype=torch.float32)
     assert all(t.dtype == torch.float32 for t in float32.values())
@@ -360,7 +445,7 @@ def test_load_state_dict_keeps_its_meaning(framepack_transformer_folder, single_
 
 
 def test_dit_loads_into_framepack_dit(framepack_transformer_folder, single_file_dit_fp8_scaled):
-    dit = pytest.importorskip("engine.dit")
+    dit = pytest.importorskip("framepack_engine.models.dit")
     model = dit.FramePackDiT.from_pretrained(framepack_transformer_folder, dtype=torch.bfloat16)
     _, state_dict = load_dit_checkpoint(framepack_transformer_folder)
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in state_dict.items())

@@ -14,9 +14,9 @@ import torch
 from diffusers import HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.dit import FramePackDiT
-from engine.errors import FramePackError
-from engine.lora import LoraLinear, LoraSet, read_lora
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.lora import LoraLinear, LoraSet, read_lora
 from tests.utils import (TINY_CONFIG, TOLERANCE, assert_relative_error, diffusers_config, diffusers_kwargs,
                          randomize_weights_, relative_error, section_inputs)
 
@@ -568,7 +568,7 @@ def random_framepack_lora(path, dit, seed, prefix="lora_unet_"):
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    from engine import Engine
+    from framepack_engine import Engine
 
     return Engine.from_preset("tiny")
 
@@ -596,7 +596,7 @@ def test_engine_loads_several_loras_and_records_them(tmp_path, tiny_engine):
 
 
 def test_the_command_takes_repeated_loras(tmp_path, tiny_engine):
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     first = random_framepack_lora(tmp_path / "first.safetensors", tiny_engine.transformer, seed=22)
     second = random_framepack_lora(tmp_path / "second.safetensors", tiny_engine.transformer, seed=23)
@@ -612,7 +612,7 @@ def test_the_command_takes_repeated_loras(tmp_path, tiny_engine):
 @pytest.mark.parametrize("lora,message", [("missing.safetensors", "does not exist"), ("{tmp}/style.ckpt", "pickle"),
                                           ("{tmp}/style.safetensors:x2", "does not exist")])
 def test_the_command_checks_loras_before_loading(tmp_path, capsys, lora, message):
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     (tmp_path / "style.ckpt").write_bytes(b"never opened")
     (tmp_path / "style.safetensors").write_bytes(b"never opened")
@@ -624,7 +624,7 @@ def test_the_command_checks_loras_before_loading(tmp_path, capsys, lora, message
 def test_settings_parse_lora_flags_and_pairs(tmp_path):
     import argparse
 
-    from engine.settings import ModelSettings, add_flags, given_flags
+    from framepack_engine.settings import ModelSettings, add_flags, given_flags
 
     path = tmp_path / "style.safetensors"
     path.write_bytes(b"")
@@ -641,8 +641,8 @@ def test_settings_parse_lora_flags_and_pairs(tmp_path):
 
 @pytest.mark.parametrize("mode", ["fused", "live"])
 def test_the_loader_attaches_the_settings_loras(tmp_path, two_loras, mode):
-    from engine.loading import transform_dit
-    from engine.settings import ModelSettings
+    from framepack_engine.loading import transform_dit
+    from framepack_engine.settings import ModelSettings
 
     dit, _ = make_dit()
     expected, _ = make_dit()
@@ -680,11 +680,11 @@ def test_loras_with_the_step_cache(tmp_path, tiny_engine):
 def test_fused_loras_over_a_quantized_checkpoint_run_live(tmp_path):
     """A community fp8 file has no float weights to merge into: fused LoRAs run live beside them, with a warning,
     and equal live LoRAs over the same checkpoint."""
-    from engine.dit import FramePackDiT
-    from engine.errors import FramePackWarning
-    from engine.loading import transform_dit
-    from engine.quant import quantized_layers
-    from engine.settings import ModelSettings
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.errors import FramePackWarning
+    from framepack_engine.loading import transform_dit
+    from framepack_engine.runtime.quant import quantized_layers
+    from framepack_engine.settings import ModelSettings
     from tests.fixtures import tiny_dit_model, write_single_file_dit
 
     path = write_single_file_dit(tmp_path / "FramePackI2V_HY_fp8_e4m3fn_scaled.safetensors",
@@ -717,9 +717,9 @@ def test_fused_loras_over_a_quantized_checkpoint_run_live(tmp_path):
 def test_loras_loaded_later_over_quantized_weights_run_live(tmp_path, quantized):
     """Quantized without --lora (or from a quantized checkpoint): a later Engine.load_lora(path), mode not given,
     attaches live (fused would need float weights); a float model keeps merging by default."""
-    from engine.dit import FramePackDiT
-    from engine.loading import transform_dit
-    from engine.settings import ModelSettings
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.loading import transform_dit
+    from framepack_engine.settings import ModelSettings
     from tests.fixtures import tiny_dit_model, write_single_file_dit
 
     if quantized == "at load":

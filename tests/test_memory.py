@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from engine.dit import FramePackDiT
-from engine.memory import (HOST_BASELINE_BYTES, GiB, Footprint, InsufficientMemoryError, dit_activation_bytes,
-                           dit_footprint, official_footprint, plan_memory, section_sequence)
-from engine.offload import owned_tensors
-from engine.presets import DIT_PRESETS, TINY_DIT_CONFIG, randomize_weights_
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.runtime.planner import HOST_BASELINE_BYTES, GiB, InsufficientMemoryError, plan_memory
+from framepack_engine.models.footprints import dit_activation_bytes, dit_footprint, engine_footprint, official_footprint, section_sequence
+from framepack_engine.runtime.offload import owned_tensors
+from framepack_engine.models.presets import DIT_PRESETS, TINY_DIT_CONFIG, randomize_weights_
 
 BUDGETS_GB = (6, 8, 12, 24, 80)
 
@@ -24,8 +24,8 @@ def official():
 def test_the_plan_reserves_the_slots_the_streamer_allocates(official):
     """Slots as large as the largest streamed block: where only single blocks stream (the larger double blocks
     resident), single-block sized."""
-    from engine.offload import BlockStreamer
-    from engine.presets import FULL_DIT_CONFIG
+    from framepack_engine.runtime.offload import BlockStreamer
+    from framepack_engine.models.presets import FULL_DIT_CONFIG
 
     dit = FramePackDiT.from_config(FULL_DIT_CONFIG, device="meta", dtype=torch.bfloat16)
     doubles = len(dit.transformer_blocks)
@@ -41,8 +41,8 @@ def test_the_plan_reserves_the_slots_the_streamer_allocates(official):
 def test_pinned_host_memory_is_counted_as_torch_allocates_it(official):
     """Every pinned buffer is rounded up to a power of two by torch's caching host allocator: the plan's host RAM
     holds the rounded per-block buffers BlockStreamer pins (and the Llama's staging buffers)."""
-    from engine.offload import BlockStreamer
-    from engine.presets import FULL_DIT_CONFIG
+    from framepack_engine.runtime.offload import BlockStreamer
+    from framepack_engine.models.presets import FULL_DIT_CONFIG
 
     def rounded(nbytes):
         return 1 << (nbytes - 1).bit_length()
@@ -155,13 +155,13 @@ def test_activation_estimate_holds_against_the_measured_peak(heads, mlp_ratio, d
 
 def test_placement_holds_what_the_plan_says():
     """On a small model streamed on the CPU: the slots allocated and the bytes moved are the plan's."""
-    from engine.benchmark import random_dit
-    from engine.memory import DiTPlacement
+    from framepack_engine.commands.bench import random_dit
+    from framepack_engine.runtime.placement import DiTPlacement
 
     dit = random_dit({**TINY_DIT_CONFIG, "num_layers": 3, "num_single_layers": 4}, torch.device("cpu"),
                      torch.float32)
-    component, config, element_size = dit_footprint(dit)
-    footprint = Footprint(component, config, element_size)
+    component, _, _ = dit_footprint(dit)
+    footprint = engine_footprint(dit)
     unlimited = plan_memory(footprint, 2**40, device="cpu", resolution=64)
     assert not unlimited.streams
     budget = unlimited.minimum_budget_bytes + component.block_bytes[0] + 1
@@ -176,7 +176,7 @@ def test_placement_holds_what_the_plan_says():
 
 
 def test_info_prints_the_plan_and_refuses_an_impossible_budget(capsys):
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     assert main(["info", "--plan", "--vram-budget-gb", "6", "--device", "cuda"]) == 0
     out = capsys.readouterr().out

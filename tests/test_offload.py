@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.benchmark import BenchSettings, random_dit, random_inputs
-from engine.memory import DiTPlacement, dit_footprint, plan_memory, Footprint
-from engine.offload import BlockStreamer, ModuleHome, owned_tensors, tensor_bytes
-from engine.presets import DIT_PRESETS, tiny_text_encoder
-from engine.runner import SamplingOptions, run_sections
-from engine.sections import initial_history, plan_sections
-from engine.step_cache import StepCaches
+from framepack_engine.commands.bench import BenchSettings, random_dit, random_inputs
+from framepack_engine.runtime.placement import DiTPlacement
+from framepack_engine.models.footprints import engine_footprint
+from framepack_engine.runtime.planner import plan_memory
+from framepack_engine.runtime.offload import BlockStreamer, ModuleHome, owned_tensors, tensor_bytes
+from framepack_engine.models.presets import DIT_PRESETS, tiny_text_encoder
+from framepack_engine.generation.runner import SamplingOptions, run_sections
+from framepack_engine.generation.sections import initial_history, plan_sections
+from framepack_engine.generation.step_cache import StepCaches
 
 
 def sample(dit, variant, inputs, *, sections=2, steps=4, window=2, cache=False):
@@ -33,11 +35,11 @@ def sample(dit, variant, inputs, *, sections=2, steps=4, window=2, cache=False):
 
 
 def streaming_plan(dit, prefetch=1, resident=()):
-    component, config, element_size = dit_footprint(dit)
-    plan = plan_memory(Footprint(component, config, element_size), 2**40, device="cpu", resolution=64)
+    footprint = engine_footprint(dit)
+    plan = plan_memory(footprint, 2**40, device="cpu", resolution=64)
     streamed = tuple(i for i in range(len(dit.blocks)) if i not in resident)
     return dataclasses.replace(plan, resident_blocks=tuple(resident), streamed_blocks=streamed, prefetch=prefetch,
-                               slots=min(prefetch + 1, len(streamed)), slot_bytes=component.slot_for(streamed),
+                               slots=min(prefetch + 1, len(streamed)), slot_bytes=footprint.dit.slot_for(streamed),
                                source="mmap")
 
 
@@ -78,7 +80,7 @@ def test_streamed_sections_are_bit_identical_to_resident(variant, cache):
 
 @pytest.mark.parametrize("mode", ["fused", "live"])
 def test_a_lora_loaded_while_blocks_stream_reaches_them(tmp_path, mode):
-    from engine.lora import LoraSet
+    from framepack_engine.runtime.lora import LoraSet
     from tests.utils import TINY_CONFIG, section_inputs
     from tests.test_lora import write_kohya
 
@@ -120,8 +122,8 @@ def test_a_lora_loaded_while_blocks_stream_reaches_them(tmp_path, mode):
 def test_a_lora_fused_into_pinned_blocks_unloads_and_reloads_exactly(tmp_path, monkeypatch):
     """Pinned source (the CUDA path; plain host buffers stand in for the pinned ones here): the copy made before each
     pass of a block whose weight a LoRA changed must not overwrite the original the LoRA keeps to restore."""
-    import engine.offload as offload
-    from engine.lora import LoraSet
+    import framepack_engine.runtime.offload as offload
+    from framepack_engine.runtime.lora import LoraSet
     from tests.utils import TINY_CONFIG
     from tests.test_lora import write_kohya
 
@@ -154,7 +156,7 @@ def test_close_points_pinned_blocks_back_at_their_loaded_tensors(monkeypatch):
     """After close() no weight lives in the streamer's pinned buffers (so a re-plan does not pin a second copy while
     the first can never be freed); a weight changed since pinning keeps its new values. Plain host buffers stand in
     for the pinned ones."""
-    import engine.offload as offload
+    import framepack_engine.runtime.offload as offload
 
     pinned = []
 
@@ -185,7 +187,7 @@ def test_a_lora_fused_into_a_block_on_the_device_stays_when_it_goes_back_to_the_
     """A resident block (ModuleHome) on the device when a LoRA is fused: moving it back to the host (a re-plan) keeps
     the fused weight, and unloading then restores the original. The device copy is a float64 one here, a distinct
     tensor as on CUDA."""
-    from engine.lora import LoraSet
+    from framepack_engine.runtime.lora import LoraSet
     from tests.utils import TINY_CONFIG
     from tests.test_lora import write_kohya
 
@@ -214,7 +216,7 @@ def test_a_lora_fused_into_a_block_on_the_device_stays_when_it_goes_back_to_the_
 
 @pytest.mark.gpu
 def test_a_lora_fused_on_a_cuda_resident_layer_survives_to_host():
-    from engine.lora import _put
+    from framepack_engine.runtime.lora import _put
 
     layer = nn.Linear(16, 16)
     home = ModuleHome(layer, "cuda")
@@ -314,7 +316,7 @@ class SlowBlock(nn.Module):
 
 def record_timeline(monkeypatch, blocks, streamer):
     """(slot index, start, end) of every fill and of every block's compute, seen from outside the streamer."""
-    import engine.offload as offload
+    import framepack_engine.runtime.offload as offload
 
     slot_of = {}
     fills, computes = [], []
@@ -377,7 +379,7 @@ def test_slow_compute_makes_the_prefetch_wait_and_no_slot_is_refilled_in_use(mon
 
 
 def test_slow_copies_make_the_compute_wait(monkeypatch):
-    import engine.offload as offload
+    import framepack_engine.runtime.offload as offload
 
     generator = torch.Generator().manual_seed(1)
     blocks = nn.ModuleList([SlowBlock(16, generator, seconds=0.0) for _ in range(4)])
@@ -411,7 +413,7 @@ def test_a_failing_block_leaves_the_streamer_usable():
 def test_an_abandoned_pass_reads_no_more_blocks_and_its_copy_error_is_not_raised_later(monkeypatch):
     import threading
 
-    import engine.offload as offload
+    import framepack_engine.runtime.offload as offload
 
     generator = torch.Generator().manual_seed(3)
     blocks = nn.ModuleList([SlowBlock(16, generator, seconds=0.0) for _ in range(5)])
@@ -590,7 +592,7 @@ def test_quantized_storage_keeps_its_dtypes_when_the_rest_is_converted():
     stay as stored, exactly as `.to(torch.float16)` treats the resident model."""
     import copy
 
-    from engine.quant import QuantScheme, quantize_llama
+    from framepack_engine.runtime.quant import QuantScheme, quantize_llama
 
     llama = tiny_text_encoder(torch.Generator().manual_seed(4)).llama_model
     quantize_llama(llama, QuantScheme("int8"))

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import Engine
-from engine.dit import FramePackDiT
-from engine.errors import FramePackError
-from engine.memory import GiB, Placement
-from engine.presets import randomize_weights_
+from framepack_engine import Engine
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.planner import GiB
+from framepack_engine.runtime.placement import Placement
+from framepack_engine.models.presets import randomize_weights_
 from tests.fixtures import (TINY_DIT_CONFIG, flux_redux_folder, framepack_transformer_folder,  # noqa: F401
                             hunyuan_video_base_folder, write_single_file_dit)
 
@@ -80,7 +81,7 @@ def test_a_section_larger_than_planned_gets_a_new_plan(framepack_transformer_fol
 
 def test_an_impossible_budget_is_refused_before_anything_runs(framepack_transformer_folder,
                                                               hunyuan_video_base_folder, flux_redux_folder):
-    from engine.memory import InsufficientMemoryError
+    from framepack_engine.runtime.planner import InsufficientMemoryError
 
     with pytest.raises(InsufficientMemoryError, match=r"too small .* smallest budget that works is \d+\.\d+ GB"):
         load(framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_folder, vram_budget_gb=0.001)
@@ -114,8 +115,9 @@ MEASURE = textwrap.dedent("""
     import gc, json, sys
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer, LlamaModel, PreTrainedTokenizerFast, SiglipVisionModel
-    from engine import Engine
-    from engine.memory import GiB, AnonymousMemoryPeak
+    from framepack_engine import Engine
+    from framepack_engine.runtime.planner import GiB
+    from framepack_engine.runtime.host_memory import AnonymousMemoryPeak
 
     transformer, base, images = sys.argv[1:4]
     options = dict(transformer=transformer, base=base, image_encoder=images, device="cpu", attention="sdpa")
@@ -154,9 +156,9 @@ def test_loading_with_streaming_never_reads_the_checkpoint_into_anonymous_memory
 
 
 def test_bench_compares_resident_and_streamed_on_the_same_weights(monkeypatch):
-    from engine.benchmark import BenchSettings, bench_memory_plan, parse_compare, run_benchmark
-    from engine.offload import tensor_bytes
-    from engine.presets import DIT_PRESETS
+    from framepack_engine.commands.bench import BenchSettings, bench_memory_plan, parse_compare, run_benchmark
+    from framepack_engine.runtime.offload import tensor_bytes
+    from framepack_engine.models.presets import DIT_PRESETS
 
     # With one block of each kind two slots take as much as the blocks: give the tiny preset enough to stream.
     monkeypatch.setitem(DIT_PRESETS, "tiny", {**DIT_PRESETS["tiny"], "num_layers": 3, "num_single_layers": 3})

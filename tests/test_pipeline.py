@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine, FramePackError
-from engine.pipeline import FrameCollector, parse_section_prompts
-from engine.sections import section_count
+from framepack_engine import Engine, FramePackError
+from framepack_engine.pipeline import FrameCollector, parse_section_prompts
+from framepack_engine.generation.sections import section_count
 
 FAST = dict(steps=2, latent_window_size=2, fps=8)  # one section per second at these settings
 
@@ -51,7 +51,7 @@ def test_f1_modes(f1, mode):
 
 
 def test_image_size_follows_the_nearest_bucket(bidirectional):
-    from engine.buckets import find_nearest_bucket
+    from framepack_engine.models.buckets import find_nearest_bucket
 
     video = bidirectional.generate("x", image=gradient_image(80, 112), seconds=1, **FAST)
     assert video.frames.shape[1:3] == find_nearest_bucket(80, 112, resolution=64)
@@ -213,13 +213,13 @@ def test_from_pretrained_repo_ids_through_the_cache_and_a_single_fp8_file(hf_cac
                                           ("FramePackI2V_HY_fp8_e4m3fn.safetensors", "bidirectional"),
                                           ("/models/framepack-f1-bf16.safetensors", "f1")])
 def test_variant_is_read_off_the_transformer_name(name, variant):
-    from engine.loading import guess_variant
+    from framepack_engine.models.checkpoints import guess_variant
 
     assert guess_variant(name) == variant
 
 
 def test_missing_repo_offline_is_a_clear_error(tmp_path):
-    from engine.errors import ModelSourceError
+    from framepack_engine.errors import ModelSourceError
 
-    with pytest.raises(ModelSourceError, match="huggingface-cli download"):
+    with pytest.raises(ModelSourceError, match="hf download"):
         Engine.from_pretrained(transformer="nobody/NoSuchModel", cache_dir=tmp_path, allow_download=False)

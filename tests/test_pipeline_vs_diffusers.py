@@ -22,7 +22,7 @@ from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteSchedule
                        HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel)
 from PIL import Image
 
-from engine import Engine
+from framepack_engine import Engine
 from tests.fixtures import flux_redux_folder, framepack_transformer_folder, hunyuan_video_base_folder  # noqa: F401
 from tests.utils import assert_relative_error, relative_error
 

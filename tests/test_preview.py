@@ -1,11 +1,11 @@
-"""engine.preview: the linear latent -> RGB preview (ComfyUI's HunyuanVideo factors, [-1, 1] mapped to 0..255)."""
+"""framepack_engine.generation.preview: the linear latent -> RGB preview (ComfyUI's HunyuanVideo factors, [-1, 1] mapped to 0..255)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.errors import FramePackError
-from engine.preview import (HUNYUAN_VIDEO_SCALING_FACTOR, LATENT_RGB_BIAS, LATENT_RGB_FACTORS,
+from framepack_engine.errors import FramePackError
+from framepack_engine.generation.preview import (VAE_SCALING_FACTOR, LATENT_RGB_BIAS, LATENT_RGB_FACTORS,
                             latents_to_preview_rgb)
 
 
@@ -16,7 +16,7 @@ def test_factors_are_the_community_table():
     assert LATENT_RGB_FACTORS[12] == (-0.2315, -0.1920, -0.1355)
     assert LATENT_RGB_FACTORS[15] == (0.0249, -0.0469, -0.1703)
     assert LATENT_RGB_BIAS == (0.0259, -0.0192, -0.0761)
-    assert HUNYUAN_VIDEO_SCALING_FACTOR == 0.476986
+    assert VAE_SCALING_FACTOR == 0.476986
 
 
 def test_preview_is_the_linear_projection_of_each_latent_pixel():
@@ -48,7 +48,7 @@ def test_zero_latents_give_the_bias_color_and_saturation_clamps():
 def test_unscaled_latents_are_scaled_first():
     unscaled = torch.randn(1, 16, 2, 3, 3) * 3
     assert torch.equal(latents_to_preview_rgb(unscaled, scaled=False),
-                       latents_to_preview_rgb(unscaled * HUNYUAN_VIDEO_SCALING_FACTOR))
+                       latents_to_preview_rgb(unscaled * VAE_SCALING_FACTOR))
     assert not torch.equal(latents_to_preview_rgb(unscaled, scaled=False), latents_to_preview_rgb(unscaled))
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.dit import FramePackDiT
-from engine.errors import FramePackError
-from engine.quant import (METADATA_KEY, QuantizedLinear, QuantScheme, quantize_dit, quantize_llama, quantize_weight,
-                          quantized_layers, quantized_weight_bytes, write_quantized_checkpoint)
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.quant import (METADATA_KEY, QuantizedLinear, QuantScheme, quantize_dit, quantize_llama, quantize_weight, quantized_layers, quantized_weight_bytes)
+from framepack_engine.commands.quantize import write_quantized_checkpoint
 from tests.utils import TINY_CONFIG, randomize_weights_, section_inputs
 from tests.utils import assert_relative_error, relative_error
 
@@ -166,7 +166,7 @@ def test_dtype_conversion_keeps_the_stored_format(dits):
 
 def test_kernel_path_matches_the_plain_path(dits):
     """QuantizedLinear.use_kernel runs the Triton matmul (here under the interpreter): the same DiT output."""
-    from engine.quant import set_quantized_kernels
+    from framepack_engine.runtime.quant import set_quantized_kernels
 
     quantized = quantize_dit(copy.deepcopy(dits["tiny"]), SCHEMES["int4"])
     inputs = section_inputs(TINY_CONFIG, height=4, width=4, window=1)
@@ -190,7 +190,7 @@ def test_quantized_checkpoint_round_trip_is_identical(tmp_path, framepack_transf
     assert sorted(p.name for p in out.glob("*.safetensors")) == source_shards and len(source_shards) > 1
     index = json.loads(next(out.glob("*.index.json")).read_text())
     assert set(index["weight_map"].values()) == set(source_shards)
-    from engine.loading import read_safetensors_metadata
+    from framepack_engine.runtime.sources import read_safetensors_metadata
 
     stored = json.loads(read_safetensors_metadata(out)[METADATA_KEY])
     assert (stored["format"], stored["group_size"]) == (scheme.format, scheme.group_size)
@@ -220,7 +220,7 @@ def test_single_file_output_carries_its_config(tmp_path, framepack_transformer_f
 
 
 def test_loading_float_weights_of_a_quantized_checkpoint_dequantizes(tmp_path, framepack_transformer_folder):
-    from engine.loading import load_dit_checkpoint
+    from framepack_engine.models.checkpoints import load_dit_checkpoint
 
     out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "q", QuantScheme("int4", 32))
     loaded = FramePackDiT.from_pretrained(out, dtype=torch.float32)
@@ -231,9 +231,9 @@ def test_loading_float_weights_of_a_quantized_checkpoint_dequantizes(tmp_path, f
 
 LOAD_PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from engine.dit import FramePackDiT
-    from engine.quant import quantized_layers
-    import engine.loading, huggingface_hub, safetensors.torch  # imported before measuring: their memory is not the load's
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.runtime.quant import quantized_layers
+    import framepack_engine.loading, huggingface_hub, safetensors.torch  # imported before measuring: their memory is not the load's
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -286,11 +286,11 @@ QUANTIZE_RSS_SCRIPT = textwrap.dedent("""
     # depend on history. Fixed here above the layers' size, so the heap case is the one measured, every run.
     ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 2**20)  # M_MMAP_THRESHOLD
     import torch, torch.nn as nn
-    import engine.quant
-    from engine import memory
-    from engine.quant import QuantScheme, quantize_modules
+    import framepack_engine.runtime.quant
+    from framepack_engine.runtime import host_memory as memory
+    from framepack_engine.runtime.quant import QuantScheme, quantize_modules
     if sys.argv[1] == "keep":  # what the process holds when nothing hands the freed memory back
-        engine.quant.release_freed_host_memory = lambda: None
+        framepack_engine.runtime.quant.release_freed_host_memory = lambda: None
     start = memory.rss_anon_bytes()
     model = nn.Sequential(*[nn.Linear(1024, 4096, bias=False) for _ in range(24)])  # 384 MiB of float32
     quantize_modules(model, [str(i) for i in range(24)], QuantScheme("int8"))
@@ -314,7 +314,7 @@ def test_quantizing_hands_the_float_weights_memory_back():
 
 @pytest.mark.parametrize("layout", ["scaled e4m3 (scale_weight)", "scaled e4m3 (weight_scale)", "plain e4m3"])
 def test_community_fp8_files_load_as_fp8_and_match_their_dequantized_weights(tmp_path, layout):
-    from engine.loading import load_dit_checkpoint
+    from framepack_engine.models.checkpoints import load_dit_checkpoint
     from tests.fixtures import TINY_DIT_CONFIG
 
     state_dict = tiny_dit_model().to(torch.bfloat16).state_dict()
@@ -348,7 +348,7 @@ def write_kijai_style_fp8_file(path):
 def test_community_fp8_layers_outside_the_blocks_load_as_float(tmp_path):
     """A kijai-style file (proj_out, embedders and token refiner in fp8 too): only the blocks' linears stay fp8; the
     rest load as float layers holding the dequantized weight, so the head still runs in float32."""
-    from engine.loading import load_dit_checkpoint
+    from framepack_engine.models.checkpoints import load_dit_checkpoint
     from tests.fixtures import TINY_DIT_CONFIG
 
     path = write_kijai_style_fp8_file(tmp_path / "dit.safetensors")
@@ -371,8 +371,8 @@ def test_quantize_on_load_keeps_the_layers_stored_in_that_format(tmp_path, frame
     """A --keep-modulation int8 checkpoint loaded with quantize='int8': its memory-mapped int8 layers are kept as
     stored (not quantized again into RAM), and only its float modulation linears are quantized. Another format
     re-quantizes every layer."""
-    from engine.loading import transform_dit
-    from engine.settings import ModelSettings
+    from framepack_engine.loading import transform_dit
+    from framepack_engine.settings import ModelSettings
 
     keep_modulation = QuantScheme("int8", modulation=False)
     out = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "q", keep_modulation)
@@ -391,8 +391,8 @@ def test_quantize_on_load_keeps_the_layers_stored_in_that_format(tmp_path, frame
 def test_quantize_on_load_completes_a_community_fp8_file(tmp_path):
     """A kijai-style fp8 file keeps its modulation linears in bf16: quantize='fp8' quantizes those and keeps the
     layers the file stores in fp8 as they are."""
-    from engine.loading import transform_dit
-    from engine.settings import ModelSettings
+    from framepack_engine.loading import transform_dit
+    from framepack_engine.settings import ModelSettings
 
     dit = FramePackDiT.from_pretrained(write_kijai_style_fp8_file(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
     stored = {name: layer.weight for name, layer in dit.block_linears() if isinstance(layer, QuantizedLinear)}
@@ -411,7 +411,7 @@ from tests.fixtures import flux_redux_folder, hunyuan_video_base_folder  # noqa:
 
 
 def test_engine_from_pretrained_quantize(framepack_transformer_folder, hunyuan_video_base_folder, flux_redux_folder):
-    from engine import Engine
+    from framepack_engine import Engine
 
     engine = Engine.from_pretrained(transformer=framepack_transformer_folder, base=hunyuan_video_base_folder,
                                     image_encoder=flux_redux_folder, device="cpu", dtype=torch.float32,
@@ -424,7 +424,7 @@ def test_engine_from_pretrained_quantize(framepack_transformer_folder, hunyuan_v
 
 
 def test_quantize_options_are_checked_up_front():
-    from engine.settings import ModelSettings
+    from framepack_engine.settings import ModelSettings
 
     with pytest.raises(FramePackError, match="fp8, int8, int4"):
         ModelSettings.from_options(quantize="int3")
@@ -436,7 +436,7 @@ def test_quantize_options_are_checked_up_front():
 
 
 def test_fp8_compute_needs_fp8_tensor_cores():
-    from engine.quant import check_fp8_compute_device, set_fp8_compute
+    from framepack_engine.runtime.quant import check_fp8_compute_device, set_fp8_compute
 
     with pytest.raises(FramePackError, match="fp8 tensor cores"):
         check_fp8_compute_device(torch.device("cpu"))
@@ -445,7 +445,7 @@ def test_fp8_compute_needs_fp8_tensor_cores():
 
 
 def test_quantize_command(tmp_path, framepack_transformer_folder, capsys):
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     out = tmp_path / "q"
     assert main(["quantize", str(framepack_transformer_folder), str(out), "--format", "int4", "--group-size",
@@ -467,7 +467,7 @@ def test_an_interrupted_or_failed_quantize_leaves_nothing_and_can_run_again(tmp_
 
     import safetensors.torch
 
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     save_file = safetensors.torch.save_file
     out = tmp_path / "q"
@@ -495,7 +495,7 @@ def test_an_interrupted_or_failed_quantize_leaves_nothing_and_can_run_again(tmp_
 
 
 def test_quantize_refuses_an_existing_file_as_its_output_folder(tmp_path, framepack_transformer_folder, capsys):
-    from engine.cli import main
+    from framepack_engine.commands.main import main
 
     (tmp_path / "q").write_text("not a folder")
     assert main(["quantize", str(framepack_transformer_folder), str(tmp_path / "q"), "--format", "int8"]) == 2

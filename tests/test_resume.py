@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import Engine, FramePackError
-from engine.pipeline import FrameCollector, SectionCheckpoint, SectionResult
+from framepack_engine import Engine, FramePackError
+from framepack_engine.pipeline import FrameCollector, SectionCheckpoint, SectionResult
 
 FAST = dict(steps=2, latent_window_size=1, fps=8, seconds=1.5, seed=7)  # three sections
 

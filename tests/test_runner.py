@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine, FramePackError, benchmark, runner
-from engine.dit import FramePackDiT
-from engine.presets import TINY_DIT_CONFIG
-from engine.sections import initial_history, plan_sections
+from framepack_engine import Engine, FramePackError
+from framepack_engine.commands import bench as benchmark
+from framepack_engine.generation import runner
+from framepack_engine.models.dit import FramePackDiT
+from framepack_engine.models.presets import TINY_DIT_CONFIG
+from framepack_engine.generation.sections import initial_history, plan_sections
 
 FAST = dict(steps=2, latent_window_size=2, fps=8)
 
@@ -112,7 +114,7 @@ def test_step_cache_seam_gets_one_policy_per_section_and_branch():
 
 
 def test_head_runs_the_norm_in_the_model_dtype_and_the_projection_in_float32():
-    from engine.presets import randomize_weights_
+    from framepack_engine.models.presets import randomize_weights_
 
     dit = randomize_weights_(FramePackDiT.from_config(TINY_DIT_CONFIG, dtype=torch.bfloat16),
                              torch.Generator().manual_seed(0)).eval()
@@ -140,11 +142,11 @@ def test_head_runs_the_norm_in_the_model_dtype_and_the_projection_in_float32():
 
 
 def test_nothing_outside_the_dit_touches_its_submodules():
-    """The DiT's submodules are reached only inside engine/dit.py, so any can be swapped (quantized, LoRA, streamed)."""
+    """The DiT's submodules are reached only inside engine/models/dit.py, so any can be swapped (quantized, LoRA, streamed)."""
     names = {name for name, _ in FramePackDiT.from_config(TINY_DIT_CONFIG, device="meta").named_children()}
     pattern = re.compile(r"\.(" + "|".join(sorted(names)) + r")\b")
     offenders = []
-    for path in sorted(Path(__file__).resolve().parents[1].joinpath("engine").glob("*.py")):
+    for path in sorted(Path(__file__).resolve().parents[1].joinpath("engine").rglob("*.py")):
         if path.name == "dit.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):

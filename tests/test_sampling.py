@@ -20,8 +20,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from engine.errors import FramePackError
-from engine.sampling import (
+from framepack_engine.errors import FramePackError
+from framepack_engine.generation.sampling import (
     apply_cfg,
     distilled_guidance_input,
     draw_noise,

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import HunyuanVideoFramepackPipeline
 
-from engine.errors import FramePackError
-from engine.runner import PixelAssembler, to_uint8_frames
-from engine.sections import (
+from framepack_engine.errors import FramePackError
+from framepack_engine.generation.runner import PixelAssembler, to_uint8_frames
+from framepack_engine.generation.sections import (
     bidirectional_paddings,
     crossfade,
     initial_history,

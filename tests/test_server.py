@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.buckets import find_nearest_bucket
-from engine.cli import main
-from engine.errors import FramePackError
-from engine.server import SERVER_FIELDS
-from engine.settings import GenerationSettings
+from framepack_engine.models.buckets import find_nearest_bucket
+from framepack_engine.commands.main import main
+from framepack_engine.errors import FramePackError
+from framepack_engine.serve.server import SERVER_FIELDS
+from framepack_engine.settings import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-0123456789abcdef"
@@ -65,7 +65,7 @@ class Server:
                        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "serve", "--preset", "tiny", "--host", "127.0.0.1",
+                [sys.executable, "-m", "framepack_engine.commands.main", "serve", "--preset", "tiny", "--host", "127.0.0.1",
                  "--port", str(self.port), "--state-dir", str(self.state_dir), "--api-key", API_KEY, *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -371,7 +371,7 @@ def test_serve_refuses_unsafe_or_wrong_options_before_loading(tmp_path, capsys, 
 
 
 def test_serve_refuses_a_state_directory_another_server_uses(tmp_path, capsys):
-    from engine.jobs import JobStore
+    from framepack_engine.serve.jobs import JobStore
 
     store = JobStore(tmp_path)  # the other server
     with socket.socket() as taken:  # were the state directory not refused, the port would be: no server starts
@@ -390,7 +390,7 @@ def test_serve_refuses_a_state_directory_another_server_uses(tmp_path, capsys):
 def test_missing_server_packages_are_named_with_the_install(monkeypatch):
     import importlib.util
 
-    from engine.server import require_server_packages
+    from framepack_engine.serve.server import require_server_packages
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))

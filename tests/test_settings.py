@@ -1,13 +1,13 @@
-"""Options are written once (engine.settings): the API, the command's flags and the checks all come from the fields."""
+"""Options are written once (framepack_engine.settings): the API, the command's flags and the checks all come from the fields."""
 
 import argparse
 import math
 
 import pytest
 
-from engine import Engine, FramePackError
-from engine.cli import build_parser, main
-from engine.settings import GenerationSettings, ModelSettings, add_flags, given_flags
+from framepack_engine import Engine, FramePackError
+from framepack_engine.commands.main import build_parser, main
+from framepack_engine.settings import GenerationSettings, ModelSettings, add_flags, given_flags
 
 
 def test_every_option_is_a_flag_with_its_help_and_default():

@@ -1,7 +1,7 @@
 """Step caching: TeaCache decides as the official app does, MagCache's mechanics and calibration, what a skipped step
 costs (no block runs), separate state per section, branch and generation, and the quality measurement.
 
-Most tests run the engine's section loop (engine.runner.run_sections) on a small random DiT without the VAE; a few
+Most tests run the engine's section loop (framepack_engine.generation.runner.run_sections) on a small random DiT without the VAE; a few
 go through Engine and the command on the tiny preset. Random weights make the numbers meaningless as quality; the
 tests check the mechanics and that the measurements work.
 """
@@ -14,16 +14,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine import Engine, FramePackError
-from engine.benchmark import BenchSettings, run_benchmark
-from engine.calibration import CalibrationRecorder, MagCacheCalibration, calibrate
-from engine.cli import main
-from engine.conditioning import PromptEmbedding
-from engine.presets import TINY_DIT_CONFIG, tiny_dit
-from engine.runner import SamplingOptions, SectionInputs, run_sections
-from engine.sections import initial_history, plan_sections
-from engine.settings import GenerationSettings
-from engine.step_cache import MagCache, StepCaches, TeaCache, rescaled_distance
+from framepack_engine import Engine, FramePackError
+from framepack_engine.commands.bench import BenchSettings, run_benchmark
+from framepack_engine.generation.calibration import CalibrationRecorder, MagCacheCalibration
+from framepack_engine.commands.calibrate_cache import calibrate
+from framepack_engine.commands.main import main
+from framepack_engine.models.conditioning import PromptEmbedding
+from framepack_engine.models.presets import TINY_DIT_CONFIG, tiny_dit
+from framepack_engine.generation.runner import SamplingOptions, SectionInputs, run_sections
+from framepack_engine.generation.sections import initial_history, plan_sections
+from framepack_engine.settings import GenerationSettings
+from framepack_engine.generation.step_cache import MagCache, StepCaches, TeaCache, rescaled_distance
+from framepack_engine.resolve import resolve_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -394,14 +396,15 @@ def test_a_calibration_recorded_with_other_settings_is_named_in_a_warning(tmp_pa
     the command that records a fitting calibration; matching settings are silent."""
     import warnings
 
-    from engine.errors import FramePackWarning
+    from framepack_engine.errors import FramePackWarning
 
-    path = MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4}, bucket=[320, 448], latent_window_size=5,
+    path = MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4}, bucket=[64, 64], latent_window_size=5,
                                sampler="euler", shift=None).save(tmp_path / "magcache.json")
 
-    def caches(**options):
-        return StepCaches.from_settings(GenerationSettings.from_options(
-            prompt="x", steps=4, cache="magcache", magcache_calibration=path, **options))
+    def caches(**options):  # the resolve step reads the calibration and warns, before any model loads
+        settings = GenerationSettings.from_options(prompt="x", steps=4, cache="magcache", magcache_calibration=path,
+                                                   **options)
+        return resolve_request(settings, "bidirectional", default_resolution=64).step_caches()
 
     with pytest.warns(FramePackWarning) as caught:
         caches(latent_window_size=9, sampler="unipc", shift=3.0)
@@ -416,8 +419,8 @@ def test_a_calibration_recorded_with_other_settings_is_named_in_a_warning(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fitting = caches(latent_window_size=5, sampler="euler")
-        fitting.magcache_calibration.warn_if_other_bucket([320, 448])
-    with pytest.warns(FramePackWarning, match="recorded at 320x448, this generation runs at 448x320"):
+        fitting.magcache_calibration.warn_if_other_bucket([64, 64])
+    with pytest.warns(FramePackWarning, match="recorded at 64x64, this generation runs at 448x320"):
         fitting.magcache_calibration.warn_if_other_bucket([448, 320])
 
 

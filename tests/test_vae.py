@@ -1,4 +1,4 @@
-"""engine.vae.HunyuanVideoVAE against diffusers' AutoencoderKLHunyuanVideo, on random tiny configs with the real
+"""framepack_engine.models.vae.HunyuanVideoVAE against diffusers' AutoencoderKLHunyuanVideo, on random tiny configs with the real
 structure (8x spatial / 4x temporal causal levels, group norms, mid-block causal attention).
 
 Bounds stated here:
@@ -29,8 +29,8 @@ from diffusers.utils import logging as diffusers_logging
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from engine.errors import FramePackError, ModelSourceError
-from engine.vae import HunyuanVideoVAE, Tiling, VAEConfig, decode_tiling
+from framepack_engine.errors import FramePackError, ModelSourceError
+from framepack_engine.models.vae import HunyuanVideoVAE, Tiling, VAEConfig, decode_tiling
 from tests.utils import TOLERANCE, assert_relative_error, randomize_weights_, relative_error
 
 diffusers_logging.set_verbosity_error()  # its advice on casting with .to() is about its own loader

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.errors import FramePackError
-from engine.video import Video, available_codecs, encode_video
+from framepack_engine.errors import FramePackError
+from framepack_engine.media.video import Video, available_codecs, encode_video
 
 
 def smooth_frames(count=9, height=48, width=64):
@@ -63,7 +63,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path):
 
 def test_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch):
     # Tests may run as root, who can write anywhere: pretend the permission check says no.
-    monkeypatch.setattr("engine.video.os.access", lambda path, mode: False)
+    monkeypatch.setattr("framepack_engine.media.video.os.access", lambda path, mode: False)
     folder = tmp_path / "locked"
     folder.mkdir()
     with pytest.raises(FramePackError, match="not writable"):
@@ -105,7 +105,7 @@ def test_safetensors_of_frames_and_latents(tmp_path):
 def test_float_frames_are_converted_from_minus_one_to_one(tmp_path):
     pixels = torch.linspace(-1, 1, 4 * 8 * 8 * 3).reshape(4, 8, 8, 3)
     video = Video(frames=np.zeros((1, 1, 1, 3), np.uint8), fps=30)
-    from engine.video import as_uint8_frames
+    from framepack_engine.media.video import as_uint8_frames
 
     converted = as_uint8_frames(pixels)
     assert converted.dtype == np.uint8 and converted.min() == 0 and converted.max() == 255
@@ -125,8 +125,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
-import engine.video as video_module  # noqa: E402
-from engine.video import MAX_PENDING_SEGMENTS, SectionVideoWriter, check_output  # noqa: E402
+import framepack_engine.media.video as video_module  # noqa: E402
+from framepack_engine.media.video import MAX_PENDING_SEGMENTS, SectionVideoWriter, check_output  # noqa: E402
 
 SECTIONS = (13, 12, 12)  # a first section one frame longer, as the engine's
 

@@ -3,8 +3,8 @@ the official index layouts, and their translation to diffusers' keyword names.""
 
 import torch
 
-from engine import presets
-from kernels.reference import relative_error
+from framepack_engine.models import presets
+from framepack_kernels.reference import relative_error
 
 # Tolerances of the project: float32 parity at 1e-5 relative, half precision at 1e-2.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -43,7 +43,7 @@ def assert_relative_error(actual, expected, tolerance, name="output"):
 
 
 def randomize_weights_(model, seed=0, scale=1.0, norm_spread=0.2, bias_scale=0.3):
-    """engine.presets.randomize_weights_ from a seed, at a scale where every layer of a tiny model matters."""
+    """framepack_engine.models.presets.randomize_weights_ from a seed, at a scale where every layer of a tiny model matters."""
     return presets.randomize_weights_(model, torch.Generator().manual_seed(seed), scale, norm_spread, bias_scale)
 
 

@@ -1,0 +1,246 @@
+"""The `framepack` command: generate a video, show what this machine offers, benchmark, quantize a checkpoint.
+
+A user mistake prints one line naming the problem and the fix and exits with status 2, never a traceback.
+Ctrl-C during generation stops at the next step and keeps (and saves) every finished section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from framepack_engine.commands.common import Terminated, quiet_libraries, raise_terminated
+from framepack_engine.errors import FramePackError, FramePackWarning
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser):
+    """The flags of `framepack generate`: the inputs, every GenerationSettings and ModelSettings option (built from
+    their fields, so the command and the Python API cannot drift apart), and the output."""
+    from framepack_engine.settings import GenerationSettings, ModelSettings, add_flags
+
+    parser.add_argument("prompt_words", nargs="*", metavar="PROMPT", help="the prompt (or use --prompt)")
+    parser.add_argument("--image", help="start image (image-to-video); none = text-to-video from a black frame")
+    parser.add_argument("--end-image", help="end image (first-last-frame video; bidirectional model only)")
+    parser.add_argument("--input-video", help="a video to extend (F1 model only)")
+    add_flags(parser.add_argument_group("generation"), GenerationSettings)
+    models = parser.add_argument_group("model")
+    models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
+    add_flags(models, ModelSettings)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="output: .mp4/.webm/.mkv/.mov/.avi, .safetensors, or a folder for PNG frames")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (only once the first section is written)")
+    output.add_argument("--codec", help="video encoder (default: the container's, libx264 or libvpx-vp9 for .webm; "
+                                        "see framepack info)")
+    output.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
+    output.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
+    output.add_argument("--quiet", action="store_true", help="no progress bars or library logs")
+
+
+def _default_out(mode: str, seed: int) -> Path:
+    return Path("outputs") / f"framepack_{mode}_{seed}_{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+
+
+def command_generate(args) -> int:
+    import signal
+
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return _generate(args)
+    except KeyboardInterrupt as interruption:  # while reading the inputs, before the model loads
+        print("\nInterrupted before loading the model: nothing was written.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _generate(args) -> int:
+    import signal
+
+    from framepack_engine.media.output import SectionOutputFile
+    from framepack_engine.media.video import check_output
+    from framepack_engine.pipeline import Engine
+    from framepack_engine.resolve import resolve_models, resolve_request
+    from framepack_engine.settings import GenerationSettings, ModelSettings, given_flags
+
+    if args.quiet:  # before anything opens an encoder: some read their log level once per process
+        quiet_libraries()
+    # Everything the user asked for is resolved and checked once, before any model loads.
+    prompt = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
+    settings = GenerationSettings.from_options(prompt=prompt, **given_flags(args, GenerationSettings, skip=("prompt",)))
+    model_options = given_flags(args, ModelSettings)
+    models = resolve_models(ModelSettings.from_options(**model_options), args.preset, given=model_options)
+    request = resolve_request(settings, models.variant, image=args.image, end_image=args.end_image,
+                              input_video=args.input_video,
+                              default_resolution=models.default_resolution)
+    out = Path(args.out) if args.out else _default_out(request.mode, settings.seed)
+    height, width = request.size
+    check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        engine = Engine.from_resolved(models, request)
+    except KeyboardInterrupt as interruption:
+        print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
+
+    progress = _Progress(enabled=not args.quiet)
+    output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
+    interrupted = None
+    try:
+        for section in engine.stream(request=request, callback=progress.step):
+            # Each finished section goes to the writer at once, so an interruption loses nothing finished.
+            output.add(section)
+            progress.section_done(section, output.frame_count)
+    except KeyboardInterrupt as interruption:
+        interrupted = interruption
+    except Exception:
+        output.close()  # keep every finished section, then report what went wrong
+        raise
+    finally:
+        progress.close()
+    try:
+        saved = output.close()
+    except KeyboardInterrupt as interruption:  # Ctrl-C (another one) while the last frames are encoded
+        output.abort()  # what is already in the file stays
+        saved = output.published
+        interrupted = interrupted or interruption
+    if interrupted is not None:
+        print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
+              file=sys.stderr)
+        return 143 if isinstance(interrupted, Terminated) else 130
+    if saved is None:
+        raise FramePackError("No section finished, so nothing was written.")
+    print(f"Saved {saved}")
+    return 0
+
+
+class _Progress:
+    """Progress bars: one over sections, one over the steps of the current section."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.sections = None
+        self.steps = None
+
+    def step(self, info: dict):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.sections is None:
+            self.sections = tqdm(total=info["sections"], desc="sections", unit="section", position=0)
+        if self.steps is None or info["i"] == 0:
+            if self.steps is not None:
+                self.steps.close()
+            self.steps = tqdm(total=info["total_steps"], desc=f"section {info['section'] + 1}", unit="step",
+                              position=1, leave=False)
+        if "cache_steps_skipped" in info:
+            self.steps.set_postfix(skipped=info["cache_steps_skipped"], refresh=False)
+        self.steps.update(1)
+
+    def section_done(self, section, frames: int):
+        if self.sections is not None:
+            self.sections.update(1)
+            stats = section.stats
+            skipped = {"skipped": stats["cache_steps_skipped"]} if "cache_steps_skipped" in stats else {}
+            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames, **skipped)
+
+    def close(self):
+        for bar in (self.steps, self.sections):
+            if bar is not None:
+                bar.close()
+
+
+def command_info(args) -> int:
+    import platform
+
+    import torch
+
+    from framepack_engine import __version__
+    from framepack_engine.runtime.attention import BACKEND_NAMES, available_backends, kernel_verification_lines, resolve_backend
+    from framepack_engine.media.video import available_codecs
+
+    print(f"framepack-engine {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    for package in ("triton", "transformers", "safetensors", "av", "flash_attn", "sageattention", "xformers"):
+        try:
+            module = __import__(package)
+            print(f"  {package}: {getattr(module, '__version__', 'installed')}")
+        except Exception:
+            print(f"  {package}: not installed")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            print(f"device cuda:{index}: {properties.name}, {properties.total_memory / 2**30:.1f} GiB, "
+                  f"compute {properties.major}.{properties.minor}, bf16 {torch.cuda.is_bf16_supported()}")
+        device = "cuda"
+    else:
+        print("device: cpu (no CUDA device found)")
+        device = "cpu"
+    print(f"attention backends usable here: {', '.join(available_backends(device))} "
+          f"(auto -> {resolve_backend('auto', device).name}; all: {', '.join(BACKEND_NAMES)})")
+    print("\n".join(kernel_verification_lines(device)))
+    print(f"video encoders: {', '.join(available_codecs()[:16])}")
+    if args.plan:
+        from framepack_engine.models.footprints import official_plan
+        from framepack_engine.settings import ModelSettings
+
+        budget = ModelSettings.from_options(vram_budget_gb=args.vram_budget_gb, memory_margin_gb=args.memory_margin_gb)
+        plan, models = official_plan(args.device or device, budget.vram_budget_gb, budget.memory_margin_gb,
+                                     args.resolution)
+        print(f"models: {models}")  # plan.lines() starts with the plan's own heading
+        print("\n".join(plan.lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framepack", description="FramePack video generation engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate a video")
+    add_generate_arguments(generate)
+    generate.set_defaults(run=command_generate)
+    info = commands.add_parser("info", help="device, attention backends, versions; --plan: the memory plan")
+    info.add_argument("--plan", "--verbose", action="store_true",
+                      help="the memory plan for the official models: what is where, bytes streamed per step, host RAM")
+    info.add_argument("--vram-budget-gb", type=float, help="device memory budget (default: free memory minus margin)")
+    info.add_argument("--memory-margin-gb", type=float, default=1.0, help="left free without a budget (default 1)")
+    info.add_argument("--resolution", type=int, default=640, help="section size the plan is for (default 640)")
+    info.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    info.set_defaults(run=command_info)
+    from framepack_engine.commands.bench import add_bench_command
+    from framepack_engine.commands.calibrate_cache import add_calibrate_command
+    from framepack_engine.commands.quantize import add_quantize_command
+    from framepack_engine.commands.serve import add_serve_command
+
+    add_bench_command(commands)
+    add_calibrate_command(commands)
+    add_quantize_command(commands)
+    add_serve_command(commands)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our warnings as one line on stderr (no source line); other libraries' as Python shows them."""
+    if issubclass(category, FramePackWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+def main(argv=None) -> int:
+    warnings.showwarning = _show_warning
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except FramePackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

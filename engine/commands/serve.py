@@ -1,0 +1,98 @@
+"""`framepack serve`: the HTTP API and its job queue (framepack_engine.serve), one engine per device."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.attention import available_backends, resolve_backend
+from framepack_engine.serve.jobs import JobQueue, JobStore, load_worker_engine, parse_devices
+from framepack_engine.serve.server import (API_KEY_VARIABLE, DEFAULT_PORT, check_api_key, create_app, default_state_dir, require_server_packages, reserve_port)
+from framepack_engine.settings import ModelSettings, add_flags, given_flags
+
+
+def load_engines(model_settings, preset: str | None, devices: list[str]) -> list[tuple[str, object]]:
+    """One engine per device, loaded side by side."""
+    engines: list = [None] * len(devices)
+    errors: list = []
+
+    def load(index, device):
+        try:
+            engines[index] = (device, load_worker_engine(model_settings, preset, device))
+        except BaseException as error:  # handed to the main thread, which reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=load, args=(index, device)) for index, device in enumerate(devices)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return engines
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="HTTP API with a persistent job queue",
+                                description="Serve the engine over HTTP: queue generations, follow them with "
+                                            "Server-Sent Events, download their videos. API docs at /docs.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                                                           "needs --api-key)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--state-dir", help="where the job queue, inputs and outputs live "
+                                           "(default $XDG_STATE_HOME/framepack or ~/.local/state/framepack)")
+    serve.add_argument("--devices", help="one worker per device: CUDA indices such as 0,1, or cpu "
+                                         "(default: the first CUDA device, else cpu)")
+    serve.add_argument("--api-key", help=f"every request must send it (default ${API_KEY_VARIABLE}); needed to bind "
+                                         "a non-loopback address")
+    serve.add_argument("--max-queued", type=int, default=256, help="waiting jobs beyond this are refused with 429 "
+                                                                  "(default 256)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, uploads included, "
+                                                                      "in MiB (default 32)")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default warning; info logs every request)")
+    models = serve.add_argument_group("model (as framepack generate)")
+    models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
+    add_flags(models, ModelSettings, skip=("device",))
+    serve.set_defaults(run=command_serve)
+
+
+def command_serve(args) -> int:
+    # Everything that can be wrong is checked before the model loads.
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    check_api_key(args.host, api_key)
+    if args.max_queued < 1 or args.max_body_mb <= 0:
+        raise FramePackError("--max-queued and --max-body-mb must be positive.")
+    model_settings = ModelSettings.from_options(**given_flags(args, ModelSettings, skip=("device",)))
+    devices = parse_devices(args.devices)
+    require_server_packages()
+    import uvicorn
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    store = JobStore(state_dir)
+    sock = reserve_port(args.host, args.port)
+    try:
+        engines = load_engines(model_settings, args.preset, devices)
+        queue = JobQueue(store, engines, args.max_queued)
+        engine = queue.engine
+        info = {"engine": "framepack-engine", "model": engine.name, "variant": engine.variant,
+                "dtype": str(engine.dtype).removeprefix("torch."), "devices": devices,
+                "attention": resolve_backend(model_settings.attention, devices[0]).name,
+                "backends": available_backends(devices[0])}
+        app = create_app(queue, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), info=info)
+        for job_id, happened in queue.start():
+            print(f"job {job_id}: {happened}", flush=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"Serving {engine.name} on http://{host}:{args.port} (API docs: /docs) with {len(devices)} "
+              "worker(s).", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        try:
+            server.run(sockets=[sock])
+        finally:
+            queue.stop()  # the app's shutdown did it unless the server failed
+    finally:
+        sock.close()
+        store.close()
+    return 0

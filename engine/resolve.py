@@ -1,0 +1,173 @@
+"""The resolve step: a request (command flags, API keywords or a server job) becomes one resolved, validated value.
+
+Every decision is made here once, before any model loads, and every layer below reads it instead of deciding again:
+
+    resolve_models(ModelSettings, preset)       -> ResolvedModels: variant, device, dtype, the preset's honoured options
+    resolve_request(GenerationSettings, ...)    -> Request: mode, inputs read, bucket, section and frame counts,
+                                                   the step cache with its MagCache ratios (the file read once)
+
+`framepack generate`, `framepack calibrate-cache`, the server's jobs and `Engine.stream` all go through these.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framepack_engine.errors import FramePackError, FramePackWarning
+from framepack_engine.generation import sections
+from framepack_engine.generation.calibration import MagCacheCalibration
+from framepack_engine.generation.step_cache import BRANCHES, StepCaches
+from framepack_engine.media.images import load_image, load_video_frames
+from framepack_engine.models.buckets import REFERENCE_RESOLUTION, find_nearest_bucket
+from framepack_engine.models.checkpoints import guess_variant
+from framepack_engine.models.presets import TINY_RESOLUTION
+from framepack_engine.runtime.devices import default_device
+from framepack_engine.settings import GenerationSettings, ModelSettings
+
+# What a preset (random weights built in memory) cannot take: it has no checkpoint to read and its own dtype.
+PRESET_REFUSED = {"transformer": "--transformer", "base": "--base", "image_encoder": "--image-encoder",
+                  "dtype": "--dtype", "fp8_compute": "--fp8-compute"}
+
+
+@dataclass(frozen=True)
+class ResolvedModels:
+    """The model side of a request, decided once: what `Engine.from_resolved` builds."""
+
+    settings: ModelSettings
+    variant: str  # "bidirectional" or "f1"
+    device: torch.device
+    dtype: torch.dtype
+    preset: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"preset:{self.preset}" if self.preset else Path(str(self.settings.transformer)).name
+
+    @property
+    def default_resolution(self) -> int:
+        """The resolution a request without one gets: the preset's own, else the official bucket table's."""
+        return TINY_RESOLUTION if self.preset else REFERENCE_RESOLUTION
+
+
+def resolve_models(settings: ModelSettings, preset: str | None = None, given=()) -> ResolvedModels:
+    """The variant ("auto" reads F1 in the transformer's name; a preset is bidirectional unless asked), the device
+    (cuda when available) and the dtype. `given`: the option names the user set (a preset refuses those it cannot
+    honour, with one line, instead of ignoring them)."""
+    if preset:
+        refused = [PRESET_REFUSED[name] for name in given if name in PRESET_REFUSED]
+        if refused:
+            raise FramePackError(f"{', '.join(refused)} cannot be used with --preset {preset} (its random weights are "
+                                 f"built in memory): drop {refused[0]}, or drop --preset to load a checkpoint.")
+        variant = "bidirectional" if settings.variant == "auto" else settings.variant
+        dtype = torch.float32
+    else:
+        variant = guess_variant(settings.transformer) if settings.variant == "auto" else settings.variant
+        dtype = getattr(torch, settings.dtype)
+    return ResolvedModels(settings, variant, torch.device(settings.device or default_device()), dtype, preset)
+
+
+def generation_mode(image, end_image, input_video) -> str:
+    """t2v, i2v, flf2v or extend: the mode follows the inputs."""
+    if input_video is not None:
+        return "extend"
+    if end_image is not None:
+        return "flf2v"
+    return "i2v" if image is not None else "t2v"
+
+
+def check_inputs_for_variant(variant: str, image, end_image, input_video) -> None:
+    """The input combinations a model can take; checked before anything loads."""
+    if end_image is not None and image is None:
+        raise FramePackError("An end image needs a start image too: pass image=... with end_image=... .")
+    if end_image is not None and variant != "bidirectional":
+        raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop end_image or load that "
+                             "model.")
+    if input_video is not None and variant != "f1":
+        raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with variant='f1'.")
+
+
+@dataclass
+class Request:
+    """One generation, resolved: its checked settings, its inputs read, its frame size (the bucket), its section and
+    frame counts, and its step cache's ratios. `Engine.stream(request=...)` runs it as it is."""
+
+    settings: GenerationSettings
+    variant: str
+    mode: str
+    resolution: int
+    size: tuple[int, int]  # (height, width) pixels: the bucket every frame is fitted to
+    section_count: int
+    start_image: np.ndarray | None = None  # uint8 (H, W, 3) as read, before fitting to the bucket
+    end_image: np.ndarray | None = None
+    input_video: np.ndarray | None = None  # uint8 (T, H, W, 3)
+    magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)
+
+    @property
+    def latent_frames(self) -> int:
+        return sections.latent_frame_count(self.section_count, self.settings.latent_window_size)
+
+    @property
+    def pixel_frames(self) -> int:
+        return sections.pixel_frame_count(self.latent_frames)
+
+    def step_caches(self, model: str | None = None) -> StepCaches | None:
+        """Fresh step caches of this request (None without `cache`), from the ratios read when it was resolved."""
+        settings = self.settings
+        if settings.cache is None:
+            return None
+        if settings.cache == "teacache":
+            return StepCaches.teacache(settings.steps, settings.cache_threshold)
+        calibration = self.magcache_calibration
+        if model is not None and calibration.model and calibration.model != model:
+            warnings.warn(f"The MagCache calibration was recorded for {calibration.model!r}, this model is {model!r}: "
+                          "its ratios may not fit; calibrate this model with framepack calibrate-cache.",
+                          FramePackWarning, stacklevel=2)
+        return StepCaches.magcache(settings.steps, calibration, settings.cache_threshold, settings.magcache_k,
+                                   settings.magcache_retention, self.branches)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return BRANCHES if self.settings.cfg != 1 else BRANCHES[:1]
+
+
+def _read(value, read):
+    """An input given as a path is read; an array is taken as it is."""
+    if value is None:
+        return None
+    return read(value)
+
+
+def resolve_request(settings: GenerationSettings, variant: str, *, image=None, end_image=None, input_video=None,
+                    default_resolution: int = REFERENCE_RESOLUTION) -> Request:
+    """Everything a generation decides before any model work: the inputs the variant can take, read and checked;
+    the bucket (nearest the start image's aspect ratio, or `width` x `height` for text to video) at the settings'
+    resolution or the model's default; the section count; the MagCache ratios, read and fitted to the steps."""
+    check_inputs_for_variant(variant, image, end_image, input_video)
+    mode = generation_mode(image, end_image, input_video)
+    start_image = _read(image, lambda value: load_image(value, "start image"))
+    end = _read(end_image, lambda value: load_image(value, "end image"))
+    video_frames = _read(input_video, lambda value: load_video_frames(value)[0])
+    if video_frames is not None:
+        start_image = video_frames[0]
+    resolution = settings.resolution or default_resolution
+    if start_image is not None:
+        height, width = start_image.shape[:2]
+    else:
+        height, width = settings.height or resolution, settings.width or resolution
+    size = find_nearest_bucket(height, width, resolution=resolution)
+    count = sections.section_count(settings.seconds, settings.fps, settings.latent_window_size)
+    request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames)
+    if settings.cache == "magcache":
+        # The file is small: read once and fitted to this generation now, before any model loads.
+        calibration = MagCacheCalibration.load(settings.magcache_calibration)
+        for branch in request.branches:
+            calibration.ratios_for(branch, settings.steps)
+        calibration.warn_if_recorded_otherwise(settings.latent_window_size, settings.sampler, settings.shift)
+        calibration.warn_if_other_bucket(list(size))
+        request.magcache_calibration = calibration
+    return request
