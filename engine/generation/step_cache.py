@@ -11,11 +11,14 @@ so no state crosses sections, branches or generations, and nothing is stored on 
   polynomial and accumulated; a step is skipped while the sum stays under the threshold, and a computed step resets
   it. The first and the last step of a section are always computed. Cost: one small reduction and one host read per
   step.
-- MagCache: each step's residual magnitude relative to the previous step's is known from a calibration
-  (framepack_engine.generation.calibration); their product since the last computed step estimates how far the kept residual has drifted.
-  A step is skipped while the summed drift stays under the threshold and at most K steps in a row, after a fraction
-  of early steps that are always computed (the retention ratio). Decisions need no host read at all. The last step
-  is always computed too, so a section's result is always a real model call.
+- MagCache, as its authors run it on FramePack (MagCache4FramePack's `magcache_framepack_forward`): each step's
+  residual magnitude relative to the previous step's is known beforehand (`ratios[t]`: the authors' published
+  ratios, shipped in magcache_ratios.json beside this module, or a calibration; see
+  framepack_engine.generation.calibration); their product since the last computed step estimates how far the kept
+  residual has drifted. After the retained first steps (`int(retention * steps)`, and step 0 always), a step is
+  skipped when the summed drift stays under the threshold, at most K steps in a row, and its own ratio is within
+  0.06 of 1; a step that fails any of the three is computed and starts a new run. The last step is not forced: it is
+  skipped like any other when the rule allows (the authors do the same). Decisions need no host read at all.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ HUNYUAN_VIDEO_RESCALE = (733.226126, -401.131952, 67.5869174, -3.14987800, 0.096
 MAGCACHE_THRESHOLD = 0.1
 MAGCACHE_K = 3
 MAGCACHE_RETENTION = 0.2
+# The authors' per-step condition: a step whose own ratio is further than this from 1 is always computed.
+MAGCACHE_STEP_TOLERANCE = 0.06
 
 DEFAULT_THRESHOLDS = {"teacache": TEACACHE_THRESHOLD, "magcache": MAGCACHE_THRESHOLD}
 BRANCHES = ("positive", "negative")
@@ -128,16 +133,17 @@ class TeaCache(StepCache):
 
 
 class MagCache(StepCache):
-    """MagCache from calibrated per-step magnitude ratios (`ratios[t]` = |residual t| / |residual t-1|)."""
+    """MagCache from per-step magnitude ratios (`ratios[t]` = |residual t| / |residual t-1|; `ratios[0]` unused),
+    deciding as the authors' FramePack demo does."""
 
     def __init__(self, steps: int, ratios, threshold: float = MAGCACHE_THRESHOLD, k: int = MAGCACHE_K,
-                 retention: float = MAGCACHE_RETENTION):
+                 retention: float = MAGCACHE_RETENTION, step_tolerance: float = MAGCACHE_STEP_TOLERANCE):
         super().__init__(steps)
         if len(ratios) != steps:
             raise FramePackError(f"MagCache has {len(ratios)} magnitude ratios for {steps} steps: calibrate for "
                                  f"{steps} steps (framepack calibrate-cache --steps {steps}).")
         self.ratios = [float(ratio) for ratio in ratios]
-        self.threshold, self.k = threshold, k
+        self.threshold, self.k, self.step_tolerance = threshold, k, step_tolerance
         self.retained = int(retention * steps)  # the first steps, always computed
         self._reset()
 
@@ -146,13 +152,15 @@ class MagCache(StepCache):
 
     def should_skip(self, dit, tokens) -> bool:
         step = self.step
-        if step == 0 or step < self.retained or step >= self.steps - 1:
+        if step == 0 or step < self.retained:
             self._reset()
             return False
-        self.accumulated_ratio *= self.ratios[step]
+        ratio = self.ratios[step]
+        self.accumulated_ratio *= ratio
         self.accumulated_error += abs(1.0 - self.accumulated_ratio)
         self.accumulated_steps += 1
-        if self.accumulated_error <= self.threshold and self.accumulated_steps <= self.k:
+        if (self.accumulated_error <= self.threshold and self.accumulated_steps <= self.k
+                and abs(1.0 - ratio) <= self.step_tolerance):
             return True
         self._reset()
         return False
@@ -160,12 +168,15 @@ class MagCache(StepCache):
 
 class StepCaches:
     """`run_sections`' make_step_cache: a fresh policy per section and guidance branch, and per section the count of
-    model calls that ran the blocks and that were skipped (both branches together when cfg > 1)."""
+    model calls that ran the blocks and that were skipped (both branches together when cfg > 1). `ratios_source`
+    (MagCache: where its ratios came from) goes into each finished section's stats as `magcache_ratios`."""
 
-    def __init__(self, make_policy: Callable[[str], StepCache], magcache_calibration=None):
+    def __init__(self, make_policy: Callable[[str], StepCache], magcache_calibration=None,
+                 ratios_source: str | None = None):
         self.make_policy = make_policy
         self.live: dict[int, list[StepCache]] = {}
         self.magcache_calibration = magcache_calibration  # the generation checks its bucket once it is known
+        self.ratios_source = ratios_source
 
     def __call__(self, section, branch: str) -> StepCache:
         policy = self.make_policy(branch)
@@ -178,8 +189,10 @@ class StepCaches:
                 "cache_steps_skipped": sum(policy.skipped for policy in policies)}
 
     def finish_section(self, section_index: int) -> dict:
-        """The section's counts; its policies let go of their tensors."""
+        """The section's counts (and where MagCache's ratios came from); its policies let go of their tensors."""
         counts = self.counts(section_index)
+        if self.ratios_source is not None:
+            counts["magcache_ratios"] = self.ratios_source
         for policy in self.live.pop(section_index, []):
             policy.release()
         return counts
@@ -190,14 +203,16 @@ class StepCaches:
 
     @classmethod
     def magcache(cls, steps: int, calibration, threshold: float = MAGCACHE_THRESHOLD, k: int = MAGCACHE_K,
-                 retention: float = MAGCACHE_RETENTION, branches=("positive",)) -> "StepCaches":
-        """calibration: a MagCacheCalibration (framepack_engine.generation.calibration); branches: those the
-        generation will run."""
+                 retention: float = MAGCACHE_RETENTION, branches=("positive",),
+                 ratios_source: str | None = None) -> "StepCaches":
+        """calibration: a MagCacheCalibration or the published ratios (framepack_engine.generation.calibration);
+        branches: those the generation will run; ratios_source: what the stats name as the ratios' origin."""
         ratios = {branch: calibration.ratios_for(branch, steps) for branch in branches}
-        return cls(lambda branch: MagCache(steps, ratios[branch], threshold, k, retention), calibration)
+        return cls(lambda branch: MagCache(steps, ratios[branch], threshold, k, retention), calibration,
+                   ratios_source)
 
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "HUNYUAN_VIDEO_RESCALE", "MAGCACHE_K", "MAGCACHE_RETENTION", "MAGCACHE_THRESHOLD",
-           "MagCache", "StepCache", "StepCaches", "TEACACHE_THRESHOLD", "TeaCache", "relative_l1",
-           "rescaled_distance"]
+__all__ = ["DEFAULT_THRESHOLDS", "HUNYUAN_VIDEO_RESCALE", "MAGCACHE_K", "MAGCACHE_RETENTION",
+           "MAGCACHE_STEP_TOLERANCE", "MAGCACHE_THRESHOLD", "MagCache", "StepCache", "StepCaches",
+           "TEACACHE_THRESHOLD", "TeaCache", "relative_l1", "rescaled_distance"]
