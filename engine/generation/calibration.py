@@ -1,15 +1,20 @@
-"""MagCache calibration: how much the block stack's residual grows or shrinks from one step to the next.
+"""MagCache's ratios: how much the block stack's residual grows or shrinks from one step to the next.
 
 MagCache decides from `ratios[t]` = mean over tokens of |residual t| / |residual t-1| (the residual is the block
-stack's output minus its input image tokens, as framepack_engine.generation.step_cache keeps it). These ratios are a property of a model,
-a step count (and its sigma schedule, hence the bucket) far more than of a prompt, so they are recorded once: a
-generation runs with every step computed, each section's ratios are recorded per guidance branch, and their mean
-over sections is saved as a small JSON (`framepack calibrate-cache`, or `calibrate(engine, ...)` from Python) that
-`generate(cache="magcache", magcache_calibration=path)` loads.
+stack's output minus its input image tokens, as framepack_engine.generation.step_cache keeps it). These ratios are a
+property of a model and a step count (and its sigma schedule, hence the bucket) far more than of a prompt. They come
+from one of two places:
 
-No calibration ships with the engine: none has been recorded on the real weights yet. A calibration recorded on a
-preset's random weights is marked `"random_weights": true`: it exercises the mechanics and says nothing of a real
-model.
+- The MagCache authors' published ratios for FramePack (`published_ratios(variant)`): the `mag_ratios` of their
+  MagCache4FramePack demos, for the bidirectional model and for F1 at 25 steps, shipped as magcache_ratios.json beside
+  this module with their source (repository, files, commit). Other step counts take them nearest-interpolated as the
+  demos do (`nearest_interpolation`); both guidance branches take the one series (the authors run cfg 1). They are
+  what `generate(cache="magcache")` uses without a calibration.
+- A calibration of your own: a generation runs with every step computed, each section's ratios are recorded per
+  guidance branch, and their mean over sections is saved as a small JSON (`framepack calibrate-cache`, or
+  `calibrate(engine, ...)` from Python) that `generate(cache="magcache", magcache_calibration=path)` loads; it wins
+  over the published ratios. It is refused for another step count. A calibration recorded on a preset's random
+  weights is marked `"random_weights": true`: it exercises the mechanics and says nothing of a real model.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,6 +35,8 @@ from framepack_engine.media.video import atomic_path
 
 FORMAT = "framepack-magcache-calibration"
 VERSION = 1
+PUBLISHED_FORMAT = "framepack-magcache-published-ratios"
+PUBLISHED_FILE = "magcache_ratios.json"  # in this package (pyproject.toml's package-data)
 
 
 @dataclass
@@ -47,6 +56,8 @@ class MagCacheCalibration:
     random_weights: bool = False
     note: str = ""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+
+    subject = "The MagCache calibration was"  # how warnings name these ratios (a class attribute, not a field)
 
     def ratios_for(self, branch: str, steps: int) -> list[float]:
         """The ratios of a guidance branch for a generation of `steps` steps, or a FramePackError with the fix."""
@@ -70,7 +81,7 @@ class MagCacheCalibration:
             flags = " ".join(f"--{name} {used[name]}" if used[name] is not None else f"without --{name}"
                              for name in differ)
             warnings.warn(FramePackWarning(
-                f"The MagCache calibration was recorded with {_describe(recorded, differ)}, this generation uses "
+                f"{self.subject} recorded with {_describe(recorded, differ)}, this generation uses "
                 f"{_describe(used, differ)}: its ratios may not fit; record one with these settings "
                 f"(framepack calibrate-cache {flags})."), stacklevel=3)
 
@@ -78,7 +89,7 @@ class MagCacheCalibration:
         """A FramePackWarning when the generation runs at another bucket (height, width) than the recorded one."""
         if self.bucket and list(self.bucket) != list(bucket):
             warnings.warn(FramePackWarning(
-                f"The MagCache calibration was recorded at {self.bucket[0]}x{self.bucket[1]}, this generation runs at "
+                f"{self.subject} recorded at {self.bucket[0]}x{self.bucket[1]}, this generation runs at "
                 f"{bucket[0]}x{bucket[1]}: its ratios may not fit; record one at this size with framepack "
                 "calibrate-cache (the same image and resolution)."), stacklevel=3)
 
@@ -122,6 +133,60 @@ class MagCacheCalibration:
                 for branch, series in ratios.items()):
             raise FramePackError(f"{path.name!r} does not hold one positive ratio per step for each branch: {fix}.")
         return cls(**values)
+
+
+def nearest_interpolation(values, steps: int) -> list[float]:
+    """`values` resampled to `steps` entries, each the nearest by index: entry i is values[round(i * (n - 1) /
+    (steps - 1))] (halves rounded to even), and one step takes the last value; as the MagCache authors' demos fit
+    their 25 ratios to another step count."""
+    values = [float(value) for value in values]
+    if steps == 1:
+        return [values[-1]]
+    scale = (len(values) - 1) / (steps - 1)
+    return [values[round(index * scale)] for index in range(steps)]
+
+
+@dataclass
+class PublishedRatios(MagCacheCalibration):
+    """The MagCache authors' published ratios for one FramePack variant, shipped with the engine: one series (they
+    run cfg 1) that both guidance branches take, nearest-interpolated to other step counts as their demos do."""
+
+    source: str = ""  # "Zehong-Ma/MagCache@<commit> <file>"
+
+    subject = "The MagCache authors' published ratios were"
+
+    def ratios_for(self, branch: str, steps: int) -> list[float]:
+        series = self.ratios["positive"]
+        return list(series) if steps == self.steps else nearest_interpolation(series, steps)
+
+    def describe(self, steps: int) -> str:
+        """Where the ratios of a `steps`-step generation come from (the stats' `magcache_ratios`)."""
+        fitted = "" if steps == self.steps else f"; nearest-interpolated from {self.steps} to {steps} steps"
+        return f"published:{self.variant} ({self.source}{fitted})"
+
+
+@lru_cache(maxsize=1)
+def _published_data() -> dict:
+    data = json.loads(resources.files(__package__).joinpath(PUBLISHED_FILE).read_text())
+    if data.get("format") != PUBLISHED_FORMAT:
+        raise FramePackError(f"{PUBLISHED_FILE} in the installed engine is not {PUBLISHED_FORMAT}: reinstall it.")
+    return data
+
+
+def published_ratios(variant: str) -> PublishedRatios:
+    """The MagCache authors' published ratios for a FramePack variant ("bidirectional" or "f1")."""
+    data = _published_data()
+    entry = data["variants"].get(variant)
+    if entry is None:
+        known = ", ".join(sorted(data["variants"]))
+        raise FramePackError(f"No published MagCache ratios for the {variant!r} model (published: {known}): record "
+                             "a calibration with framepack calibrate-cache and pass --magcache-calibration.")
+    source, recorded = data["source"], data["recorded_with"]
+    repository = source["repository"].removeprefix("https://github.com/")
+    return PublishedRatios(
+        steps=data["steps"], ratios={"positive": list(entry["ratios"])}, variant=variant,
+        latent_window_size=recorded["latent_window_size"], sampler=recorded["sampler"], shift=recorded["shift"],
+        cfg=recorded["cfg"], note=data["note"], created="", source=f"{repository}@{source['commit'][:7]} {entry['file']}")
 
 
 class MagnitudeRecorder(StepCache):
@@ -174,4 +239,5 @@ def _describe(values: dict, names: list[str]) -> str:
     return ", ".join(f"{name} {'from the token count' if values[name] is None else values[name]}" for name in names)
 
 
-__all__ = ["CalibrationRecorder", "MagCacheCalibration", "MagnitudeRecorder"]
+__all__ = ["CalibrationRecorder", "MagCacheCalibration", "MagnitudeRecorder", "PublishedRatios",
+           "nearest_interpolation", "published_ratios"]
