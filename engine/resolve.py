@@ -4,7 +4,8 @@ Every decision is made here once, before any model loads, and every layer below 
 
     resolve_models(ModelSettings, preset)       -> ResolvedModels: variant, device, dtype, the preset's honoured options
     resolve_request(GenerationSettings, ...)    -> Request: mode, inputs read, bucket, section and frame counts,
-                                                   the step cache with its MagCache ratios (the file read once)
+                                                   the step cache with its MagCache ratios (a calibration file
+                                                   read once, else the authors' published ones for the variant)
 
 `framepack generate`, `framepack calibrate-cache`, the server's jobs and `Engine.stream` all go through these.
 """
@@ -20,7 +21,7 @@ import torch
 
 from framepack_engine.errors import FramePackError, FramePackWarning
 from framepack_engine.generation import sections
-from framepack_engine.generation.calibration import MagCacheCalibration
+from framepack_engine.generation.calibration import MagCacheCalibration, published_ratios
 from framepack_engine.generation.step_cache import BRANCHES, StepCaches
 from framepack_engine.media.images import load_image, load_video_frames
 from framepack_engine.models.buckets import REFERENCE_RESOLUTION, find_nearest_bucket
@@ -105,7 +106,8 @@ class Request:
     start_image: np.ndarray | None = None  # uint8 (H, W, 3) as read, before fitting to the bucket
     end_image: np.ndarray | None = None
     input_video: np.ndarray | None = None  # uint8 (T, H, W, 3)
-    magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)
+    magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)  # or published
+    magcache_ratios_source: str | None = None  # where MagCache's ratios came from (each section's stats say it)
 
     @property
     def latent_frames(self) -> int:
@@ -128,7 +130,7 @@ class Request:
                           "its ratios may not fit; calibrate this model with framepack calibrate-cache.",
                           FramePackWarning, stacklevel=2)
         return StepCaches.magcache(settings.steps, calibration, settings.cache_threshold, settings.magcache_k,
-                                   settings.magcache_retention, self.branches)
+                                   settings.magcache_retention, self.branches, self.magcache_ratios_source)
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -163,11 +165,17 @@ def resolve_request(settings: GenerationSettings, variant: str, *, image=None, e
     count = sections.section_count(settings.seconds, settings.fps, settings.latent_window_size)
     request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames)
     if settings.cache == "magcache":
-        # The file is small: read once and fitted to this generation now, before any model loads.
-        calibration = MagCacheCalibration.load(settings.magcache_calibration)
+        # A calibration of the user's wins; without one, the authors' published ratios for this variant. The file is
+        # small: read once and fitted to this generation now, before any model loads.
+        if settings.magcache_calibration is not None:
+            calibration = MagCacheCalibration.load(settings.magcache_calibration)
+            source = f"calibration:{Path(settings.magcache_calibration).name}"  # the name only, never the folders
+        else:
+            calibration = published_ratios(variant)
+            source = calibration.describe(settings.steps)
         for branch in request.branches:
             calibration.ratios_for(branch, settings.steps)
         calibration.warn_if_recorded_otherwise(settings.latent_window_size, settings.sampler, settings.shift)
         calibration.warn_if_other_bucket(list(size))
-        request.magcache_calibration = calibration
+        request.magcache_calibration, request.magcache_ratios_source = calibration, source
     return request

@@ -290,8 +290,9 @@ class GenerationSettings(_Settings):
                                     optional(integer(0, 1000)))
     magcache_retention: float | None = option(None, "MagCache: fraction of the first steps always computed "
                                               "(default 0.2)", optional(number(0, 1)))
-    magcache_calibration: str | None = option(None, "MagCache: the per-step ratios from framepack calibrate-cache "
-                                              "(a .json)", optional(file_path), metavar="JSON")
+    magcache_calibration: str | None = option(None, "MagCache: per-step ratios from framepack calibrate-cache (a "
+                                              ".json; default: the MagCache authors' published ratios for the "
+                                              "model)", optional(file_path), metavar="JSON")
     section_prompts: list[str] | str | None = option(
         None, "suffixes spread over the video (lines or 'a|b'), or timestamped '[0s: ...] [2s: ...]'",
         section_prompt_list)
@@ -320,9 +321,7 @@ class GenerationSettings(_Settings):
         self.magcache_k = MAGCACHE_K if self.magcache_k is None else self.magcache_k
         self.magcache_retention = MAGCACHE_RETENTION if self.magcache_retention is None else self.magcache_retention
         if self.magcache_calibration is None:
-            raise FramePackError("MagCache needs per-step magnitude ratios calibrated for the model: record them once "
-                                 "with `framepack calibrate-cache PROMPT --image IMAGE --out magcache.json` and pass "
-                                 "magcache_calibration='magcache.json' (--magcache-calibration).")
+            return  # the resolve step takes the authors' published ratios for the model's variant
         # The file itself is read once, by the resolve step (framepack_engine.resolve), before any model loads.
         if not Path(self.magcache_calibration).is_file():
             raise FramePackError(f"The MagCache calibration {Path(self.magcache_calibration).name!r} does not exist: "
