@@ -162,7 +162,7 @@ def test_video_extension_continues_the_input(f1):
     (dict(seconds=-2), r"seconds must be a finite number in \(0, 3600\]"),
     (dict(steps=0), "steps must be an integer from 1 to 1000"),
     (dict(sampler="ddim"), "Unknown sampler"),
-    (dict(cache="magcache"), "framepack calibrate-cache"),
+    (dict(cache="magcache", magcache_calibration="missing.json"), "'missing.json' does not exist"),
     (dict(end_image=gradient_image()), "needs a start image"),
 ])
 def test_bad_inputs_give_clear_errors(bidirectional, call, message):

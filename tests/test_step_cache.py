@@ -7,6 +7,7 @@ tests check the mechanics and that the measurements work.
 """
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from framepack_engine import Engine, FramePackError
 from framepack_engine.commands.bench import BenchSettings, run_benchmark
-from framepack_engine.generation.calibration import CalibrationRecorder, MagCacheCalibration
+from framepack_engine.generation import calibration as calibration_module
+from framepack_engine.generation.calibration import (CalibrationRecorder, MagCacheCalibration, PublishedRatios,
+                                                     nearest_interpolation, published_ratios)
 from framepack_engine.commands.calibrate_cache import calibrate
 from framepack_engine.commands.main import main
 from framepack_engine.models.conditioning import PromptEmbedding
@@ -54,6 +57,45 @@ def official_teacache_skips(signals, threshold):
         if not calculate:
             skipped.append(step)
     return skipped
+
+
+# Written out again from the MagCache authors' FramePack demos (MagCache4FramePack/magcache_demo_gradio.py and
+# magcache_demo_gradio_f1.py in Zehong-Ma/MagCache, `initialize_magcache`), step 0 first.
+AUTHORS_RATIOS = {
+    "bidirectional": [1.0, 1.26562, 1.23438, 1.03125, 1.02344, 1.03906, 1.01562, 1.03906, 1.05469, 1.02344, 1.03906,
+                      0.99609, 1.03125, 1.02344, 1.01562, 1.02344, 1.00781, 1.04688, 0.98828, 1.0, 1.00781, 0.98828,
+                      0.94141, 0.94141, 0.78906],
+    "f1": [1.0, 1.25781, 1.08594, 1.02344, 1.00781, 1.02344, 1.00781, 1.02344, 1.05469, 0.99609, 1.03906, 1.00781,
+           1.01562, 1.00781, 1.02344, 1.01562, 0.98047, 1.05469, 0.98047, 0.96875, 1.03125, 0.97266, 0.9375, 0.96484,
+           0.78516],
+}
+
+
+def authors_magcache_skips(ratios, threshold, k, retention):
+    """The authors' rule over one section: from step max(1, int(retention * steps)) on, the ratio is multiplied in
+    and |1 - product| summed; the step is skipped while that sum is <= threshold, the run is <= K long and the
+    step's own ratio is within 0.06 of 1, else computed (and the sums start again). Nothing forces the last step."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    product, error, run, skipped = 1.0, 0.0, 0, []
+    for step in range(len(ratios)):
+        if step < 1 or step < int(retention * len(ratios)):
+            continue
+        product *= ratios[step]
+        error += np.abs(1 - product)
+        run += 1
+        if error <= threshold and run <= k and np.abs(1 - ratios[step]) <= 0.06:
+            skipped.append(step)
+        else:
+            product, error, run = 1.0, 0.0, 0
+    return skipped
+
+
+def authors_nearest_interp(ratios, steps):
+    """The authors' nearest interpolation to another step count (numpy's round: halves to even)."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if steps == 1:
+        return ratios[-1:]
+    return ratios[np.round(np.arange(steps) * ((len(ratios) - 1) / (steps - 1))).astype(int)]
 
 
 def longest_run(steps):
@@ -263,22 +305,90 @@ def test_a_decision_costs_at_most_one_host_read(dit, cache):
 
 
 def test_magcache_skips_at_most_k_in_a_row_after_the_retained_steps():
-    # Ratios of exactly 1: no drift, so only K, the retention and the last step limit skipping.
+    # Ratios of exactly 1: no drift, so only K and the retention limit skipping; the last step is not forced (the
+    # authors compute it only when the rule says so).
     skipped = run_magcache([1.0] * 12, threshold=0.1, k=2, retention=0.25)  # 3 retained steps
     assert skipped == [3, 4, 6, 7, 9, 10]
-    assert longest_run(skipped) == 2 and 11 not in skipped
+    assert longest_run(skipped) == 2 and 11 not in skipped  # 11 would be the third in a row
+    assert run_magcache([1.0] * 10, threshold=0.1, k=2, retention=0.3) == [3, 4, 6, 7, 9]  # 9 is the last step
     assert run_magcache([1.0] * 12, 0.1, k=0, retention=0.25) == []
-    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.0) == list(range(1, 11))
-    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.5) == list(range(6, 11))
+    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.0) == list(range(1, 12))  # step 0 is always computed
+    assert run_magcache([1.0] * 12, 0.1, k=100, retention=0.5) == list(range(6, 12))
 
 
 def test_magcache_threshold_bounds_the_accumulated_drift():
-    # Ratio 1.1 each step: drift |1 - 1.1| = 0.1, then |1 - 1.21| = 0.21 (sum 0.31), then |1 - 1.331| (sum 0.641).
-    assert run_magcache([1.1] * 10, threshold=0.35, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
-    assert run_magcache([1.1] * 10, threshold=0.3, k=5, retention=0.0) == [1, 3, 5, 7]
-    assert run_magcache([1.1] * 10, threshold=0.05, k=5, retention=0.0) == []
+    # Ratio 1.05 each step: drift |1 - 1.05| = 0.05, then |1 - 1.1025| (sum 0.1525), then |1 - 1.157625| (0.310125).
+    assert run_magcache([1.05] * 10, threshold=0.16, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
+    assert run_magcache([1.05] * 10, threshold=0.1, k=5, retention=0.0) == [1, 3, 5, 7, 9]
+    assert run_magcache([1.05] * 10, threshold=0.04, k=5, retention=0.0) == []
     # Shrinking residuals drift as much as growing ones.
-    assert run_magcache([0.9] * 10, threshold=0.35, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
+    assert run_magcache([0.95] * 10, threshold=0.16, k=5, retention=0.0) == [1, 2, 4, 5, 7, 8]
+
+
+def test_magcache_computes_a_step_whose_own_ratio_is_past_0_06():
+    """However large the threshold, a step whose ratio is more than 0.06 from 1 is computed, and starts a new run."""
+    assert run_magcache([1.1] * 10, threshold=1e9, k=100, retention=0.0) == []
+    ratios = [1.0, 1.0, 1.059, 1.0, 1.061, 1.0, 0.941, 1.0, 0.939, 1.0]
+    assert run_magcache(ratios, threshold=1e9, k=100, retention=0.0) == [1, 2, 3, 5, 6, 7, 9]
+    # With a threshold the drift bounds the runs too (0.059 twice is 0.118); each computed step starts a new sum.
+    assert run_magcache(ratios, threshold=0.06, k=100, retention=0.0) == [1, 2, 5, 6, 9]
+    assert run_magcache(ratios, threshold=0.05, k=100, retention=0.0) == [1, 3, 5, 7, 9]
+
+
+THRESHOLDS_AND_K = [(threshold, k) for threshold in (0.1, 0.15, 0.2, 0.25) for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("variant", ["bidirectional", "f1"])
+@pytest.mark.parametrize("steps", [25, 10, 30, 50])
+def test_magcache_decides_as_the_authors_on_their_published_ratios(variant, steps):
+    """The shipped ratios, fitted to the step count as the authors do, give their rule's skips over a grid of
+    thresholds, K and retentions; so do the same lists with one ratio just inside or just past 0.06."""
+    ratios = published_ratios(variant).ratios_for("positive", steps)
+    np.testing.assert_array_equal(ratios, authors_nearest_interp(AUTHORS_RATIOS[variant], steps))
+    edited = []
+    for value in (1.059, 1.061, 0.941, 0.939):
+        for step in range(steps // 3, steps, 4):
+            edited.append([*ratios[:step], value, *ratios[step + 1:]])
+    patterns = set()
+    for series in [ratios, *edited]:
+        for threshold, k in THRESHOLDS_AND_K:
+            for retention in (0.2, 0.0, 0.5):
+                expected = authors_magcache_skips(series, threshold, k, retention)
+                assert run_magcache(series, threshold, k, retention) == expected, (threshold, k, retention)
+                patterns.add(tuple(expected))
+    assert len(patterns) > 20  # the grid covers many different decisions
+
+
+def test_shipped_ratios_are_the_authors_with_their_source():
+    data = json.loads((Path(calibration_module.__file__).parent / "magcache_ratios.json").read_text())
+    assert data["source"]["repository"] == "https://github.com/Zehong-Ma/MagCache"
+    assert len(data["source"]["commit"]) == 40 and data["steps"] == 25
+    for variant, ratios in AUTHORS_RATIOS.items():
+        assert data["variants"][variant]["ratios"] == ratios
+        assert data["variants"][variant]["file"].startswith("MagCache4FramePack/magcache_demo_gradio")
+        published = published_ratios(variant)
+        assert isinstance(published, PublishedRatios) and published.ratios_for("negative", 25) == ratios
+        assert published.describe(25).startswith(f"published:{variant} (Zehong-Ma/MagCache@")
+        assert "nearest-interpolated from 25 to 8 steps" in published.describe(8)
+    with pytest.raises(FramePackError, match="No published MagCache ratios"):
+        published_ratios("hunyuan")
+
+
+def test_nearest_interpolation_as_the_authors():
+    values = [float(value) for value in range(25)]
+    for steps in (1, 2, 3, 4, 7, 13, 24, 25, 26, 49, 50, 100):
+        assert nearest_interpolation(values, steps) == authors_nearest_interp(values, steps).tolist(), steps
+    # Halves round to even as numpy's do: 5 values to 9 steps maps 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 3.5 -> 4.
+    assert nearest_interpolation([0, 1, 2, 3, 4], 9) == [0, 0, 1, 2, 2, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize("variant", ["bidirectional", "f1"])
+def test_magcache_defaults_on_the_published_ratios_skip_13_of_25_steps(variant):
+    """The authors' defaults (threshold 0.1, K 3, retention 0.2) at 25 steps: 13 skipped, 12 computed (about 2.1x
+    fewer block passes; their README reports 9 min -> 4 min 20 s for both models)."""
+    skipped = run_magcache(published_ratios(variant).ratios_for("positive", 25), 0.1, 3, 0.2)
+    assert skipped == authors_magcache_skips(AUTHORS_RATIOS[variant], 0.1, 3, 0.2)
+    assert len(skipped) == 13 and skipped[0] == 5 and 24 not in skipped
 
 
 def test_magcache_skipped_steps_run_no_block(dit, block_calls):
@@ -434,6 +544,10 @@ def test_settings_write_the_cache_defaults_in(tmp_path):
     settings = GenerationSettings.from_options(cache="magcache", magcache_calibration=path)
     assert (settings.cache_threshold, settings.magcache_k, settings.magcache_retention) == (0.1, 3, 0.2)
     assert settings.magcache_calibration == str(path)
+    # Without a calibration MagCache takes the authors' published ratios (the resolve step picks them).
+    published = GenerationSettings.from_options(cache="magcache")
+    assert (published.cache_threshold, published.magcache_k, published.magcache_retention) == (0.1, 3, 0.2)
+    assert published.magcache_calibration is None
     plain = GenerationSettings.from_options()
     assert plain.cache is plain.cache_threshold is plain.magcache_k is None
 
@@ -441,7 +555,7 @@ def test_settings_write_the_cache_defaults_in(tmp_path):
 @pytest.mark.parametrize("options,message", [
     (dict(cache_threshold=0.1), "cache_threshold is set but cache is not"),
     (dict(cache="teacache", magcache_k=2), "magcache_k is a MagCache option"),
-    (dict(cache="magcache"), "framepack calibrate-cache"),
+    (dict(cache="magcache", magcache_k=-1), "magcache_k must be an integer from 0"),
     (dict(cache="magcache", magcache_calibration="missing.json"), "'missing.json' does not exist"),
     (dict(cache="teacache", cache_threshold=-1), "cache_threshold must be"),
     (dict(cache="tea"), "Unknown cache"),
@@ -479,6 +593,47 @@ def test_engine_stats_metadata_progress_and_a_clean_second_generation(engine):
     assert [info["cache_steps_skipped"] for info in seen] == [0, 1, 2, 3, 4, 4] * 2
     # Nothing of a step cache is left on the model.
     assert not any(isinstance(value, (StepCaches, TeaCache)) for value in vars(engine.transformer).values())
+
+
+@pytest.mark.parametrize("variant", ["bidirectional", "f1"])
+def test_the_resolve_step_picks_the_published_ratios_of_the_variant(variant):
+    settings = GenerationSettings.from_options(prompt="x", steps=30, cache="magcache", cfg=2.0)
+    request = resolve_request(settings, variant, default_resolution=64)
+    assert isinstance(request.magcache_calibration, PublishedRatios)
+    assert request.magcache_ratios_source.startswith(f"published:{variant} (Zehong-Ma/MagCache@")
+    caches = request.step_caches()
+    policies = [caches.make_policy(branch) for branch in ("positive", "negative")]
+    expected = authors_nearest_interp(AUTHORS_RATIOS[variant], 30).tolist()
+    assert [policy.ratios for policy in policies] == [expected, expected]  # one series for both branches
+
+
+def test_magcache_without_a_calibration_runs_on_the_published_ratios(engine):
+    """`cache="magcache"` alone: the authors' ratios for the engine's variant, fitted to 4 steps; each section's
+    stats say where they came from; a window other than theirs (9) is named in one warning."""
+    from framepack_engine.errors import FramePackWarning
+
+    with pytest.warns(FramePackWarning) as caught:
+        video = engine.generate("a cat", cache="magcache", steps=4, seconds=1, fps=8, latent_window_size=2)
+    assert len(caught) == 1 and "published ratios were recorded with latent-window-size 9" in str(caught[0].message)
+    expected = authors_magcache_skips(authors_nearest_interp(AUTHORS_RATIOS["bidirectional"], 4), 0.1, 3, 0.2)
+    assert expected == [1]
+    for section in video.stats["sections"]:
+        assert (section["cache_steps_computed"], section["cache_steps_skipped"]) == (3, 1)
+        assert section["magcache_ratios"] == (
+            "published:bidirectional (Zehong-Ma/MagCache@4ae8813 MagCache4FramePack/magcache_demo_gradio.py; "
+            "nearest-interpolated from 25 to 4 steps)")
+    assert video.metadata["cache"] == "magcache" and "magcache_calibration" not in video.metadata
+
+
+def test_a_user_calibration_wins_over_the_published_ratios(engine, tmp_path):
+    path = MagCacheCalibration(steps=4, ratios={"positive": [1.0] * 4}).save(tmp_path / "mine.json")
+    video = engine.generate("a cat", cache="magcache", magcache_calibration=path, steps=4, seconds=1, fps=8,
+                            latent_window_size=2)
+    for section in video.stats["sections"]:
+        # Ratios of 1 never drift: K (3) alone bounds the run, unlike the published ratios' single skip.
+        assert (section["cache_steps_computed"], section["cache_steps_skipped"]) == (1, 3)
+        assert section["magcache_ratios"] == "calibration:mine.json"
+    assert str(tmp_path) not in json.dumps(video.stats)  # the file's name only
 
 
 def test_calibrate_then_generate_with_magcache_from_the_command(tmp_path, capsys):
