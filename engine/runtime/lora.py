@@ -7,8 +7,14 @@ Layouts, detected from the keys (never from the file name):
                         them (`base_model.model.` or no prefix from PEFT itself); alpha from the file's
                         `lora_adapter_metadata` or, for a PEFT folder, its adapter_config.json
   ComfyUI               `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` (or lora_down / lora_up), `.alpha`
+  musubi-tuner's        `convert_lora.py --target other`: `diffusion_model.` (or no prefix) and the kohya name with
+  convert_lora          its underscores turned into dots (`single.transformer.blocks.0.attn.to.k`, some put back:
+                        `attn_to.k`), alpha folded into both matrices
 each with FramePack's module names (the checkpoint's: `transformer_blocks.0.attn.to_q`) or the original HunyuanVideo
 names (`double_blocks.0.img_attn_qkv`, `single_blocks.0.linear1`, ...), whose fused projections are split into ours.
+A module name that matches no layer as written is compared with dots and underscores alike, and taken when that
+names exactly one layer. Keys of text-encoder adapters (`text_encoder.*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*`)
+are skipped with one warning: only the DiT takes LoRAs here.
 
 An adapter of a linear layer W (out x in) is `down` (rank x in), `up` (out x rank) and a scale (alpha / rank, or
 alpha / sqrt(rank) for rank-stabilized LoRAs; 1 without an alpha); with strength s the layer computes
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, FramePackWarning
 from framepack_engine.runtime.sources import PICKLE_SUFFIXES
 
 LORA_MODES = ("fused", "live")
@@ -48,6 +55,8 @@ _UNSUPPORTED_KINDS = ((".dora_scale", "DoRA"), (".dora_layer", "DoRA"), (".lora_
                       (".hada_", "LoHa"), (".lokr_", "LoKr"), (".lora_mid", "LoCon"), (".oft_", "OFT"))
 _UNSUPPORTED_SUFFIXES = ((".diff", "full weight difference"), (".diff_b", "full bias difference"))
 
+# Keys of text-encoder adapters (kohya's lora_te*, diffusers' text_encoder*): skipped, only the DiT takes LoRAs.
+_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_")
 # Key prefixes before the module name, longest first, with the family of layouts that writes them.
 _PREFIXES = (("lora_unet_", "kohya/musubi-tuner"), ("lora_transformer_", "kohya/musubi-tuner"),
              ("model.diffusion_model.", "ComfyUI"), ("diffusion_model.", "ComfyUI"),
@@ -287,6 +296,14 @@ def read_lora(path: str | Path, shapes: dict[str, tuple[int, int]]) -> LoraWeigh
     name = Path(path).name
     tensors, metadata = _read_file(file)
     keys = [key for key in tensors if key not in (_RSLORA_FLAG, _DORA_FLAG)]
+    text_encoder_keys = [key for key in keys if key.startswith(_TEXT_ENCODER_PREFIXES)]
+    if text_encoder_keys:
+        keys = [key for key in keys if not key.startswith(_TEXT_ENCODER_PREFIXES)]
+        if not keys:
+            raise FramePackError(
+                f"LoRA {name!r} holds nothing for the DiT: all its {len(text_encoder_keys)} keys are text-encoder "
+                "adapters (text_encoder.*, lora_te_*), and this engine applies LoRAs to the DiT only: use a LoRA "
+                "trained for the FramePack or HunyuanVideo transformer.")
     _refuse_unsupported(name, keys, tensors)
     rslora = bool(tensors[_RSLORA_FLAG]) if _RSLORA_FLAG in tensors else False
 
@@ -321,28 +338,54 @@ def read_lora(path: str | Path, shapes: dict[str, tuple[int, int]]) -> LoraWeigh
         family = "diffusers/PEFT" if kinds & {"lora_A", "lora_B"} else "kohya/musubi-tuner"
     hunyuan = _hunyuan_video_names(shapes)
     ours = set(shapes)
-    flattened = {module.replace(".", "_"): module for module in [*ours, *hunyuan]}
+    # Every layer name with dots and underscores alike (kohya writes "_" for ".", musubi-tuner's convert_lora "." for
+    # "_"); None where two layers fold to the same name, so that a folded name is taken only when unambiguous.
+    folded: dict[str, str | None] = {}
+    for layer in [*ours, *hunyuan]:
+        key = _folded(layer)
+        folded[key] = layer if folded.get(key, layer) == layer else None
     peft = _peft_config(file, metadata)
 
     # Names first: a file for another model is refused whole, before any shape is looked at.
     resolved: dict[str, str] = {}
     unmatched = [*stray]
+    ambiguous = []
+    dotted = False
     for module in entries:
         local = module[len(prefix):] if module.startswith(prefix) else None
-        if local is not None and local not in ours and local not in hunyuan:
-            local = flattened.get(local)
-        if local is None:
+        # As written (without its prefix), then with dots and underscores alike; then the whole name the same way
+        # (convert_lora without a prefix writes `transformer.blocks.0...`, which looks like the diffusers prefix).
+        candidates = [local] if local is not None else []
+        if prefix and module != local:
+            candidates.append(module)
+        match = None
+        for candidate in candidates:
+            if candidate in ours or candidate in hunyuan:
+                match = candidate
+            elif _folded(candidate) in folded:
+                match = folded[_folded(candidate)]
+                if match is None:
+                    ambiguous.append(module)
+                    break
+                dotted = dotted or "." in candidate
+            if match is not None:
+                break
+        if match is None:
             unmatched.append(module)
         else:
-            resolved[module] = local
+            resolved[module] = match
     naming = {"FramePack names" if local in ours else "HunyuanVideo names" for local in resolved.values()}
     layout = f"{family}, {' and '.join(sorted(naming)) or 'unknown names'}"
+    if dotted:
+        layout += " (dots for underscores, as musubi-tuner's convert_lora writes)"
     if unmatched:
         shown = ", ".join(repr(module) for module in unmatched[:4])
+        unclear = (f"; {', '.join(repr(module) for module in ambiguous[:2])} could name more than one layer with dots "
+                   "and underscores alike") if ambiguous else ""
         raise FramePackError(
             f"LoRA {name!r} does not fit this model: {len(unmatched)} of its {len(modules) + len(stray)} modules "
-            f"match no linear layer of the FramePack DiT, e.g. {shown} (layout detected: {layout}); it is probably "
-            "a LoRA for another model: use one trained for FramePack or HunyuanVideo.")
+            f"match no linear layer of the FramePack DiT, e.g. {shown} (layout detected: {layout}{unclear}); it is "
+            "probably a LoRA for another model: use one trained for FramePack or HunyuanVideo.")
 
     adapters: dict[str, LowRank] = {}
     for module, local in resolved.items():
@@ -362,7 +405,16 @@ def read_lora(path: str | Path, shapes: dict[str, tuple[int, int]]) -> LoraWeigh
                 raise FramePackError(f"LoRA {name!r} has two adapters for layer {target!r} (one from {module!r}): "
                                      "the file mixes naming schemes; use a clean export.")
             adapters[target] = part
+    if text_encoder_keys:
+        warnings.warn(FramePackWarning(
+            f"LoRA {name!r}: skipped its {len(text_encoder_keys)} text-encoder keys (text_encoder.*, lora_te_*): this "
+            f"engine applies LoRAs to the DiT only; its {len(adapters)} DiT layers are applied."), stacklevel=2)
     return LoraWeights(layout, adapters)
+
+
+def _folded(module: str) -> str:
+    """A module name with dots and underscores alike."""
+    return module.replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
