@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from framepack_engine.models.dit import FramePackDiT
@@ -136,6 +137,32 @@ def write_prefixed(path, adapters, prefix, *, alpha="keys", down="lora_A", up="l
     return path
 
 
+def musubi_converted_name(name, fixes=True):
+    """The module name musubi-tuner's `convert_lora.py --target other` writes for a module: its kohya name without
+    lora_unet_, every "_" made "."; with `fixes` (its current version) some put back for HunyuanVideo names
+    ("double.blocks." -> "double_blocks.", "single.blocks.", "img." -> "img_", "txt.", "attn.")."""
+    converted = flat(name).replace("_", ".")
+    if fixes:
+        for dotted, underscored in (("double.blocks.", "double_blocks."), ("single.blocks.", "single_blocks."),
+                                    ("img.", "img_"), ("txt.", "txt_"), ("attn.", "attn_")):
+            converted = converted.replace(dotted, underscored)
+    return converted
+
+
+def write_musubi_converted(path, adapters, prefix="diffusion_model.", fixes=True, adapter_name=""):
+    """As musubi-tuner's convert_lora --target other writes a kohya LoRA: lora_A/lora_B under the converted names,
+    no alpha key (sqrt(alpha / rank) folded into both matrices)."""
+    tensors = {}
+    infix = f".{adapter_name}" if adapter_name else ""
+    for name, (down, up, alpha) in adapters.items():
+        module = prefix + musubi_converted_name(name, fixes)
+        factor = (alpha / down.shape[0]) ** 0.5
+        tensors[f"{module}.lora_A{infix}.weight"] = down * factor
+        tensors[f"{module}.lora_B{infix}.weight"] = up * factor
+    save_file(tensors, path)
+    return path
+
+
 # Each layout users have, written from the same adapters: (name, writer(path, lora, framepack view)).
 LAYOUTS = {
     "kohya, HunyuanVideo names": lambda path, lora, view: write_kohya(path, lora),
@@ -149,7 +176,16 @@ LAYOUTS = {
     "ComfyUI, FramePack names": lambda path, lora, view: write_prefixed(path, view, "diffusion_model."),
     "ComfyUI, HunyuanVideo names, lora_down/lora_up": lambda path, lora, view: write_prefixed(
         path, lora, "diffusion_model.", down="lora_down", up="lora_up"),
+    "musubi convert_lora, FramePack names": lambda path, lora, view: write_musubi_converted(path, view),
+    "musubi convert_lora without its fixes, FramePack names": lambda path, lora, view: write_musubi_converted(
+        path, view, fixes=False),
+    "musubi convert_lora, no prefix, adapter name": lambda path, lora, view: write_musubi_converted(
+        path, view, prefix="", adapter_name="default"),
+    "musubi convert_lora, HunyuanVideo names": lambda path, lora, view: write_musubi_converted(path, lora),
+    "musubi convert_lora without its fixes, HunyuanVideo names": lambda path, lora, view: write_musubi_converted(
+        path, lora, fixes=False),
 }
+MUSUBI_DOTS = " (dots for underscores, as musubi-tuner's convert_lora writes)"
 DETECTED = {
     "kohya, HunyuanVideo names": "kohya/musubi-tuner, HunyuanVideo names",
     "kohya, FramePack names": "kohya/musubi-tuner, FramePack names",
@@ -158,6 +194,11 @@ DETECTED = {
     "PEFT, adapter name in the keys": "diffusers/PEFT, FramePack names",
     "ComfyUI, FramePack names": "ComfyUI, FramePack names",
     "ComfyUI, HunyuanVideo names, lora_down/lora_up": "ComfyUI, HunyuanVideo names",
+    "musubi convert_lora, FramePack names": "ComfyUI, FramePack names" + MUSUBI_DOTS,
+    "musubi convert_lora without its fixes, FramePack names": "ComfyUI, FramePack names" + MUSUBI_DOTS,
+    "musubi convert_lora, no prefix, adapter name": "diffusers/PEFT, FramePack names" + MUSUBI_DOTS,
+    "musubi convert_lora, HunyuanVideo names": "ComfyUI, HunyuanVideo names" + MUSUBI_DOTS,
+    "musubi convert_lora without its fixes, HunyuanVideo names": "ComfyUI, HunyuanVideo names" + MUSUBI_DOTS,
 }
 
 
@@ -193,6 +234,99 @@ def test_every_layout_loads_to_the_same_effective_weights(tmp_path, shapes, layo
     assert sorted(weights.adapters) == sorted(expected)
     for name, delta in expected.items():
         assert_relative_error(weights.adapters[name].delta_weight(), delta, 1e-6, name)
+
+
+@pytest.mark.parametrize("fixes", [True, False])
+def test_a_musubi_converted_lora_matches_the_hand_merged_weights(tmp_path, fixes):
+    """convert_lora --target other over every linear layer of the DiT (names like
+    `diffusion_model.single.transformer.blocks.0.attn.to.k`): every layer gets W + strength * alpha / rank * up @ down,
+    merged here by hand, and live gives the same output."""
+    dit, _ = make_dit()
+    generator = torch.Generator().manual_seed(17)
+    adapters = {}
+    for index, (name, layer) in enumerate(sorted(dit.linear_layers().items())):
+        rank = 2 + index % 3
+        adapters[name] = (torch.randn(rank, layer.in_features, generator=generator) / layer.in_features ** 0.5,
+                          torch.randn(layer.out_features, rank, generator=generator) * 0.3, rank * (0.5 + index % 4))
+    path = write_musubi_converted(tmp_path / "converted.safetensors", adapters, fixes=fixes)
+    if not fixes:
+        with safe_open(str(path), framework="pt") as handle:
+            assert "diffusion_model.single.transformer.blocks.0.attn.to.k.lora_A.weight" in handle.keys()
+    expected = {name: layer.weight.detach() + 0.8 * up @ down * (alpha / down.shape[0])
+                for (name, layer), (down, up, alpha) in zip(sorted(dit.linear_layers().items()),
+                                                            (adapters[name] for name in sorted(adapters)))}
+    loras = with_lora(dit, path, "fused", 0.8)
+    assert loras.describe()[0]["layers"] == len(adapters) and "convert_lora" in loras.describe()[0]["layout"]
+    for name, layer in dit.linear_layers().items():
+        assert_relative_error(layer.weight.detach(), expected[name], 1e-6, name)
+    live, _ = make_dit()
+    with_lora(live, path, "live", 0.8)
+    inputs = section_inputs(TINY_CONFIG, "bidirectional", seed=18)
+    assert_relative_error(run(live, inputs), run(dit, inputs), TOLERANCE[torch.float32])
+
+
+def test_dots_and_underscores_alike_only_where_unambiguous(tmp_path):
+    """Two layers whose names differ only in a dot and an underscore: each loads under its exact name, and a dotted
+    name that could be either is refused, naming it."""
+    shapes = {"blocks.0.to_q": (4, 4), "blocks.0.to.q": (4, 4), "blocks.0.to_out": (4, 4)}
+    pair = {"lora_A.weight": torch.randn(2, 4), "lora_B.weight": torch.randn(4, 2)}
+    save_file({f"diffusion_model.{module}.{key}": value.clone() for module in ("blocks.0.to_q", "blocks.0.to.q",
+                                                                              "blocks.0.to.out")
+               for key, value in pair.items()}, tmp_path / "exact.safetensors")
+    assert sorted(read_lora(tmp_path / "exact.safetensors", shapes).adapters) == sorted(shapes)
+    save_file({f"diffusion_model.blocks_0.to.q.{key}": value for key, value in pair.items()},
+              tmp_path / "ambiguous.safetensors")
+    with pytest.raises(FramePackError, match=r"'diffusion_model\.blocks_0\.to\.q' could name more than one layer"):
+        read_lora(tmp_path / "ambiguous.safetensors", shapes)
+
+
+def text_encoder_keys(generator):
+    """Text-encoder adapters as kohya (lora_te_, lora_te1_, lora_te2_) and diffusers (text_encoder.) write them: 9."""
+    keys = {}
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        module = f"{prefix}text_model_encoder_layers_0_self_attn_q_proj"
+        keys.update({f"{module}.lora_down.weight": torch.randn(2, 8, generator=generator),
+                     f"{module}.lora_up.weight": torch.randn(8, 2, generator=generator),
+                     f"{module}.alpha": torch.tensor(2.0)} if prefix != "lora_te2_" else
+                    {f"{module}.lora_down.weight": torch.randn(2, 8, generator=generator)})
+    module = "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
+    keys.update({f"{module}.lora_A.weight": torch.randn(2, 8, generator=generator),
+                 f"{module}.lora_B.weight": torch.randn(8, 2, generator=generator)})
+    return keys
+
+
+def test_text_encoder_keys_are_skipped_with_one_warning(tmp_path, shapes):
+    from safetensors.torch import load_file
+
+    from framepack_engine.errors import FramePackWarning
+
+    modules = hunyuan_modules()
+    plain = write_kohya(tmp_path / "plain.safetensors", random_lora(shapes, modules, seed=19))
+    tensors = load_file(plain)
+    tensors.update(text_encoder_keys(torch.Generator().manual_seed(19)))
+    save_file(tensors, tmp_path / "with_te.safetensors")
+    with pytest.warns(FramePackWarning) as caught:
+        weights = read_lora(tmp_path / "with_te.safetensors", shapes)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "skipped its 9 text-encoder keys" in message and "\n" not in message
+    expected = read_lora(plain, shapes)
+    assert weights.layout == expected.layout and sorted(weights.adapters) == sorted(expected.adapters)
+    for name, adapter in expected.adapters.items():
+        assert torch.equal(weights.adapters[name].delta_weight(), adapter.delta_weight()), name
+    # Through LoraSet too: the DiT gets the same weights as from the file without them.
+    dit, _ = make_dit()
+    reference, _ = make_dit()
+    with pytest.warns(FramePackWarning, match="9 text-encoder keys"):
+        with_lora(dit, tmp_path / "with_te.safetensors", "fused", 0.6)
+    with_lora(reference, plain, "fused", 0.6)
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in dit.state_dict().items())
+
+
+def test_a_file_with_only_text_encoder_keys_is_an_error(tmp_path, shapes):
+    save_file(text_encoder_keys(torch.Generator().manual_seed(20)), tmp_path / "te_only.safetensors")
+    with pytest.raises(FramePackError, match="holds nothing for the DiT: all its 9 keys are text-encoder adapters"):
+        read_lora(tmp_path / "te_only.safetensors", shapes)
 
 
 def test_musubi_split_projections_become_one_adapter_per_layer(tmp_path, shapes):
