@@ -186,7 +186,8 @@ def published_ratios(variant: str) -> PublishedRatios:
     return PublishedRatios(
         steps=data["steps"], ratios={"positive": list(entry["ratios"])}, variant=variant,
         latent_window_size=recorded["latent_window_size"], sampler=recorded["sampler"], shift=recorded["shift"],
-        cfg=recorded["cfg"], note=data["note"], created="", source=f"{repository}@{source['commit'][:7]} {entry['file']}")
+        cfg=recorded["cfg"], note=data["note"], created="",
+        source=f"{repository}@{source['commit'][:7]} {entry['file']}")
 
 
 class MagnitudeRecorder(StepCache):
