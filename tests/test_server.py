@@ -362,7 +362,7 @@ def test_a_stopped_or_killed_server_goes_on_with_its_job_after_a_restart(tmp_pat
     (["--host", "0.0.0.0"], "set an API key with --api-key"),
     (["--api-key", "short"], "at least 16"),
     (["--devices", "tpu"], "Unknown device 'tpu'"),
-    (["--max-queued", "0"], "must be positive"),
+    (["--max-queued", "0"], "--max-queued must be an integer from 1"),
 ])
 def test_serve_refuses_unsafe_or_wrong_options_before_loading(tmp_path, capsys, monkeypatch, arguments, message):
     monkeypatch.delenv("FRAMEPACK_API_KEY", raising=False)

@@ -11,21 +11,23 @@ from framepack_engine.errors import FramePackError
 from framepack_engine.generation.calibration import CalibrationRecorder, MagCacheCalibration
 from framepack_engine.official import VAE_SPATIAL_COMPRESSION
 from framepack_engine.pipeline import Engine
-from framepack_engine.resolve import check_inputs_for_variant, resolve_models
+from framepack_engine.resolve import Request, resolve_models, resolve_request
 from framepack_engine.settings import GenerationSettings, ModelSettings, add_flags, given_flags
 
 
-def calibrate(engine, prompt: str, image=None, end_image=None, *, input_video=None, callback=None, cancel=None,
-              **options) -> MagCacheCalibration:
+def calibrate(engine, prompt: str = "", image=None, end_image=None, *, input_video=None, callback=None, cancel=None,
+              request: Request | None = None, **options) -> MagCacheCalibration:
     """Runs a generation with every step computed and returns its MagCache calibration (save it with `.save`).
-    Options: those of `Engine.generate` (steps, cfg, seconds, resolution, ...), without `cache`."""
-    settings = engine.settings(prompt, **options)
+    Options: those of `Engine.generate` (steps, cfg, seconds, resolution, ...), without `cache`; or `request`, a
+    framepack_engine.resolve.Request resolved before loading (the command's), alone."""
+    settings = request.settings if request is not None else engine.settings(prompt, **options)
     if settings.cache is not None:
         raise FramePackError("A calibration runs without a step cache: leave cache unset.")
     recorder = CalibrationRecorder(settings.steps)
     bucket = None
-    for result in engine.stream(prompt, image=image, end_image=end_image, input_video=input_video,
-                                callback=callback, cancel=cancel, step_caches=recorder, **options):
+    inputs = {"request": request} if request is not None else \
+        {"prompt": prompt, "image": image, "end_image": end_image, "input_video": input_video, **options}
+    for result in engine.stream(callback=callback, cancel=cancel, step_caches=recorder, **inputs):
         bucket = [size * VAE_SPATIAL_COMPRESSION for size in result.latents.shape[-2:]]
     random_weights = engine.name.startswith("preset:")
     note = ("Recorded on random weights (a preset): these ratios exercise MagCache's mechanics and say nothing of a "
@@ -68,7 +70,9 @@ def command_calibrate_cache(args) -> int:
         raise FramePackError(f"--out must be a .json file in an existing folder, got {out.name!r}: e.g. "
                              "--out magcache.json.")
     models = resolve_models(model_settings, args.preset, given=given_flags(args, ModelSettings))
-    check_inputs_for_variant(models.variant, args.image, args.end_image, None)
+    # The inputs read and checked (a missing or truncated image is one line) before the model loads, as generate does.
+    request = resolve_request(settings, models.variant, image=args.image, end_image=args.end_image,
+                              default_resolution=models.default_resolution)
     if args.quiet:
         quiet_libraries()
 
@@ -77,9 +81,8 @@ def command_calibrate_cache(args) -> int:
             print(f"[calibrate-cache] section {info['section'] + 1}/{info['sections']} recorded", file=sys.stderr)
 
     try:
-        engine = Engine.from_resolved(models)
-        calibration = calibrate(engine, prompt, image=args.image, end_image=args.end_image, callback=progress,
-                                **options)
+        engine = Engine.from_resolved(models, request)
+        calibration = calibrate(engine, request=request, callback=progress)
     except KeyboardInterrupt:
         print("\nInterrupted: no calibration was written.", file=sys.stderr)
         return 130

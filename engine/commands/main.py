@@ -163,7 +163,11 @@ def command_info(args) -> int:
     from framepack_engine import __version__
     from framepack_engine.runtime.attention import BACKEND_NAMES, available_backends, kernel_verification_lines, resolve_backend
     from framepack_engine.media.video import available_codecs
+    from framepack_engine.settings import GenerationSettings, ModelSettings
 
+    if args.plan:  # the plan's options through the settings' checks (they name the option), before anything prints
+        budget = ModelSettings.from_options(vram_budget_gb=args.vram_budget_gb, memory_margin_gb=args.memory_margin_gb)
+        resolution = GenerationSettings.from_options(resolution=args.resolution).resolution
     print(f"framepack-engine {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     for package in ("triton", "transformers", "safetensors", "av", "flash_attn", "sageattention", "xformers"):
@@ -187,18 +191,24 @@ def command_info(args) -> int:
     print(f"video encoders: {', '.join(available_codecs()[:16])}")
     if args.plan:
         from framepack_engine.models.footprints import official_plan
-        from framepack_engine.settings import ModelSettings
 
-        budget = ModelSettings.from_options(vram_budget_gb=args.vram_budget_gb, memory_margin_gb=args.memory_margin_gb)
         plan, models = official_plan(args.device or device, budget.vram_budget_gb, budget.memory_margin_gb,
-                                     args.resolution)
+                                     resolution)
         print(f"models: {models}")  # plan.lines() starts with the plan's own heading
         print("\n".join(plan.lines()))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong flag is one line, as every other mistake is: the error and where the options are listed (argparse
+    would print the whole usage block first). Its sub-commands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="framepack", description="FramePack video generation engine")
+    parser = _Parser(prog="framepack", description="FramePack video generation engine")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="generate a video")
     add_generate_arguments(generate)
@@ -234,7 +244,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 def main(argv=None) -> int:
     warnings.showwarning = _show_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the sub-command whose flags were meant
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see framepack {args.command} --help)\n")
     try:
         return args.run(args)
     except FramePackError as error:

@@ -6,11 +6,12 @@ import os
 import threading
 from pathlib import Path
 
-from framepack_engine.errors import FramePackError
 from framepack_engine.runtime.attention import available_backends, resolve_backend
 from framepack_engine.serve.jobs import JobQueue, JobStore, load_worker_engine, parse_devices
 from framepack_engine.serve.server import (API_KEY_VARIABLE, DEFAULT_PORT, check_api_key, create_app, default_state_dir, require_server_packages, reserve_port)
-from framepack_engine.settings import ModelSettings, add_flags, given_flags
+from framepack_engine.settings import ModelSettings, add_flags, given_flags, integer, number
+
+MAX_BODY_MB = 100_000  # more than any request needs, and a count of bytes a server can hold
 
 
 def load_engines(model_settings, preset: str | None, devices: list[str]) -> list[tuple[str, object]]:
@@ -63,8 +64,10 @@ def command_serve(args) -> int:
     # Everything that can be wrong is checked before the model loads.
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     check_api_key(args.host, api_key)
-    if args.max_queued < 1 or args.max_body_mb <= 0:
-        raise FramePackError("--max-queued and --max-body-mb must be positive.")
+    # The server's own options through the settings' checks (NaN, infinities and out-of-range values refused).
+    integer(1, 65535)("--port", args.port)
+    integer(1)("--max-queued", args.max_queued)
+    number(0, MAX_BODY_MB, low_open=True, fix="e.g. 32")("--max-body-mb", args.max_body_mb)
     model_settings = ModelSettings.from_options(**given_flags(args, ModelSettings, skip=("device",)))
     devices = parse_devices(args.devices)
     require_server_packages()

@@ -20,6 +20,7 @@ from one of two places:
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -127,11 +128,34 @@ class MagCacheCalibration:
         known = set(cls.__dataclass_fields__)
         values = {key: value for key, value in data.items() if key in known}
         steps, ratios = values.get("steps"), values.get("ratios")
-        if not isinstance(steps, int) or steps < 1 or not isinstance(ratios, dict) or "positive" not in ratios or any(
+
+        def real(value) -> bool:  # a finite JSON number (true/false are not numbers here)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def whole(value, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        if not whole(steps, 1) or not isinstance(ratios, dict) or "positive" not in ratios or any(
                 branch not in BRANCHES or not isinstance(series, list) or len(series) != steps
-                or not all(isinstance(ratio, (int, float)) and ratio > 0 for ratio in series)
+                or not all(real(ratio) and ratio > 0 for ratio in series)
                 for branch, series in ratios.items()):
             raise FramePackError(f"{path.name!r} does not hold one positive ratio per step for each branch: {fix}.")
+        # Every other field as calibrate-cache writes it, so a hand-edited file fails here, before any model loads.
+        expected = {
+            "bucket": ("null or [height, width] in pixels, two positive integers",
+                       lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(whole(x, 1) for x in v))),
+            "latent_window_size": ("null or a positive integer", lambda v: v is None or whole(v, 1)),
+            "shift": ("null or a positive number", lambda v: v is None or (real(v) and v > 0)),
+            "cfg": ("a number of at least 1", lambda v: real(v) and v >= 1),
+            "sections": ("an integer of at least 0", lambda v: whole(v, 0)),
+            "random_weights": ("true or false", lambda v: isinstance(v, bool)),
+            **{name: ("a string", lambda v: isinstance(v, str)) for name in ("model", "variant", "sampler", "note",
+                                                                              "created")},
+        }
+        for name, (meaning, valid) in expected.items():
+            if name in values and not valid(values[name]):
+                raise FramePackError(f"{path.name!r} has {name} {json.dumps(values[name])}, which must be {meaning}: "
+                                     f"{fix}.")
         return cls(**values)
 
 
