@@ -116,5 +116,6 @@ def load_engine(engine_class, models, request=None, *, allow_download: bool | No
     placement = place_models(settings, device, dit, text_encoder, images, vae, encoder_dtype, request=request)
     dit.set_attention_backend(settings.attention)
     dit.set_fused_kernels(settings.fused_kernels)
+    dit.set_compiled_blocks(settings.compile)
     return engine_class(dit, vae, text_encoder, images, variant=models.variant, device=device, dtype=dtype,
                         name=models.name, release_encoders=release_encoders, loras=loras, placement=placement)

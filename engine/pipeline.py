@@ -249,6 +249,8 @@ class Engine:
         if settings.attention != "auto" or settings.fused_kernels:  # otherwise the preset keeps what it is built with
             engine.transformer.set_attention_backend(settings.attention)
             engine.transformer.set_fused_kernels(settings.fused_kernels)
+        if settings.compile:
+            engine.transformer.set_compiled_blocks(True)
         return engine
 
     # ---- LoRAs ------------------------------------------------------------------------------------------------------

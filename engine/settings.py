@@ -343,6 +343,8 @@ class ModelSettings(_Settings):
     attention: str = option("auto", "sdpa, triton, flash, xformers or sage", text)
     fused_kernels: bool = option(False, "run the DiT's norms, modulation and patchify as Triton kernels (CUDA)",
                                  boolean)
+    compile: bool = option(False, "regional torch.compile of the DiT's blocks (each kind compiled once, reused by "
+                           "every block, section and step)", boolean)
     vram_budget_gb: float | None = option(
         None, "device memory the models may use, in GB; the memory planner streams what does not fit "
         "(default: the free memory minus the margin)",

@@ -10,6 +10,10 @@ Two levels, kept apart because only the first has happened so far:
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 KERNELS = ("packed_attention", "rotate", "layer_norm_modulate", "gated_residual", "gated_residual_layer_norm_modulate",
            "rms_norm_rotary", "patch_embed", "pooled_rope")
 
@@ -19,6 +23,27 @@ RUN_ARCHITECTURES: tuple[str, ...] = ()
 # Architectures where a recorded GPU run shows packed_attention at least as fast as SDPA at the model's shapes:
 # only there may attention="auto" choose the Triton kernel (framepack_engine.runtime.attention.resolve_backend).
 ATTENTION_MATCHES_SDPA: tuple[str, ...] = ()
+
+
+def attention_record_path() -> Path:
+    """Where `python -m bench.gpu_check` records this machine's measured attention (FRAMEPACK_KERNEL_RECORD, else
+    the user's cache folder): a GPU run here counts for attention="auto" before it is committed to this file."""
+    if os.environ.get("FRAMEPACK_KERNEL_RECORD"):
+        return Path(os.environ["FRAMEPACK_KERNEL_RECORD"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "framepack" / "kernel_record.json"
+
+
+def attention_matches_sdpa() -> tuple[str, ...]:
+    """The architectures where packed_attention is at least as fast as SDPA: the committed ones and those this
+    machine's recorded GPU check measured (a record that cannot be read counts for nothing)."""
+    try:
+        record = json.loads(attention_record_path().read_text())
+        measured = tuple(architecture for architecture, entry in record.get("attention", {}).items()
+                         if entry.get("triton_over_sdpa", 0) >= 1.0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        measured = ()
+    return tuple(dict.fromkeys(ATTENTION_MATCHES_SDPA + measured))
 
 
 def architecture_name(major: int, minor: int) -> str:

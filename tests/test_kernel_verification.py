@@ -70,3 +70,20 @@ def test_info_says_where_kernels_are_verified(gpu, capability, status):
 def test_info_without_a_gpu():
     lines = attention.kernel_verification_lines("cpu")
     assert not any("this GPU" in line for line in lines)
+
+
+def test_a_recorded_gpu_check_counts_for_auto_attention(tmp_path, monkeypatch):
+    """bench/gpu_check records the measured attention ratio per architecture; only a ratio of at least 1 (the
+    Triton kernel as fast as SDPA) lets attention="auto" choose it there; an unreadable record counts for nothing."""
+    import json
+
+    from framepack_kernels import verification
+
+    record = tmp_path / "kernel_record.json"
+    monkeypatch.setenv("FRAMEPACK_KERNEL_RECORD", str(record))
+    assert verification.attention_matches_sdpa() == verification.ATTENTION_MATCHES_SDPA
+    record.write_text(json.dumps({"attention": {"sm_90": {"triton_over_sdpa": 1.07},
+                                                "sm_80": {"triton_over_sdpa": 0.85}}}))
+    assert verification.attention_matches_sdpa() == (*verification.ATTENTION_MATCHES_SDPA, "sm_90")
+    record.write_text("{not json")
+    assert verification.attention_matches_sdpa() == verification.ATTENTION_MATCHES_SDPA

@@ -87,6 +87,7 @@ class BenchSettings:
     cache_threshold: float | None = None  # None: the cache's default (teacache 0.15, magcache 0.1)
     quantize: str = "none"  # "none" or an framepack_engine.runtime.quant format: the blocks' linears quantized after the random fill
     vram_budget_gb: float | None = None  # None: every weight on the device; else the memory planner's plan
+    compile: str = "off"  # "on": regional torch.compile of the blocks (compiled during the warm-up)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -126,6 +127,8 @@ class BenchSettings:
             raise FramePackError(f"Unknown cache {self.cache!r}: choose none, {', '.join(STEP_CACHES)}.")
         if self.cache_threshold is not None and not 0 <= self.cache_threshold < math.inf:
             raise FramePackError(f"cache_threshold must be a finite number of at least 0, got {self.cache_threshold!r}.")
+        if self.compile not in ("off", "on"):
+            raise FramePackError(f"compile is off or on, got {self.compile!r}.")
         if self.vram_budget_gb is not None and not self.vram_budget_gb > 0:
             raise FramePackError(f"vram_budget_gb must be a positive number of GB, got {self.vram_budget_gb}.")
         find_nearest_bucket(self.resolution, self.resolution, self.resolution)  # raises for a bad resolution
@@ -141,7 +144,7 @@ def optional_number(text: str) -> float | None:
 COMPARABLE = {"preset": str, "device": str, "dtype": str, "resolution": int, "latent_window_size": int, "steps": int,
               "warmup": int, "attention": str, "seed": int, "variant": str, "prompt_tokens": int,
               "threads": int, "cache": str, "cache_threshold": float, "quantize": str,
-              "vram_budget_gb": optional_number}
+              "vram_budget_gb": optional_number, "compile": str}
 
 
 def parse_compare(text: str | None) -> tuple[str, list] | None:
@@ -461,6 +464,7 @@ def run_variant(model, settings: BenchSettings, device, dtype, peak: dict, place
 
     streamer = placement.streamer if placement is not None else None
     model.set_attention_backend(settings.attention)
+    model.set_compiled_blocks(settings.compile == "on")  # compiled by the warm-up's first block calls
     inputs = random_inputs(model, settings, device, dtype)
     sequence = flop_counter.section_packed_sequence(model.config, settings.latent_window_size, inputs.latent_height,
                                                     inputs.latent_width, inputs.text_tokens, inputs.image_tokens)
@@ -849,6 +853,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-budget-gb", type=float,
                         help="place the DiT by the memory planner under this budget (streaming what does not fit); "
                              "default: every weight resident")
+    parser.add_argument("--gpu-check", metavar="DIR", help="run the whole GPU check (python -m bench.gpu_check, from a "
+                        "checkout of the repository) and write DIR/gpu_check.json and .md; other flags are ignored")
+    parser.add_argument("--compile", default="off", choices=["off", "on"],
+                        help="regional torch.compile of the DiT's blocks (compiled during the warm-up)")
     parser.add_argument("--compare", metavar="KEY=V1,V2",
                         help=f"run each value on the same inputs and print ratios to the first; KEY: "
                              f"{', '.join(COMPARABLE)}")
@@ -872,10 +880,21 @@ def settings_from_args(args) -> BenchSettings:
         latent_window_size=args.latent_window_size, steps=args.steps, sections=parse_sections(args.sections),
         warmup=args.warmup, attention=args.attention, seed=args.seed, variant=args.variant,
         prompt_tokens=args.prompt_tokens, matmul_size=args.matmul_size, threads=args.threads, cache=args.cache,
-        cache_threshold=args.cache_threshold, quantize=args.quantize, vram_budget_gb=args.vram_budget_gb).validate()
+        cache_threshold=args.cache_threshold, quantize=args.quantize, vram_budget_gb=args.vram_budget_gb,
+        compile=args.compile).validate()
 
 
 def command_bench(args) -> int:
+    if args.gpu_check:
+        import importlib.util
+
+        if importlib.util.find_spec("bench.gpu_check") is None:
+            raise FramePackError("The GPU check runs from a checkout of the repository (its bench/ folder): cd into "
+                                 "it and run python -m bench.gpu_check --out DIR.")
+        from bench.gpu_check import main as gpu_check
+
+        device = "cuda" if args.device == "auto" else args.device
+        return gpu_check(["--out", args.gpu_check, "--device", device] + (["--tiny"] if device == "cpu" else []))
     settings = settings_from_args(args)
     compare = parse_compare(args.compare)
     json_path = Path(args.json) if args.json else None

@@ -588,6 +588,7 @@ class FramePackDiT(nn.Module):
         self.attention_backend = "sdpa"
         self._attention = sdpa_attention
         self.fused_kernels = False
+        self.compiled_blocks = False
         self._block_stream = iter  # how run_blocks receives each block: as it is, or from a weight streamer
 
     # ---- construction --------------------------------------------------------------------------------------------
@@ -677,6 +678,20 @@ class FramePackDiT(nn.Module):
                     f"Fused kernels run on CUDA devices, and this model is on {device.type}: move it to a GPU "
                     "or leave them off.")
         self.fused_kernels = bool(enabled)
+        return self
+
+    def set_compiled_blocks(self, enabled: bool = True) -> "FramePackDiT":
+        """Regional torch.compile: each block's forward compiled, not the whole model. Blocks of one kind share one
+        compiled graph (their weights are graph inputs, not constants), so the model compiles twice (a double- and
+        a single-stream block) whatever its depth, and every section and step reuses those graphs: the packed token
+        count is the same for every section. Streamed blocks (their weights swapped into slots), quantized or
+        LoRA-wrapped linears and the step caches (which skip run_blocks around the blocks) work unchanged."""
+        for block in self.blocks:
+            if enabled:
+                block.compile(dynamic=False)
+            else:  # back to the plain forward
+                block._compiled_call_impl = None
+        self.compiled_blocks = bool(enabled)
         return self
 
     def set_output_precision(self, float32: bool = True) -> "FramePackDiT":

@@ -49,8 +49,13 @@ class AttentionBackend:
     auto_priority: int = 0
     needs_cuda: bool = False
     # The GPU architectures ("sm_90") where "auto" may choose it; None: wherever it is available. Libraries
-    # validated by their makers on every GPU they support take None; our kernel only where it has been measured.
-    auto_architectures: tuple[str, ...] | None = None
+    # validated by their makers on every GPU they support take None; our kernel only where it has been measured
+    # (a function: the committed architectures and this machine's recorded GPU check, read when "auto" resolves).
+    auto_architectures: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+
+    def allowed_on(self, architecture: str | None) -> bool:
+        allowed = self.auto_architectures() if callable(self.auto_architectures) else self.auto_architectures
+        return allowed is None or architecture in allowed
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -78,7 +83,7 @@ def _lazy(module: str, attribute: str) -> Callable:
 register_backend(AttentionBackend(
     "triton", _lazy("framepack_engine.runtime.attention_backends", "triton_attention"), _module_present("triton"),
     "pip install triton", auto_priority=10, needs_cuda=True,
-    auto_architectures=verification.ATTENTION_MATCHES_SDPA))
+    auto_architectures=verification.attention_matches_sdpa))
 register_backend(AttentionBackend(
     "flash", _lazy("framepack_engine.runtime.attention_backends", "flash_attention"), _module_present("flash_attn"),
     "pip install flash-attn --no-build-isolation (or: pip install 'framepack-engine[flash]')",
@@ -115,7 +120,7 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> Atte
     if name == "auto":
         architecture = gpu_architecture(device)
         usable = [_BACKENDS[n] for n in available_backends(device)]
-        usable = [b for b in usable if b.auto_architectures is None or architecture in b.auto_architectures]
+        usable = [b for b in usable if b.allowed_on(architecture)]
         return max(usable, key=lambda b: b.auto_priority)
     if name not in _BACKENDS:
         raise FramePackError(f"Unknown attention backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}.")
@@ -130,6 +135,6 @@ def kernel_verification_lines(device: torch.device | str | None = None) -> list[
     """For `framepack info`: which kernels are verified on which architectures, and what "auto" picks here."""
     architecture = gpu_architecture(device)
     lines = verification.verification_lines(architecture)
-    measured = ", ".join(verification.ATTENTION_MATCHES_SDPA) or "none yet"
+    measured = ", ".join(verification.attention_matches_sdpa()) or "none yet"
     lines.append(f"  attention='auto' uses the Triton kernel only where a recorded run matches SDPA: {measured}")
     return lines
