@@ -152,7 +152,7 @@ def step_machine(args) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         if _gpu_present() and torch.version.cuda is None:
             raise SystemExit(f"torch {torch.__version__} is a CPU-only build on a GPU machine: install the CUDA build "
-                             "first (pip install torch --index-url https://download.pytorch.org/whl/cu128), then the "
+                             "first (pip install torch==2.13.0 from PyTorch's CUDA index for your CUDA version), then the "
                              "project with -c constraints.txt.")
         raise SystemExit("No CUDA device is visible to torch: run on a GPU machine, or rehearse with --device cpu --tiny.")
     record = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
