@@ -11,7 +11,6 @@ One generation, as the official app does it:
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from framepack_engine.errors import FramePackError
 from framepack_engine.generation import sections
 from framepack_engine.generation.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
+from framepack_engine.generation.prompts import section_prompt_texts as parse_section_prompts  # noqa: F401 (its old home)
 from framepack_engine.generation.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from framepack_engine.generation.step_cache import StepCaches
 from framepack_engine.loading import load_engine, place_models, transform_dit, transform_text_encoder
@@ -32,6 +32,7 @@ from framepack_engine.models.conditioning import PromptEmbedding
 from framepack_engine.models.presets import build_preset_engine
 from framepack_engine.models.vae import decode_tiling
 from framepack_engine.resolve import Request, ResolvedModels, resolve_models, resolve_request
+from framepack_engine.resolve import section_prompts as resolve_section_prompts
 from framepack_engine.runtime.host_memory import release_freed_host_memory
 from framepack_engine.runtime.lora import LoraSet
 from framepack_engine.settings import GenerationSettings, ModelSettings
@@ -110,37 +111,6 @@ class FrameCollector:
             raise FramePackError("No section has finished yet, so there are no frames.")
         pending = self.last.pending_frames
         return np.concatenate(self.chunks + [pending] if self.last.direction == "forward" else [pending] + self.chunks)
-
-
-def parse_section_prompts(section_prompts, prompt: str, count: int, seconds_per_section: float,
-                          video_positions: list[int]) -> list[str]:
-    """The prompt of each section in generation order.
-
-    Two forms are accepted: a list (or newline-separated text) of suffixes added to the main prompt and stretched
-    evenly over the video (4 sections, 2 lines: the first line for sections 1-2, the second for 3-4); or timestamped
-    text "[0s: a man waves] [2.5s: a man jumps]", where each prompt replaces the main one from its time on.
-    """
-    if not section_prompts:
-        return [prompt] * count
-    if isinstance(section_prompts, str):
-        timestamped = re.findall(r"\[\s*(\d+(?:\.\d+)?)\s*s\s*:\s*([^\]]*)\]", section_prompts)
-        if timestamped:
-            changes = sorted((float(t), text.strip()) for t, text in timestamped)
-            result = []
-            for position in video_positions:
-                start = position * seconds_per_section
-                current = prompt
-                for time_point, text in changes:
-                    if time_point <= start + 1e-6:
-                        current = text
-                result.append(current)
-            return result
-        section_prompts = [line for line in section_prompts.splitlines() if line.strip()]
-    lines = [str(line).strip() for line in section_prompts]
-    if not lines:
-        return [prompt] * count
-    return [f"{prompt} {lines[min(position * len(lines) // count, len(lines) - 1)]}".strip()
-            for position in video_positions]
 
 
 class Engine:
@@ -404,7 +374,7 @@ class Engine:
         count = request.section_count
         plan = sections.plan_sections(self.variant, count, window)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
-        inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator)
+        inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator, request.prompts or None)
         history = sections.initial_history(self.variant, inputs.start_latent)
         initial_pixels = None
         if video_frames is not None:
@@ -439,13 +409,14 @@ class Engine:
                                 "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata,
                                 checkpoint)
 
-    def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator
-                       ) -> tuple[SectionInputs, list[str]]:
+    def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator,
+                       section_prompts: list[str] | None = None) -> tuple[SectionInputs, list[str]]:
         """Every prompt and image through its encoder, before the first section (then the encoders may go).
-        Returns the encoders' outputs and each section's prompt text."""
-        seconds_per_section = settings.latent_window_size * sections.VAE_TEMPORAL_COMPRESSION / settings.fps
-        prompts = parse_section_prompts(settings.section_prompts, settings.prompt, len(plan), seconds_per_section,
-                                        [section.video_position for section in plan])
+        section_prompts: each section's prompt in video order (the request's; else from the settings). Returns the
+        encoders' outputs and each section's prompt text in generation order."""
+        if section_prompts is None:
+            section_prompts = resolve_section_prompts(settings, len(plan))
+        prompts = [section_prompts[section.video_position] for section in plan]
         with self._on_device("text_encoder"):  # placed once for every prompt, then off the device again
             embeddings = [self.encode_prompt(text) for text in prompts]
             # With cfg 1 the official's negative pass is skipped (its zeros are never used).

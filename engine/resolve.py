@@ -22,6 +22,7 @@ import torch
 from framepack_engine.errors import FramePackError, FramePackWarning
 from framepack_engine.generation import sections
 from framepack_engine.generation.calibration import MagCacheCalibration, published_ratios
+from framepack_engine.generation.prompts import seconds_per_section, section_prompt_texts
 from framepack_engine.generation.step_cache import BRANCHES, StepCaches
 from framepack_engine.media.images import load_image, load_video_frames
 from framepack_engine.models.buckets import REFERENCE_RESOLUTION, find_nearest_bucket
@@ -108,6 +109,7 @@ class Request:
     input_video: np.ndarray | None = None  # uint8 (T, H, W, 3)
     magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)  # or published
     magcache_ratios_source: str | None = None  # where MagCache's ratios came from (each section's stats say it)
+    prompts: list[str] = field(default_factory=list)  # each section's prompt, in video order
 
     @property
     def latent_frames(self) -> int:
@@ -144,6 +146,13 @@ def _read(value, read):
     return read(value)
 
 
+def section_prompts(settings: GenerationSettings, count: int) -> list[str]:
+    """Each of the `count` sections' prompt in video order, from the main prompt and `section_prompts`
+    (framepack_engine.generation.prompts: the one parser; an entry no section would use is refused here)."""
+    return section_prompt_texts(settings.section_prompts, settings.prompt, count,
+                                seconds_per_section(settings.latent_window_size, settings.fps), range(count))
+
+
 def resolve_request(settings: GenerationSettings, variant: str, *, image=None, end_image=None, input_video=None,
                     default_resolution: int = REFERENCE_RESOLUTION) -> Request:
     """Everything a generation decides before any model work: the inputs the variant can take, read and checked;
@@ -163,7 +172,8 @@ def resolve_request(settings: GenerationSettings, variant: str, *, image=None, e
         height, width = settings.height or resolution, settings.width or resolution
     size = find_nearest_bucket(height, width, resolution=resolution)
     count = sections.section_count(settings.seconds, settings.fps, settings.latent_window_size)
-    request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames)
+    request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames,
+                      prompts=section_prompts(settings, count))
     if settings.cache == "magcache":
         # A calibration of the user's wins; without one, the authors' published ratios for this variant. The file is
         # small: read once and fitted to this generation now, before any model loads.

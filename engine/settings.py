@@ -22,6 +22,7 @@ from framepack_engine.runtime.attention import BACKEND_NAMES
 from framepack_engine.errors import FramePackError
 from framepack_engine.runtime.lora import LORA_MODES, check_lora_source
 from framepack_engine.runtime.quant import FORMATS as QUANTIZE_FORMATS
+from framepack_engine.generation.prompts import check_section_prompts, is_timestamped
 from framepack_engine.generation.sampling import SAMPLERS
 from framepack_engine.generation.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
 
@@ -136,15 +137,16 @@ def section_prompt_list(name: str, value):
     if value is None:
         return None
     if isinstance(value, str):
-        return text(name, value)
+        check_section_prompts(text(name, value))  # a timestamped text's grammar (generation.prompts, the parser)
+        return value
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
         return [text(name, item) for item in value]
     raise _fail(name, value, "a list of strings or one text (lines, or '[0s: ...] [2s: ...]')")
 
 
 def parse_section_prompts_flag(value: str):
-    """The command's form: timestamped text as it is, else lines or '|'-separated parts."""
-    if "[" in value:
+    """The command's form: timestamped text (holding '[') as it is, else lines or '|'-separated parts."""
+    if is_timestamped(value):
         return value
     return [part.strip() for part in value.replace("|", "\n").splitlines() if part.strip()]
 

@@ -145,7 +145,7 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str, defaul
     RequestError / FramePackError naming the problem. body: the JSON settings; uploads: multipart image files."""
     from framepack_engine.models.buckets import find_nearest_bucket
     from framepack_engine.media.codecs import DEFAULT_CRF, check_encoder
-    from framepack_engine.resolve import check_inputs_for_variant
+    from framepack_engine.resolve import check_inputs_for_variant, section_prompts
     from framepack_engine.generation.sections import section_count
     from framepack_engine.settings import GenerationSettings, integer
 
@@ -173,6 +173,7 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str, defaul
     height, width = find_nearest_bucket(height, width, resolution=resolution)
     check_encoder(Path(f"video.{output_format}"), None, crf, None, width=width, height=height)
     sections = section_count(settings.seconds, settings.fps, settings.latent_window_size)
+    section_prompts(settings, sections)  # every timestamped entry falls on a section, as the command checks
     files = {name: (suffix, data) for name, (suffix, data, _) in images.items()}
     return settings.as_dict(), {"format": output_format, "crf": crf}, files, sections
 
