@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from framepack_engine.errors import FramePackError
 from framepack_engine.generation import sampling
 from framepack_engine.models.conditioning import PromptEmbedding
 from framepack_engine.models.history import HistoryContext
@@ -140,6 +141,19 @@ def _model_function(dit):
     return velocity
 
 
+def check_finite_step(section: Section, info: dict) -> None:
+    """Stops the run at the first step whose latents (the sampler's latent or the model's prediction of the clean
+    one) hold NaN or an infinity: nothing after it could be right (the video would be black). Names the section and
+    step. One float32 sum of the window's latents per step, and one host read."""
+    latents = [info["x"]] + ([info["denoised"]] if info.get("denoised") is not None else [])
+    total = sum(tensor.sum(dtype=torch.float32) for tensor in latents)
+    if not bool(torch.isfinite(total)) and not all(bool(torch.isfinite(tensor).all()) for tensor in latents):
+        raise FramePackError(
+            f"The latents became NaN or infinite at section {section.index + 1} of {section.count} (generation "
+            f"order), step {info['i'] + 1} of {info['total_steps']}: nothing after it can be right, so the run stops "
+            "there; lower cfg, distilled_guidance or shift, or check the model's and LoRAs' weights.")
+
+
 def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: SamplingOptions,
                  generator: torch.Generator, history: torch.Tensor, *, device, dtype,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -190,9 +204,12 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
             steps[0] += 1
             return denoise(x, sigma)
 
+        def step_finished(info, section=section):
+            check_finite_step(section, info)
+            hooks.step_finished(section, info)
+
         with torch.no_grad():
-            generated = sampling.sample(options.sampler, timed_denoise, noise, sigmas,
-                                        callback=lambda info, section=section: hooks.step_finished(section, info))
+            generated = sampling.sample(options.sampler, timed_denoise, noise, sigmas, callback=step_finished)
         history = section.add_to_history(history, generated, inputs.start_latent)
         hooks.section_finished(section, generated)
         output = SectionOutput(section, generated, history, section.generated_latents(history), steps[0])

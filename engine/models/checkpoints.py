@@ -11,9 +11,9 @@ import torch
 
 from framepack_engine.errors import ModelSourceError
 from framepack_engine.official import OFFICIAL_DIT_CONFIG
-from framepack_engine.runtime.sources import (Checkpoint, check_safetensors, iter_tensors, read_config,
-                                              read_safetensors_metadata, read_tensors, read_tensors_keeping_quantized,
-                                              resolve_component, weight_files)
+from framepack_engine.runtime.sources import (Checkpoint, check_finite, check_safetensors, iter_tensors,
+                                              read_config, read_safetensors_metadata, read_tensors,
+                                              read_tensors_keeping_quantized, resolve_component, weight_files)
 
 
 # The official app's precisions: the DiT in bf16, the text encoders, the image encoder and the VAE in fp16.
@@ -224,7 +224,10 @@ def _load_transformers_model(model_class, folder: Path, dtype: torch.dtype, devi
         raise ModelSourceError(
             f"The {what} in {folder.name!r} could not be loaded ({type(error).__name__}: {error}): "
             "download the complete folder again.") from None
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    for name, weight in model.named_parameters():  # on the device (buffers such as masks may hold -inf by design)
+        check_finite(weight, name, f"The {what} in {folder.name!r}")
+    return model
 
 
 def _load_tokenizer(tokenizer_class, folder: Path, what: str):

@@ -166,9 +166,12 @@ def check_lora_source(path: str | Path) -> Path:
 def _read_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    from framepack_engine.runtime.sources import check_finite
+
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+            return ({key: check_finite(handle.get_tensor(key), key, f"LoRA {file.name!r}") for key in handle.keys()},
+                    dict(handle.metadata() or {}))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise FramePackError(f"LoRA {file.name!r} is not a readable safetensors file ({error}): "
                              "download it again.") from None

@@ -358,6 +358,24 @@ def weight_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """`tensor`, or a ModelSourceError naming it when it holds NaN or an infinity (a damaged file, or weights saved
+    from a diverged run would otherwise make a black video at exit 0). Run on every tensor as it is read, where it
+    is (on the device when it is there): one float32 sum per tensor, a NaN or an infinity making it non-finite;
+    only then (or when finite values overflow the sum) is every value looked at."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return tensor
+    bad = sum(int((~torch.isfinite(part.float())).sum()) for part in tensor.reshape(-1).split(1 << 24))
+    if bad:
+        raise ModelSourceError(
+            f"{where}: the tensor {name!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''} (of "
+            f"{tensor.numel()}): the file is damaged or was saved from a training run that diverged; download it "
+            "again or use another.")
+    return tensor
+
+
 def _unreadable(file: Path, error: Exception) -> ModelSourceError:
     return ModelSourceError(f"{file.name!r} is not a readable safetensors file ({error}): download it again.")
 
@@ -390,11 +408,13 @@ class Checkpoint:
         return tuple(self.handles[key][1].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor `key`, memory-mapped; one holding NaN or an infinity is refused (check_finite)."""
         file, handle = self.handles[key]
         try:
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise _unreadable(file, error) from None
+        return check_finite(tensor, key, repr(file.name))
 
     def __enter__(self):
         return self
