@@ -196,20 +196,24 @@ class FakeEngine:
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_resume_files_give_back_the_checkpoint_and_the_frames_in_video_order(tmp_path, direction):
     files = ResumeFiles(tmp_path / "resume")
-    assert files.load(FakeEngine(), 4) == (None, None)
+    assert files.load(FakeEngine(), 4) == (None, [])
     chunks = [np.full((2, 16, 16, 3), value, np.uint8) for value in (10, 20, 30)]
     results = [section_result(index, 4, chunk, direction) for index, chunk in enumerate(chunks)]
     for result in results:
         files.save(result)
-    checkpoint, replay = files.load(FakeEngine(), 4)
+    checkpoint, replays = files.load(FakeEngine(), 4)
     assert checkpoint.sections_done == 3
     torch.testing.assert_close(checkpoint.history, results[-1].checkpoint.history, rtol=0, atol=0)
     torch.testing.assert_close(checkpoint.pending_pixels, results[-1].checkpoint.pending_pixels, rtol=0, atol=0)
     assert torch.equal(checkpoint.generator_state, results[-1].checkpoint.generator_state)
-    order = chunks if direction == "forward" else chunks[::-1]
-    np.testing.assert_array_equal(replay.frames, np.concatenate(order))
-    np.testing.assert_array_equal(replay.pending_frames, results[-1].pending_frames)
-    assert (replay.index, replay.direction, replay.metadata["model"]) == (2, direction, "preset:tiny")
+    # one replay per finished section, in generation order (each section's frames a segment, as first written)
+    assert [replay.index for replay in replays] == [0, 1, 2]
+    for replay, chunk in zip(replays, chunks):
+        np.testing.assert_array_equal(replay.frames, chunk)
+        assert (replay.direction, replay.metadata["model"]) == (direction, "preset:tiny")
+    assert [len(replay.pending_frames) for replay in replays[:-1]] == [0, 0]
+    np.testing.assert_array_equal(replays[-1].pending_frames, results[-1].pending_frames)
+    assert replays[-1].checkpoint is checkpoint
 
     other = FakeEngine()
     other.name = "lllyasviel/FramePackI2V_HY"
@@ -259,8 +263,8 @@ def test_a_failed_resume_write_keeps_the_last_checkpoint_and_leaves_no_temporary
     assert sorted(path.name for path in files.folder.iterdir()) == [
         "checkpoint.safetensors", "frames_00000.npy", "frames_00001.npy"]
     monkeypatch.undo()
-    checkpoint, replay = files.load(FakeEngine(), 3)
-    assert checkpoint.sections_done == 1 and len(replay.frames) == 2
+    checkpoint, replays = files.load(FakeEngine(), 3)
+    assert checkpoint.sections_done == 1 and [len(replay.frames) for replay in replays] == [2]
 
 
 # ---- a worker running jobs ------------------------------------------------------------------------------------------

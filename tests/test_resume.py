@@ -73,3 +73,78 @@ def test_a_checkpoint_that_does_not_fit_is_refused(engines):
         list(engine.stream("x", resume=SectionCheckpoint(0, history, state, None), **small))
     with pytest.raises(FramePackError, match=r"latents \(1, 16, 20, 8, 8\) do not fit"):
         list(engine.stream("x", resume=SectionCheckpoint(1, history, state, None), **small, resolution=128))
+
+
+class Killed(BaseException):
+    """What a kill -9 does to a worker: it stops where it is, nothing closes (a BaseException passes every
+    `except Exception`)."""
+
+
+def decoded(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def run_job(state_dir, engine, settings, kill_after=None):
+    """Runs the job in `state_dir` (submitted if there is none) on a worker of `engine`, as a server would at
+    start-up (recovering what a killed one left); with kill_after, the worker is killed once that many sections are
+    finished. Returns the store's job and its video's path."""
+    from framepack_engine.serve.jobs import JobQueue, JobStore, LiveJob
+
+    store = JobStore(state_dir)
+    store.recover()
+    if not store.list():
+        store.submit(settings, {"format": "mp4", "crf": 16}, {}, sections=5, max_queued=1)
+    queue = JobQueue(store, [("cpu", engine)], max_queued=1)
+    job = store.claim("cpu")
+    queue.live[job.id] = LiveJob()
+    stream, outputs = engine.stream, []
+    if kill_after is not None:
+        def killed(*args, **kwargs):
+            for count, result in enumerate(stream(*args, **kwargs), 1):
+                yield result
+                if count == kill_after:
+                    raise Killed
+
+        engine.stream = killed
+    try:
+        queue.workers[0].run_job(job)
+    except Killed:
+        pass  # the process is gone: its writer with it, the file holds what it had published
+    finally:
+        engine.stream = stream
+        store.close()
+    store = JobStore(state_dir)
+    try:
+        return store.get(job.id), store.folder(job.id) / "video.mp4"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("variant", ["bidirectional", "f1"])
+def test_a_job_killed_and_resumed_is_the_video_an_uninterrupted_job_makes(engines, tmp_path, monkeypatch, variant):
+    """Killed after 3 of 5 sections and run again: the finished sections are not sampled again, and the video is
+    the uninterrupted run's frame for frame (crf 16: a lossy encode, so its segments must be the same too)."""
+    from framepack_engine.media import output as output_module
+
+    engine = engines[variant]
+    settings = {"prompt": "a cat walks", "steps": 2, "latent_window_size": 1, "fps": 8, "seconds": 2.5, "seed": 11}
+    whole, whole_video = run_job(tmp_path / "whole", engine, settings)
+    assert whole.state == "done" and whole.sections == 5
+
+    opened = []  # the killed worker's output files: stopped as the kill stops their thread
+    monkeypatch.setattr(output_module.SectionOutputFile, "__init__", lambda self, *a, __init__=output_module.
+                        SectionOutputFile.__init__, **k: (opened.append(self), __init__(self, *a, **k))[1])
+    killed, _ = run_job(tmp_path / "killed", engine, settings, kill_after=3)
+    for output in opened:
+        output.abort()
+    monkeypatch.undo()
+    assert killed.state == "running" and killed.sections_done == 3
+    resumed, resumed_video = run_job(tmp_path / "killed", engine, settings)
+    assert resumed.state == "done" and resumed.stats["resumed_from"] == 3 and resumed.attempts == 2
+    expected = decoded(whole_video)
+    frames = decoded(resumed_video)
+    assert frames.shape == expected.shape and len(frames) == resumed.frames == whole.frames
+    np.testing.assert_array_equal(frames, expected)

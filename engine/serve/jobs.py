@@ -352,8 +352,11 @@ class ResumeFiles:
             save_file(tensors, str(temporary), metadata=metadata)
 
     def load(self, engine, sections: int):
-        """(checkpoint, replay result standing for the finished sections), or (None, None) when there is none.
-        Raises FramePackError when the checkpoint belongs to another model or another plan."""
+        """(checkpoint, replays), or (None, []) when there is none. replays: one result per finished section, in
+        generation order, holding that section's final frames (the last one also the frames still pending a
+        crossfade): handed to the output one by one, they are encoded segment for segment as the uninterrupted run
+        encoded them, so the resumed job's video is the one an uninterrupted run makes. Raises FramePackError when
+        the checkpoint belongs to another model or another plan."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -361,7 +364,7 @@ class ResumeFiles:
 
         path = self.folder / "checkpoint.safetensors"
         if not path.exists():
-            return None, None
+            return None, []
         with safe_open(str(path), "pt") as opened:
             metadata = opened.metadata()
         tensors = load_file(str(path))
@@ -379,14 +382,17 @@ class ResumeFiles:
                 "or submit the job again.")
         if int(metadata["count"]) != sections:
             raise FramePackError("This job's checkpoint does not match its settings: submit the job again.")
-        done = checkpoint.sections_done
-        chunks = [np.load(self.folder / f"frames_{index:05d}.npy") for index in range(done)]
-        if metadata["direction"] == "backward":
-            chunks = chunks[::-1]
-        replay = SectionResult(done - 1, sections, int(metadata["video_position"]), np.concatenate(chunks),
-                               tensors["pending_frames"].numpy(), metadata["direction"], None, {}, recorded,
-                               checkpoint)
-        return checkpoint, replay
+        done, direction = checkpoint.sections_done, metadata["direction"]
+        pending = tensors["pending_frames"].numpy()
+        replays = []
+        for index in range(done):
+            last = index == done - 1
+            frames = np.load(self.folder / f"frames_{index:05d}.npy")
+            position = int(metadata["video_position"]) if last else \
+                index if direction == "forward" else sections - 1 - index
+            replays.append(SectionResult(index, sections, position, frames, pending if last else pending[:0],
+                                         direction, None, {}, recorded, checkpoint if last else None))
+        return checkpoint, replays
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -481,9 +487,10 @@ class Worker(threading.Thread):
             request = resolve_request(GenerationSettings.from_options(**job.settings), self.engine.variant,
                                       image=images.get("image"), end_image=images.get("end_image"),
                                       default_resolution=self.engine.default_resolution)
-            checkpoint, replay = resume_files.load(self.engine, job.sections)
-            if replay is not None:
+            checkpoint, replays = resume_files.load(self.engine, job.sections)
+            for replay in replays:  # a segment per finished section, as they were first encoded
                 output.add(replay)
+            if checkpoint is not None:
                 done = stats["resumed_from"] = checkpoint.sections_done
             progress = _ProgressClock(live, job, stats, done, request.settings.steps)
             for result in self.engine.stream(
