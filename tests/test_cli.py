@@ -97,9 +97,26 @@ def test_a_signal_mid_generation_keeps_the_finished_sections(tmp_path, signal_na
     process.send_signal(getattr(signal, signal_name))
     _, error = process.communicate(timeout=120)
     assert process.returncode == code, error
-    assert "Interrupted: the finished sections are saved." in error and "Traceback" not in error
+    assert "Traceback" not in error
     assert frame_count(out) >= 4 * 2 + 1  # at least the first section's frames
+    assert_says_what_the_file_holds(error, out)
     assert [path.name for path in tmp_path.iterdir()] == ["video.mp4"]
+
+
+def assert_says_what_the_file_holds(stderr: str, out):
+    """The command's last words after an interruption: one line, and the frames it names are the file's."""
+    import re
+
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    said = re.fullmatch(rf"Interrupted: {re.escape(out.name)} holds (all )?(\d+) frames \((\d+) of (\d+) sections\)\.",
+                        lines[0])
+    if said is None:
+        assert lines[0].startswith("Interrupted: nothing was written"), lines[0]
+        assert not out.exists()
+        return None
+    assert frame_count(out) == int(said.group(2)), lines[0]
+    return said
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
@@ -168,15 +185,16 @@ def test_a_signal_while_the_file_is_finished_keeps_it_and_says_so(tmp_path, monk
     use_fake_engine(monkeypatch, sections)
     wait = video.SectionVideoWriter._wait
 
-    def terminated_while_waiting(self):  # the generation is over; SIGTERM comes while close() waits for the encoder
-        os.kill(os.getpid(), signal.SIGTERM)
+    def terminated_while_waiting(self, *args):  # the generation is over; SIGTERM comes while close() waits for the
+        os.kill(os.getpid(), signal.SIGTERM)     # encoder
         time.sleep(0.2)
-        return wait(self)
+        return wait(self, *args)
 
     monkeypatch.setattr(video.SectionVideoWriter, "_wait", terminated_while_waiting)
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "video.mp4"
     assert main(["generate", "x", "--out", str(out), *FAST]) == 143
-    assert "Interrupted: the finished sections are saved." in capsys.readouterr().err
-    assert frame_count(out) >= 5
+    # The signal came while the file was finished: the finish completes, every frame handed over is in it.
+    said = assert_says_what_the_file_holds(capsys.readouterr().err, out)
+    assert said.group(1) == "all " and frame_count(out) == 15 and said.group(3, 4) == ("3", "3")
     assert signal.getsignal(signal.SIGTERM) is handler  # the command puts the previous handler back

@@ -334,7 +334,7 @@ def test_safetensors_keeps_the_sections_before_a_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(video_module._SafetensorsSink, "add", failing_add)
     path = tmp_path / "out.safetensors"
-    with pytest.raises(FramePackError, match="finished sections before it are kept"):
+    with pytest.raises(FramePackError, match="out.safetensors holds 8 frames; check free disk space"):
         with SectionVideoWriter(path, 30) as writer:
             for start, count in section_pieces("forward", (4,) * 4):
                 writer.write_segment(numbered_frames(start, count))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from framepack_engine.commands.common import quiet_libraries
+from framepack_engine.commands.common import interruption_status, quiet_libraries
 from framepack_engine.errors import FramePackError
 from framepack_engine.generation.calibration import CalibrationRecorder, MagCacheCalibration
 from framepack_engine.official import VAE_SPATIAL_COMPRESSION
@@ -83,9 +83,9 @@ def command_calibrate_cache(args) -> int:
     try:
         engine = Engine.from_resolved(models, request)
         calibration = calibrate(engine, request=request, callback=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("\nInterrupted: no calibration was written.", file=sys.stderr)
-        return 130
+        return interruption_status(interruption)
     calibration.save(out)
     ratios = ", ".join(f"{ratio:.3f}" for ratio in calibration.ratios["positive"])
     print(f"MagCache ratios over {calibration.sections} sections at {settings.steps} steps: {ratios}")

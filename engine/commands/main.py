@@ -12,7 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
-from framepack_engine.commands.common import Terminated, quiet_libraries, raise_terminated
+from framepack_engine.commands.common import Signals, quiet_libraries
 from framepack_engine.errors import FramePackError, FramePackWarning
 
 
@@ -45,21 +45,15 @@ def _default_out(mode: str, seed: int) -> Path:
 
 
 def command_generate(args) -> int:
-    import signal
-
-    previous_handler = signal.getsignal(signal.SIGTERM)
+    signals = args.signals
     try:
-        return _generate(args)
-    except KeyboardInterrupt as interruption:  # while reading the inputs, before the model loads
+        return _generate(args, signals)
+    except KeyboardInterrupt:  # while reading the inputs, before the model loads (signals are deferred now)
         print("\nInterrupted before loading the model: nothing was written.", file=sys.stderr)
-        return 143 if isinstance(interruption, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        return signals.status
 
 
-def _generate(args) -> int:
-    import signal
-
+def _generate(args, signals: Signals) -> int:
     from framepack_engine.media.output import SectionOutputFile
     from framepack_engine.media.video import check_output
     from framepack_engine.pipeline import Engine
@@ -80,42 +74,48 @@ def _generate(args) -> int:
     height, width = request.size
     check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
 
-    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         engine = Engine.from_resolved(models, request)
-    except KeyboardInterrupt as interruption:
+    except KeyboardInterrupt:
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
-        return 143 if isinstance(interruption, Terminated) else 130
+        return signals.status
 
+    # The finishing protocol (framepack_engine.commands.common): a signal stops the engine at once, never a
+    # section being handed to the writer nor the file being finished; a second one makes the finish keep only what
+    # is durable; the last line says exactly what the file holds.
     progress = _Progress(enabled=not args.quiet)
     output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
-    interrupted = None
+    sections = engine.stream(request=request, callback=progress.step)
+    failure = None
     try:
-        for section in engine.stream(request=request, callback=progress.step):
-            # Each finished section goes to the writer at once, so an interruption loses nothing finished.
-            output.add(section)
-            progress.section_done(section, output.frame_count)
-    except KeyboardInterrupt as interruption:
-        interrupted = interruption
-    except Exception:
-        output.close()  # keep every finished section, then report what went wrong
-        raise
-    finally:
+        while not signals.interrupted:
+            try:
+                section = next(sections)  # a signal here raises KeyboardInterrupt: the engine stops where it is
+            except StopIteration:
+                break
+            with signals.deferred():  # handed over whole, at once: an interruption loses nothing finished
+                output.add(section)
+                progress.section_done(section, output.frame_count)
+    except KeyboardInterrupt:
+        pass  # signals.received says which
+    except Exception as error:  # the engine or the writer failed: the file is finished with what it has, then said
+        failure = error
+    with signals.deferred():
+        sections.close()
         progress.close()
-    try:
-        saved = output.close()
-    except KeyboardInterrupt as interruption:  # Ctrl-C (another one) while the last frames are encoded
-        output.abort()  # what is already in the file stays
-        saved = output.published
-        interrupted = interrupted or interruption
-    if interrupted is not None:
-        print("\nInterrupted: the finished sections are saved." if saved else "\nInterrupted before a section finished.",
-              file=sys.stderr)
-        return 143 if isinstance(interrupted, Terminated) else 130
-    if saved is None:
-        raise FramePackError("No section finished, so nothing was written.")
-    print(f"Saved {saved}")
-    return 0
+        try:
+            saved = output.close(stop=signals.abort)
+        except FramePackError as error:  # the writer failed; its message says what the file holds
+            saved, failure = None, failure or error
+        if signals.interrupted:
+            print(f"\nInterrupted: {output.on_disk()}.", file=sys.stderr)
+            return signals.status
+        if failure is not None:
+            raise failure
+        if saved is None:
+            raise FramePackError("No section finished, so nothing was written.")
+        print(f"Saved {saved}")
+        return 0
 
 
 class _Progress:
@@ -242,16 +242,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 
 def main(argv=None) -> int:
-    warnings.showwarning = _show_warning
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named with the sub-command whose flags were meant
-        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see framepack {args.command} --help)\n")
+    """The `framepack` command; returns its exit status: 0, 2 for a mistake (one line), 130 / 143 when interrupted
+    by Ctrl-C / SIGTERM (one line). Signals are handled from the start (the imports included) as the finishing
+    protocol says (framepack_engine.commands.common); run as the program (argv None), a signal that comes once the
+    command is over is ignored (the process is only exiting), else the caller's handlers are put back."""
+    signals = Signals().install()
+    started = False
     try:
+        warnings.showwarning = _show_warning
+        parser = build_parser()  # imports torch and the rest: seconds, in which Ctrl-C is one line too
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named with the sub-command whose flags were meant
+            parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see framepack {args.command} "
+                           "--help)\n")
+        args.signals, started = signals, True
         return args.run(args)
     except FramePackError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        with signals.deferred():
+            print(f"error: {error}", file=sys.stderr)
+            return signals.status if signals.interrupted else 2
+    except KeyboardInterrupt:  # signals are deferred from here on
+        print("\nInterrupted." if started else "\nInterrupted before the command started: nothing was done.",
+              file=sys.stderr)
+        return signals.status
+    finally:
+        signals.restore(ignore=argv is None)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from framepack_engine.commands.common import interruption_status
 from framepack_engine.errors import FramePackError
 from framepack_engine.media.video import atomic_path
 from framepack_engine.models.checkpoints import dit_source_shards, read_dit_config
@@ -140,8 +141,8 @@ def command_quantize(args) -> int:
     try:
         out = write_quantized_checkpoint(args.source, args.out, scheme, allow_download=False if args.offline else None,
                                          log=lambda message: print(f"[quantize] {message}", file=sys.stderr))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("\nInterrupted: no checkpoint was written.", file=sys.stderr)
-        return 130
+        return interruption_status(interruption)
     print(f"Wrote {out} ({scheme.format}{f', group size {scheme.group_size}' if scheme.group_size else ''})")
     return 0

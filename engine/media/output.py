@@ -10,6 +10,7 @@ and the server write through it.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,13 @@ if TYPE_CHECKING:  # media knows no model or Engine: the results are read by the
 
 
 class SectionOutputFile:
+    """The output file of one generation, fed section by section; the writer's side of the finishing protocol.
+
+    `add` hands a finished section over (returns at once). `close(stop)` finishes the file: the last section's
+    frames still pending a crossfade are written and everything handed over is encoded and joined, unless `stop`
+    (an Event: the second Ctrl-C) is set first; then it keeps only what is durable (the segments already encoded)
+    and drops the rest. `on_disk()` says exactly what the file holds afterwards, in sections and frames."""
+
     def __init__(self, path, fps: float, codec: str | None = None, crf: int | None = DEFAULT_CRF,
                  pixel_format: str | None = None, options: dict | None = None):
         self.path = Path(path)
@@ -27,6 +35,9 @@ class SectionOutputFile:
         self.writer: SectionVideoWriter | None = None
         self.last: SectionResult | None = None
         self.frame_count = 0  # frames handed to the writer (it encodes them in the background)
+        self.count = 0  # the video's sections
+        self.sections = 0  # sections handed to the writer
+        self._segments: list[tuple[int, bool]] = []  # (frames, a whole section) of each segment, as handed over
 
     def add(self, result: SectionResult) -> None:
         """Hands one finished section's frames to the writer; returns at once (encoding runs in the background)."""
@@ -34,8 +45,10 @@ class SectionOutputFile:
             self.writer = SectionVideoWriter(self.path, self.fps, self.codec, self.crf, self.pixel_format, self.options,
                                              metadata=result.metadata, direction=result.direction)
         self.writer.write_segment(result.frames, latents=result.latents)
-        self.last = result
+        self.last, self.count = result, result.count
+        self.sections += 1
         self.frame_count += len(result.frames)
+        self._segments.append((len(result.frames), True))
 
     @property
     def published(self) -> Path | None:
@@ -47,20 +60,42 @@ class SectionOutputFile:
         """Frames in the file now (`frame_count` counts those handed over, some maybe still being encoded)."""
         return 0 if self.writer is None else self.writer.frames_written
 
-    def close(self) -> Path | None:
+    def close(self, stop: threading.Event | None = None) -> Path | None:
         """Writes the frames still pending a crossfade (the video ends here), waits for the encoder and returns the
-        file's path, or None when no section finished. After a writer failure (already reported) it returns what
-        the failure left."""
+        file's path, or None when no section finished. When `stop` is set before that is done, it keeps only what
+        is durable (see abort). After a writer failure (already reported) it returns what the failure left."""
         if self.writer is None:
             return None
         if self.writer.closed:
             return self.writer.published
-        if len(self.last.pending_frames):
-            self.writer.write_segment(self.last.pending_frames)
-            self.frame_count += len(self.last.pending_frames)
-        return self.writer.close()
+        if stop is not None and stop.is_set():
+            return self.abort()
+        pending = self.last.pending_frames
+        if len(pending) and self.writer.write_segment(pending, stop=stop):
+            self.frame_count += len(pending)
+            self._segments.append((len(pending), False))
+        return self.writer.close(stop=stop)
 
-    def abort(self) -> None:
-        """Stops at once, keeping at `path` what the writer had already published."""
-        if self.writer is not None:
-            self.writer.abort()
+    def abort(self) -> Path | None:
+        """Stops at once, keeping what is durable: the segments already encoded are joined into the file (a copy of
+        their packets), the rest is dropped. Returns the file's path when it holds something."""
+        return None if self.writer is None else self.writer.abort()
+
+    def on_disk(self) -> str:
+        """Exactly what the file holds now: "NAME holds all N frames (S of S sections)", "NAME holds N frames (K of
+        S sections)", or that nothing was written and why."""
+        frames = self.frames_written
+        if self.published is None or not frames:
+            if not self.sections:
+                return "nothing was written (no section had finished)"
+            return (f"nothing was written ({self.sections} finished section{'s' if self.sections > 1 else ''} "
+                    "had not been encoded yet)")
+        whole, counted = 0, 0
+        for length, section in self._segments:  # the file holds the first segments handed over
+            if counted + length > frames:
+                break
+            counted += length
+            whole += section
+        everything = frames == self.frame_count and self.sections == self.count
+        return (f"{self.path.name} holds {'all ' if everything else ''}{frames} frames ({whole} of {self.count} "
+                "sections)")

@@ -144,6 +144,32 @@ def _ordinary_permissions(path) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+def _leftover_name(destination: Path) -> re.Pattern:
+    # mkstemp/mkdtemp names: the prefix, 8 random characters of [a-z0-9_], the suffix
+    return re.compile(rf"\.{re.escape(destination.name)}\.[a-z0-9_]{{8}}(\.parts|{re.escape(destination.suffix)})")
+
+
+def remove_leftovers(destination) -> list[str]:
+    """Removes what a killed run left beside `destination`: its writer's parts folder (".NAME.xxxxxxxx.parts") and
+    the temporary file of an atomic publish (".NAME.xxxxxxxx.SUFFIX"), named after the same destination; the run
+    that writes `destination` next calls it (one run writes an output at a time). Returns the names removed."""
+    destination = Path(destination)
+    pattern, removed = _leftover_name(destination), []
+    try:
+        candidates = list(destination.parent.iterdir())
+    except OSError:
+        return removed
+    for path in candidates:
+        if not pattern.fullmatch(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
 @contextmanager
 def atomic_path(destination: Path):
     """A temporary path beside `destination`, renamed onto it when the block succeeds and removed when it fails."""
@@ -189,10 +215,12 @@ class SectionVideoWriter:
     complete file of everything so far (.safetensors: at flush).
 
     flush() waits for the background work and returns `path` (None while nothing was written). close() flushes,
-    removes the temporary files and returns `path`; abort() drops what is still queued and removes the temporary
-    files, leaving at `path` what was already there. As a context manager it closes on leaving, also when an
-    exception (Ctrl-C included) leaves the block, so every segment handed over is kept, unless the writer itself
-    failed, in which case it aborts.
+    removes the temporary files and returns `path`. abort() keeps what is durable and drops the rest: the segments
+    already encoded (their packets are on disk) are joined into `path`, the one being encoded and those still queued
+    are dropped, and the temporary files removed. close(stop=event) finishes everything unless `event` is set before
+    it is done, and then aborts: the finishing protocol (framepack_engine.commands.common.Signals) sets it on a
+    second Ctrl-C. As a context manager it closes on leaving, also when an exception (Ctrl-C included) leaves the
+    block, so every segment handed over is kept, unless the writer itself failed, in which case it aborts.
     """
 
     def __init__(self, path, fps: float, codec: str | None = None, crf: int | None = DEFAULT_CRF,
@@ -219,13 +247,16 @@ class SectionVideoWriter:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._cleaned = False  # the temporary files are gone: nothing can be joined any more
         self._join_lock = threading.Lock()  # joins run on the worker, or on the caller's thread in flush()
 
     # -- the caller's side -------------------------------------------------------------------------------------
 
-    def write_segment(self, frames, latents: torch.Tensor | None = None) -> None:
+    def write_segment(self, frames, latents: torch.Tensor | None = None, stop: threading.Event | None = None
+                      ) -> bool:
         """Queue one segment of frames (uint8 (T, H, W, 3), or float in [-1, 1]); `latents`: the latents of the
-        whole video so far, kept (the latest wins) for .safetensors output and ignored by the others."""
+        whole video so far, kept (the latest wins) for .safetensors output and ignored by the others. Returns True,
+        or False when `stop` was set while it waited for room in the queue (the segment is then not handed over)."""
         self._raise_if_failed()
         if self._closed:
             raise FramePackError("This writer is closed: create a new SectionVideoWriter to write again.")
@@ -233,14 +264,16 @@ class SectionVideoWriter:
         if latents is not None:
             self.set_latents(latents)
         if len(frames) == 0:
-            return
+            return True
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="video-writer", daemon=True)
             self._thread.start()
         while True:  # a bounded wait, so Ctrl-C is noticed and a failed worker does not block us forever
+            if stop is not None and stop.is_set():
+                return False
             try:
                 self._queue.put(frames, timeout=0.2)
-                break
+                return True
             except queue.Full:
                 self._raise_if_failed()
 
@@ -271,23 +304,31 @@ class SectionVideoWriter:
         """True after close(), abort() or a failure: the writer takes no more segments."""
         return self._closed
 
-    def close(self) -> Path | None:
-        """Flush, stop the background thread and remove the temporary files. Safe to call twice."""
+    def close(self, stop: threading.Event | None = None) -> Path | None:
+        """Flush, stop the background thread and remove the temporary files; returns `path` (None when nothing was
+        written). When `stop` is set before everything is encoded, it aborts instead (see abort). Safe to call
+        twice."""
         if self._closed:
             return self._sink.published
         try:
+            if not self._wait(stop):
+                return self.abort()
             published = self.flush()
         except BaseException:
             self.abort()
             raise
         self._closed = True
         self._stop_thread()
-        self._sink.cleanup()
+        self._cleanup()
         return published
 
-    def abort(self) -> None:
-        """Drop queued segments, stop, and remove the temporary files; `path` keeps what was already there."""
+    def abort(self) -> Path | None:
+        """Keeps what is durable, at once: drops the queued segments and the one being encoded, joins into `path`
+        the segments already encoded (a join copies packets: no encoding), and removes the temporary files.
+        Returns `path` when it holds something, else None."""
         self._closed = True
+        if self._cleaned:
+            return self._sink.published
         self._stop.set()
         while True:
             try:
@@ -296,12 +337,18 @@ class SectionVideoWriter:
             except queue.Empty:
                 break
         self._stop_thread()
+        self._publish_what_was_encoded()
+        self._cleanup()
+        return self._sink.published
+
+    def _cleanup(self) -> None:
+        self._cleaned = True
         self._sink.cleanup()
 
     @property
     def frames_written(self) -> int:
-        """Frames in `path` now (for .safetensors: frames that the next flush writes)."""
-        return self._sink.frames
+        """Frames in `path` now, as its last join left it."""
+        return self._sink.published_frames
 
     def __enter__(self):
         return self
@@ -318,12 +365,16 @@ class SectionVideoWriter:
                 self.abort()  # a second Ctrl-C while finishing: give up on what is queued
         return False
 
-    def _wait(self):
+    def _wait(self, stop: threading.Event | None = None) -> bool:
+        """Until every segment handed over is encoded (or the writer failed); False when `stop` was set first."""
         if self._thread is None:
-            return
+            return True
         while self._queue.unfinished_tasks and self._error is None and self._thread.is_alive():
+            if stop is not None and stop.is_set():
+                return False
             with self._queue.all_tasks_done:
                 self._queue.all_tasks_done.wait(timeout=0.2)
+        return True
 
     def _stop_thread(self):
         if self._thread is not None and self._thread.is_alive():
@@ -339,11 +390,17 @@ class SectionVideoWriter:
             error, self._error = self._error, None
             self._closed = True
             self._stop_thread()
-            self._sink.cleanup()
+            self._cleanup()
             if isinstance(error, FramePackError):
                 raise error
-            raise FramePackError(f"Writing {self.path.name!r} failed ({error}): the finished sections before it "
-                                 "are kept; check free disk space and the encoder settings.") from error
+            raise FramePackError(f"Writing {self.path.name!r} failed ({error}): {self.on_disk()}; check free disk "
+                                 "space and the encoder settings.") from error
+
+    def on_disk(self) -> str:
+        """What `path` holds now, in words: "NAME holds N frames" or "nothing was written"."""
+        if self._sink.published is None or not self._sink.published_frames:
+            return "nothing was written"
+        return f"{self.path.name} holds {self._sink.published_frames} frames"
 
     # -- the background thread ---------------------------------------------------------------------------------
 
@@ -423,6 +480,7 @@ class _Sink:
         self.segments: list[_Segment] = []  # in video order
         self.parts: Path | None = None
         self.published: Path | None = None
+        self.published_frames = 0  # frames in `destination`, as the last join left it
         self.latents: torch.Tensor | None = None
         self.frames = 0
         self.shape: tuple | None = None
@@ -432,6 +490,7 @@ class _Sink:
     def parts_folder(self) -> Path:
         if self.parts is None:
             _make_folder(self.destination.parent)
+            remove_leftovers(self.destination)  # a killed run's, named after the same destination
             self.parts = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.", suffix=".parts",
                                                dir=self.destination.parent))
         return self.parts
@@ -450,6 +509,8 @@ class _Sink:
         """publish(), timed for join_is_due."""
         started = time.perf_counter()
         self.publish()
+        if self.published is not None:
+            self.published_frames = self.frames
         self.joined_at = time.perf_counter()
         self.join_seconds = self.joined_at - started
 
