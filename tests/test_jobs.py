@@ -357,7 +357,7 @@ def test_a_video_that_cannot_be_finished_fails_its_job_with_the_frames_the_file_
 def test_an_unexpected_error_while_finishing_the_video_fails_the_job(tmp_path, monkeypatch, capsys):
     from framepack_engine.media.output import SectionOutputFile
 
-    def broken_close(output):
+    def broken_close(output, stop=None):
         raise RuntimeError("a bug in the writer")
 
     monkeypatch.setattr(SectionOutputFile, "close", broken_close)

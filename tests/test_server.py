@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -335,6 +336,13 @@ def test_a_stopped_or_killed_server_goes_on_with_its_job_after_a_restart(tmp_pat
             job = submit(client, prompt="survives", steps=3, latent_window_size=1, fps=8, seconds=sections / 2)
             first = wait_for(client, job["id"], ("running",), condition=lambda job: job["progress"]["sections_done"])
         server.stop()  # SIGTERM, as Ctrl-C: the job stops at its next step and goes back to the queue
+        # ...exiting 143, with one line saying what the job's video holds (the finishing protocol)
+        assert server.process.returncode == 143, server.log.read_text()
+        said = [line for line in server.log.read_text().splitlines() if line.startswith(f"job {job['id']}: stopped")]
+        assert len(said) == 1 and "back in the queue" in said[0], server.log.read_text()
+        held = re.search(r"video\.mp4 holds (\d+) frames \((\d+) of 16 sections\)\.$", said[0])
+        video = server.state_dir / "jobs" / job["id"] / "video.mp4"
+        assert held and len(decode_video(video.read_bytes())[0]) == int(held.group(1)), said[0]
         server.start()
         with server.client() as client:
             stopped = client.get(f"/v1/jobs/{job['id']}").json()

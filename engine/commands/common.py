@@ -67,6 +67,13 @@ class Signals:
         self._deferred += 1  # from here on the work is finishing: later signals never raise
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    def note(self, signum: int) -> None:
+        """A signal another handler took (uvicorn's, while it serves): counted as this one counts, never raised."""
+        self.received.append(signum)
+        self._deferred += 1  # the work is finishing from here on
+        if len(self.received) > 1:
+            self.abort.set()
+
     @contextlib.contextmanager
     def deferred(self):
         """A block no signal interrupts: one that comes is noted (`received`) and acted on after it."""

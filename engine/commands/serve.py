@@ -6,6 +6,7 @@ import os
 import threading
 from pathlib import Path
 
+from framepack_engine.commands.common import Signals
 from framepack_engine.runtime.attention import available_backends, resolve_backend
 from framepack_engine.serve.jobs import JobQueue, JobStore, load_worker_engine, parse_devices
 from framepack_engine.serve.server import (API_KEY_VARIABLE, DEFAULT_PORT, check_api_key, create_app, default_state_dir, require_server_packages, reserve_port)
@@ -61,6 +62,7 @@ def add_serve_command(commands) -> None:
 
 
 def command_serve(args) -> int:
+    signals = getattr(args, "signals", None) or Signals()  # main()'s, installed for the whole command
     # Everything that can be wrong is checked before the model loads.
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     check_api_key(args.host, api_key)
@@ -78,7 +80,7 @@ def command_serve(args) -> int:
     sock = reserve_port(args.host, args.port)
     try:
         engines = load_engines(model_settings, args.preset, devices)
-        queue = JobQueue(store, engines, args.max_queued)
+        queue = JobQueue(store, engines, args.max_queued, abort=signals.abort)
         engine = queue.engine
         info = {"engine": "framepack-engine", "model": engine.name, "variant": engine.variant,
                 "dtype": str(engine.dtype).removeprefix("torch."), "devices": devices,
@@ -90,12 +92,30 @@ def command_serve(args) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"Serving {engine.name} on http://{host}:{args.port} (API docs: /docs) with {len(devices)} "
               "worker(s).", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        server = _uvicorn_server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3), signals)
         try:
             server.run(sockets=[sock])
         finally:
-            queue.stop()  # the app's shutdown did it unless the server failed
+            with signals.deferred():  # the workers finish their videos (a second signal: only what is durable)
+                queue.stop()  # the app's shutdown did it unless the server failed or a second Ctrl-C cut it short
     finally:
         sock.close()
         store.close()
-    return 0
+    return signals.status if signals.interrupted else 0
+
+
+def _uvicorn_server(config, signals: Signals):
+    """uvicorn's server, whose signal handler also counts the signals for the finishing protocol: a second one,
+    while the running jobs finish their videos, makes them keep only what is durable. The command says the
+    interruption in its exit status (130 / 143), so uvicorn need not raise the signal again once it is done."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            signals.note(sig)
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server(config)

@@ -513,29 +513,32 @@ class Worker(threading.Thread):
                 state = "done"
             elif live.cancel.is_set():
                 state = "cancelled"
-        closing_error = self._close(output)
+        closing_error = self._close(output, self.queue.abort)
         if closing_error is not None and state in ("done", "cancelled"):  # its video is not what it says
             state, error = "failed", closing_error
         frames = output.frames_written
         if state is None:  # the server is shutting down: the job goes on after its last finished section next time
             store.requeue(job.id, frames)
+            print(f"job {job.id}: stopped after {done} of {job.sections} sections, back in the queue (it goes on "
+                  f"after them at the next start): {output.on_disk()}.", flush=True)
             return
         resume_files.remove()
         store.finish(job.id, state, error, frames)
 
     @staticmethod
-    def _close(output) -> str | None:
-        """Ends the file with every finished frame (the last section's pending ones as they are). Returns None, or
-        the one-line error when the encoder failed (the file then keeps what it had published)."""
+    def _close(output, abort: threading.Event | None = None) -> str | None:
+        """Ends the file with every finished frame (the last section's pending ones as they are), or, once `abort`
+        is set, with what is durable (the finishing protocol, framepack_engine.media.output). Returns None, or the
+        one-line error when the encoder failed (the file then keeps what it had published)."""
         try:
-            output.close()
+            output.close(stop=abort)
         except FramePackError as problem:
             output.abort()
             return str(problem)
         except Exception as problem:
             output.abort()
-            return (f"Finishing the video failed ({type(problem).__name__}: {problem}): it keeps the frames written "
-                    "before; check free disk space and submit the job again.")
+            return (f"Finishing the video failed ({type(problem).__name__}: {problem}): {output.on_disk()}; check "
+                    "free disk space and submit the job again.")
         return None
 
 
@@ -571,11 +574,14 @@ class _ProgressClock:
 class JobQueue:
     """The store, the workers and the running jobs' live progress."""
 
-    def __init__(self, store: JobStore, engines: list[tuple[str, object]], max_queued: int):
-        """engines: (device, engine) for each worker."""
+    def __init__(self, store: JobStore, engines: list[tuple[str, object]], max_queued: int,
+                 abort: threading.Event | None = None):
+        """engines: (device, engine) for each worker. abort: set (by a second signal, framepack_engine.commands.
+        common.Signals) while the workers finish their videos at a stop: they then keep only what is durable."""
         self.store, self.max_queued = store, max_queued
         self.live: dict[str, LiveJob] = {}
         self.stopping = threading.Event()
+        self.abort = abort if abort is not None else threading.Event()
         self._work = threading.Condition()
         self.workers = [Worker(self, device, engine) for device, engine in engines]
 
