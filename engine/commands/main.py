@@ -1,7 +1,8 @@
 """The `framepack` command: generate a video, show what this machine offers, benchmark, quantize a checkpoint.
 
 A user mistake prints one line naming the problem and the fix and exits with status 2, never a traceback.
-Ctrl-C during generation stops at the next step and keeps (and saves) every finished section.
+Ctrl-C or SIGTERM stops the work and keeps every finished section: the finishing protocol of
+framepack_engine.commands.common (exit 130 / 143, one line saying exactly what the file holds).
 """
 
 from __future__ import annotations
