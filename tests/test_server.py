@@ -214,6 +214,68 @@ def test_cancel_a_running_job_keeps_its_finished_sections(client, server):
     assert again.status_code == 409 and "cancelled already" in again.json()["detail"]
 
 
+def test_input_images_come_back_and_finished_jobs_can_be_removed(client, server):
+    response = client.post("/v1/jobs", data={"settings": json.dumps({"prompt": "kept", **ONE_SECTION})},
+                           files={"image": ("start.png", png_bytes(), "image/png")})
+    job = response.json()
+    assert job["links"]["inputs"] == {"image": f"/v1/jobs/{job['id']}/inputs/image"}
+    image = client.get(job["links"]["inputs"]["image"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png" and image.content == png_bytes()
+    for name in ("end_image", "settings.json", "..%2Fsettings.json"):
+        assert client.get(f"/v1/jobs/{job['id']}/inputs/{name}").status_code == 404, name
+    # Only a finished job can be removed: a running one is refused until cancelled.
+    long = submit(client, prompt="long", steps=2, latent_window_size=1, fps=8, seconds=20)
+    response = client.delete(long["links"]["self"], params={"remove": "true"})
+    assert response.status_code == 409 and "only finished jobs can be removed" in response.json()["detail"]
+    client.delete(long["links"]["self"])
+    for finished in (wait_for(client, job["id"]), wait_for(client, long["id"])):
+        response = client.delete(finished["links"]["self"], params={"remove": "true"})
+        assert response.status_code == 200 and response.json() == {"id": finished["id"], "removed": True}
+        assert client.get(finished["links"]["self"]).status_code == 404
+        assert not (server.state_dir / "jobs" / finished["id"]).exists()
+    assert client.delete(job["links"]["self"], params={"remove": "true"}).status_code == 404
+    listed = [item["id"] for item in client.get("/v1/jobs").json()["jobs"]]
+    assert job["id"] not in listed and long["id"] not in listed
+
+
+def test_previews_are_rate_limited_to_the_latest_one_per_interval():
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from framepack_engine.serve.jobs import Job, LiveJob
+    from framepack_engine.serve.server import _event_stream
+
+    job = Job("0123456789abcdef", 1, "running", {"steps": 100}, {"format": "mp4", "crf": 16}, {}, 1, 0, 0, {}, None,
+              "cpu", 1, False, 0.0, 0.0, None)
+    live = LiveJob(preview=np.zeros((2, 8, 8, 3), np.uint8))
+    store = SimpleNamespace(changes=0, get=lambda job_id: job)
+    queue = SimpleNamespace(store=store, live={job.id: live}, stopping=threading.Event())
+
+    class Request:
+        async def is_disconnected(self):
+            return False
+
+    async def run():
+        async def sample():  # a new preview every 10 ms for 1.2 s, then the job ends
+            for step in range(120):
+                live.progress = {"section": 1, "step": step + 1}
+                live.preview_version += 1
+                await asyncio.sleep(0.01)
+            job.state = "done"
+            store.changes += 1
+
+        sampler = asyncio.create_task(sample())
+        chunks = [chunk async for chunk in _event_stream(Request(), queue, job.id, True, preview_interval=0.5)]
+        await sampler
+        return b"".join(chunks).decode()
+
+    text = asyncio.run(run())
+    previews = text.count("event: preview\n")
+    assert 2 <= previews <= 3, previews  # at 0, 0.5 and maybe 1 s of the 1.2 s, not one per step
+    assert text.rstrip().split("\n\n")[-1].startswith("event: done")
+
+
 def test_twenty_concurrent_jobs_run_in_submission_order(client):
     def one(index):
         return submit(client, prompt=f"job number {index}", seed=index, **ONE_SECTION)["id"]

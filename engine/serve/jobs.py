@@ -292,6 +292,20 @@ class JobStore:
             raise JobFinished(f"Job {job_id} is {job.state} already: there is nothing to cancel.")
         return job
 
+    def remove(self, job_id: str) -> bool:
+        """Forgets a finished job: its row, inputs and video. False (nothing changed) while it is queued or running;
+        JobNotFound when no job has the id."""
+        self.get(job_id)  # raises JobNotFound
+        with self._lock:
+            finished = ", ".join("?" * len(FINISHED_STATES))
+            removed = self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({finished})",
+                                       (job_id, *FINISHED_STATES)).rowcount
+            if removed:
+                self.changes += 1
+        if removed:
+            shutil.rmtree(self.folder(job_id), ignore_errors=True)
+        return bool(removed)
+
     def recover(self) -> list[tuple[str, str]]:
         """At start-up: every job left running by a stopped server is queued again (or cancelled or failed, with
         the reason). Returns (job id, what happened) for each."""

@@ -43,6 +43,10 @@ SERVER_FIELDS = {
 }
 # Beside the model's options (ModelSettings): names of the command's that choose files; never per request.
 NOT_PER_REQUEST = ("out", "input_video", "preset")
+IMAGE_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp",
+                     ".tif": "image/tiff", ".gif": "image/gif"}
+# The events stream sends at most one latent preview per this many seconds (always the latest one).
+PREVIEW_INTERVAL = 0.5
 
 
 class RequestError(Exception):
@@ -194,12 +198,14 @@ def job_view(job: Job, live=None) -> dict:
     if job.state == "done":
         progress["eta_seconds"] = 0.0
     base = f"/v1/jobs/{job.id}"
+    inputs = {name: f"{base}/inputs/{name}" for name in sorted(job.inputs)}
     return {
         "id": job.id, "state": job.state, "position": job.position, "progress": progress, "stats": job.stats,
         "error": job.error, "settings": job.settings, "output": job.output, "inputs": sorted(job.inputs),
         "device": job.device, "attempts": job.attempts, "cancel_requested": job.cancel_requested,
         "submitted_at": job.submitted_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "links": {"self": base, "events": f"{base}/events", "video": f"{base}/video" if job.frames else None},
+        "links": {"self": base, "events": f"{base}/events", "video": f"{base}/video" if job.frames else None,
+                  "inputs": inputs},
     }
 
 
@@ -286,7 +292,7 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
     """The ASGI app over a started framepack_engine.serve.jobs.JobQueue. info: what GET /v1/info adds (model, devices, ...)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     from framepack_engine import __version__
@@ -352,10 +358,17 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
     async def get_job(job_id: str):
         return view(queue.store.get(job_id))
 
-    @app.delete("/v1/jobs/{job_id}", summary="Cancel a job (its finished sections are kept)")
-    async def cancel_job(job_id: str):
+    @app.delete("/v1/jobs/{job_id}", summary="Cancel a job (its finished sections are kept), or remove a finished one")
+    async def cancel_job(job_id: str, remove: bool = Query(
+            False, description="remove a finished job with its inputs and video (409 while queued or running)")):
         """A queued job is cancelled at once (200); a running one stops at its next step (202), and its video keeps
-        every finished section. A finished job answers 409."""
+        every finished section. A finished job answers 409. With ?remove=true a finished job is removed with its
+        inputs and video (200); a queued or running one answers 409 (cancel it first)."""
+        if remove:
+            if not await run_in_threadpool(queue.store.remove, job_id):
+                raise RequestError(409, f"Job {job_id} is {queue.store.get(job_id).state}: only finished jobs can be "
+                                        "removed; cancel it first (DELETE without ?remove).")
+            return {"id": job_id, "removed": True}
         job = queue.cancel(job_id)
         return JSONResponse(view(job), status_code=200 if job.state == "cancelled" else 202)
 
@@ -383,6 +396,22 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
             "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"',
             "X-Sections-Done": str(job.sections_done)})
 
+    @app.get("/v1/jobs/{job_id}/inputs/{name}", summary="An input image of a job, as it was sent",
+             responses={200: {"content": {media: {} for media in IMAGE_MEDIA_TYPES.values()}}})
+    async def input_image(job_id: str, name: str):
+        """The job's `image` or `end_image` (see its `inputs`): to submit it again, or to show it."""
+        job = queue.store.get(job_id)
+        if name not in job.inputs:
+            raise RequestError(404, f"Job {job.id} has no input {name!r}: its inputs are "
+                                    f"{', '.join(sorted(job.inputs)) or 'none'}.")
+        try:
+            data = (queue.store.folder(job.id) / job.inputs[name]).read_bytes()
+        except FileNotFoundError:  # removed meanwhile
+            raise RequestError(404, f"Job {job.id} has no input {name!r} any more.") from None
+        suffix = Path(job.inputs[name]).suffix
+        return Response(data, media_type=IMAGE_MEDIA_TYPES.get(suffix, "application/octet-stream"), headers={
+            "Content-Disposition": f'attachment; filename="{name}{suffix}"', "X-Content-Type-Options": "nosniff"})
+
     @app.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: state, progress, sections, previews",
              responses={200: {"content": {"text/event-stream": {}}}})
     async def events(request: Request, job_id: str,
@@ -390,7 +419,8 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
         """Events: `state` (queued with its position, running), `progress` (section i of n, step j of m, seconds,
         eta_seconds), `section` (a section finished; the video has its frames once they are encoded, in the
         background), `preview` (with ?previews=true: a base64 JPEG of the latent preview), and last `done`,
-        `failed` or `cancelled` with the whole job; then it ends."""
+        `failed` or `cancelled` with the whole job; then it ends. Previews come at most every
+        PREVIEW_INTERVAL seconds (the latest one)."""
         queue.store.get(job_id)  # 404 before the stream starts
         return StreamingResponse(_event_stream(request, queue, job_id, previews), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -462,15 +492,19 @@ async def _read_submission(request, max_body_bytes: int) -> tuple[dict, dict[str
     return body, uploads
 
 
-async def _event_stream(request, queue, job_id: str, previews: bool, heartbeat: float = 15.0):
+async def _event_stream(request, queue, job_id: str, previews: bool, heartbeat: float = 15.0,
+                        preview_interval: float = PREVIEW_INTERVAL):
     """Polls the job (its row when the store changed, its live progress at every step) and sends what is new."""
     sent_state, sent_sections, sent_progress, sent_preview = None, None, -1, -1
     seen_changes, job = -1, None
-    last_sent = time.monotonic()
+    last_sent, preview_sent_at = time.monotonic(), -preview_interval
     while True:
         if queue.store.changes != seen_changes:
             seen_changes = queue.store.changes
-            job = queue.store.get(job_id)
+            try:
+                job = queue.store.get(job_id)
+            except JobNotFound:  # removed (finished) while the stream started
+                return
         messages = []
         if sent_sections is None:
             sent_sections = job.sections_done
@@ -488,8 +522,9 @@ async def _event_stream(request, queue, job_id: str, previews: bool, heartbeat: 
                 if version > sent_progress:
                     sent_progress = version
                     messages.append(_sse("progress", {**base, **progress}))
-        if previews and live is not None and live.preview is not None and live.preview_version != sent_preview:
-            sent_preview = live.preview_version
+        if previews and live is not None and live.preview is not None and live.preview_version != sent_preview \
+                and time.monotonic() - preview_sent_at >= preview_interval:
+            sent_preview, preview_sent_at = live.preview_version, time.monotonic()
             messages.append(_sse("preview", {"section": live.progress.get("section"), "step": live.progress.get("step"),
                                              "jpeg": preview_jpeg(live.preview)}))
         if job.state in FINISHED_STATES:
