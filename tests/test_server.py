@@ -276,6 +276,54 @@ def test_previews_are_rate_limited_to_the_latest_one_per_interval():
     assert text.rstrip().split("\n\n")[-1].startswith("event: done")
 
 
+def test_the_web_page_is_served_without_the_key_under_a_strict_policy(server, client):
+    from html.parser import HTMLParser
+
+    from framepack_engine.serve.server import PAGE_FILES, PAGE_FOLDER
+
+    with server.client(key=None) as anonymous:
+        page = anonymous.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy and "unsafe" not in policy
+        assert "frame-ancestors 'none'" in policy and page.headers["x-content-type-options"] == "nosniff"
+        assert 'data-api-key="required"' in page.text  # the page asks for the key before its first request
+        for path, (name, media_type) in PAGE_FILES.items():
+            response = anonymous.get(path)
+            assert response.status_code == 200 and response.headers["content-type"] == media_type, path
+            assert response.headers["content-security-policy"] == policy
+        # Only the page's own files are public: the API, other paths and other methods need the key.
+        for method, path in (("GET", "/page/other.js"), ("GET", "/openapi.json"), ("POST", "/"),
+                             ("GET", "/page/../v1/jobs")):
+            assert anonymous.request(method, path).status_code == 401, (method, path)
+    assert client.get("/page/other.js").status_code == 404
+    assert client.get("/v1/info").json()["loras"] == []  # the page names the server's LoRAs
+    assert sorted(path.name for path in PAGE_FOLDER.iterdir()) == sorted(name for name, _ in PAGE_FILES.values())
+
+    class Inline(HTMLParser):  # everything a CSP without 'unsafe-inline' would block
+        def __init__(self):
+            super().__init__()
+            self.found, self.script = [], False
+
+        def handle_starttag(self, tag, attributes):
+            self.script = tag == "script"
+            if tag == "style" or (tag == "script" and not dict(attributes).get("src")):
+                self.found.append(f"<{tag}> without src")
+            self.found += [f"{tag} {name}=" for name, value in attributes
+                           if name.startswith("on") or name == "style" or "javascript:" in (value or "")]
+
+        def handle_data(self, data):
+            if self.script and data.strip():
+                self.found.append("inline script")
+
+        def handle_endtag(self, tag):
+            self.script = False
+
+    inline = Inline()
+    inline.feed((PAGE_FOLDER / "index.html").read_text())
+    assert inline.found == []
+
+
 def test_twenty_concurrent_jobs_run_in_submission_order(client):
     def one(index):
         return submit(client, prompt=f"job number {index}", seed=index, **ONE_SECTION)["id"]

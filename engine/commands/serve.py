@@ -85,13 +85,16 @@ def command_serve(args) -> int:
         info = {"engine": "framepack-engine", "model": engine.name, "variant": engine.variant,
                 "dtype": str(engine.dtype).removeprefix("torch."), "devices": devices,
                 "attention": resolve_backend(model_settings.attention, devices[0]).name,
-                "backends": available_backends(devices[0])}
+                "backends": available_backends(devices[0]),
+                # The LoRAs every job runs with (fixed at start-up), by name: the files' paths stay private.
+                "loras": [{"name": lora["name"], "strength": lora["strength"]}
+                          for lora in engine.loras.describe()]}
         app = create_app(queue, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), info=info)
         for job_id, happened in queue.start():
             print(f"job {job_id}: {happened}", flush=True)
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"Serving {engine.name} on http://{host}:{args.port} (API docs: /docs) with {len(devices)} "
-              "worker(s).", flush=True)
+        print(f"Serving {engine.name} on http://{host}:{args.port} (open it in a browser; API docs: /docs) with "
+              f"{len(devices)} worker(s).", flush=True)
         server = _uvicorn_server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3), signals)
         try:
             server.run(sockets=[sock])

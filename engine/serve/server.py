@@ -8,6 +8,10 @@ the API, the command and the Python API take the same settings with the same mes
 Safe by default: it binds loopback only; any other address needs an API key, and with a key every request must carry
 it. Request bodies are size-limited, requests never name a file (images come as bytes; outputs live in the state
 directory under job ids) and the queue takes at most --max-queued waiting jobs.
+
+The web page at / (static files in framepack_engine/serve/page/: HTML, CSS and plain JavaScript) is a client of this
+API like any other: it is served without the key (it holds no data), asks for the key once and sends it with each API
+request, under a Content-Security-Policy that allows no inline script and no other origin.
 """
 
 
@@ -47,6 +51,24 @@ IMAGE_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/
                      ".tif": "image/tiff", ".gif": "image/gif"}
 # The events stream sends at most one latent preview per this many seconds (always the latest one).
 PREVIEW_INTERVAL = 0.5
+
+# The web page: path -> (file in PAGE_FOLDER, media type). Only these paths are served without the API key.
+PAGE_FOLDER = Path(__file__).with_name("page")
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/page/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/page/page.css": ("page.css", "text/css; charset=utf-8"),
+    "/page/icon.svg": ("icon.svg", "image/svg+xml"),
+    "/page/dice.svg": ("dice.svg", "image/svg+xml"),
+}
+# Scripts and styles from the page's own files only (no inline code, no other origin); previews arrive as data:
+# URLs and downloaded videos become blob: URLs; the page may be framed by no one.
+PAGE_POLICY = "; ".join([
+    "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self' data: blob:",
+    "media-src 'self' blob:", "connect-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+])
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
 
 
 class RequestError(Exception):
@@ -232,8 +254,9 @@ def _sse(event: str, data: dict) -> bytes:
 
 
 class RequestGuard:
-    """ASGI middleware: with an API key, every request must carry it (Authorization: Bearer KEY, or X-API-Key);
-    no request body may exceed max_body_bytes (checked on Content-Length and while reading)."""
+    """ASGI middleware: with an API key, every request must carry it (Authorization: Bearer KEY, or X-API-Key), but
+    for reading the web page's static files; no request body may exceed max_body_bytes (checked on Content-Length and
+    while reading)."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
@@ -242,7 +265,8 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if self.api_key is not None:
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in PAGE_FILES
+        if self.api_key is not None and not public:
             given = headers.get("x-api-key")
             authorization = headers.get("authorization", "")
             if authorization.lower().startswith("bearer "):
@@ -334,6 +358,24 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
             "image": {"type": "string", "format": "binary", "description": SERVER_FIELDS["image"]},
             "end_image": {"type": "string", "format": "binary", "description": SERVER_FIELDS["end_image"]}}}},
     }}}
+
+    def page_file(path: str):
+        name, media_type = PAGE_FILES[path]
+        data = (PAGE_FOLDER / name).read_bytes()
+        if path == "/" and api_key is not None:  # so the page asks for the key before its first request
+            data = data.replace(b'data-api-key="optional"', b'data-api-key="required"', 1)
+        return Response(data, media_type=media_type, headers=PAGE_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The web page: a form built from this API's submission schema, and the queue."""
+        return page_file("/")
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        if f"/page/{name}" not in PAGE_FILES:
+            raise RequestError(404, f"The page has no file {name!r}.")
+        return page_file(f"/page/{name}")
 
     @app.post("/v1/jobs", status_code=202, openapi_extra=body_doc, summary="Queue a generation")
     async def submit(request: Request):
