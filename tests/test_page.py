@@ -227,7 +227,7 @@ def test_generate_watch_the_progress_and_preview_and_get_the_video(session, serv
     page.wait_for_function("video => video.readyState === 4 && video.duration > 0", arg=video.element_handle())
     video.evaluate("video => new Promise(done => { video.addEventListener('seeked', done, {once: true}); "
                    "video.currentTime = 0.5; })")
-    page.wait_for_timeout(300)
+    page.wait_for_timeout(1000)  # the controls' loading spinner fades out
     page.evaluate("() => scrollTo(0, 0)")
     page.screenshot(path=shots / "page-done.png")
     session.done_id = job_id
