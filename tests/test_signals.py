@@ -248,3 +248,22 @@ def test_abort_joins_the_segments_already_encoded_and_drops_the_rest(tmp_path, m
     assert writer.abort() == path
     assert frame_count(path) == writer.frames_written == 5
     assert [entry.name for entry in tmp_path.iterdir()] == ["out.mp4"]
+
+
+@pytest.mark.parametrize("name,shown", [("video.mp4", "video.mp4"), ("frames.png", "frames"),
+                                        ("out.safetensors", "out.safetensors")])
+def test_on_disk_names_what_holds_the_frames(tmp_path, name, shown):
+    from framepack_engine.media.output import SectionOutputFile
+
+    output = SectionOutputFile(tmp_path / name, 8)
+    assert output.on_disk() == "nothing was written (no section had finished)"
+    output.add(fake_section(0, 3))
+    output.add(fake_section(1, 3))
+    output.close()
+    # two sections of 5 frames and the second one's 2 pending frames; the third section never came
+    assert output.on_disk() == f"{shown} holds 12 frames (2 of 3 sections)"
+    complete = SectionOutputFile(tmp_path / f"complete_{name}", 8)
+    for index in range(2):
+        complete.add(fake_section(index, 2))
+    complete.close()
+    assert complete.on_disk() == f"complete_{shown} holds all 10 frames (2 of 2 sections)"

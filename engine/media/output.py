@@ -97,5 +97,5 @@ class SectionOutputFile:
             counted += length
             whole += section
         everything = frames == self.frame_count and self.sections == self.count
-        return (f"{self.path.name} holds {'all ' if everything else ''}{frames} frames ({whole} of {self.count} "
-                "sections)")
+        return (f"{self.published.name} holds {'all ' if everything else ''}{frames} frames ({whole} of "
+                f"{self.count} sections)")

@@ -400,7 +400,7 @@ class SectionVideoWriter:
         """What `path` holds now, in words: "NAME holds N frames" or "nothing was written"."""
         if self._sink.published is None or not self._sink.published_frames:
             return "nothing was written"
-        return f"{self.path.name} holds {self._sink.published_frames} frames"
+        return f"{self._sink.published.name} holds {self._sink.published_frames} frames"
 
     # -- the background thread ---------------------------------------------------------------------------------
 
