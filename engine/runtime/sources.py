@@ -358,20 +358,18 @@ def weight_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-_FINITE_CHECK_PIECE = 1 << 18  # elements: 1 MiB of float32 at a time
+_FINITE_CHECK_PIECE = 1 << 16  # elements: a 64 KiB mask at a time
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """`tensor`, or a ModelSourceError naming it when it holds NaN or an infinity (a damaged file, or weights saved
     from a diverged run would otherwise make a black video at exit 0). Run on every tensor as it is read, where it
-    is (on the device when it is there): one float32 sum per tensor, a NaN or an infinity making it non-finite;
-    only then (or when finite values overflow the sum) is every value looked at."""
+    is (on the device when it is there), in small pieces; only a tensor that holds one is counted whole."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return tensor
-    # In pieces: a float32 sum of a whole half-precision tensor converts it whole first, and those temporaries of
-    # every layer's size would stay in the C heap (anonymous memory that streaming from the mapped file avoids).
-    total = sum(part.sum(dtype=torch.float32) for part in tensor.reshape(-1).split(_FINITE_CHECK_PIECE))
-    if bool(torch.isfinite(total)):
+    # In small pieces, each looked at in place: a float32 sum of a whole half-precision tensor converts it whole
+    # first, and such layer-sized temporaries raise the anonymous memory that streaming from the mapped file avoids.
+    if all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(_FINITE_CHECK_PIECE)):
         return tensor
     bad = sum(int((~torch.isfinite(part.float())).sum()) for part in tensor.reshape(-1).split(1 << 24))
     if bad:
