@@ -369,7 +369,8 @@ def check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
         return tensor
     # In small pieces, each looked at in place: a float32 sum of a whole half-precision tensor converts it whole
     # first, and such layer-sized temporaries raise the anonymous memory that streaming from the mapped file avoids.
-    if all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(_FINITE_CHECK_PIECE)):
+    if all(bool(torch.isfinite(part if part.element_size() > 1 else part.float()).all())  # fp8: no isfinite
+           for part in tensor.reshape(-1).split(_FINITE_CHECK_PIECE)):
         return tensor
     bad = sum(int((~torch.isfinite(part.float())).sum()) for part in tensor.reshape(-1).split(1 << 24))
     if bad:
