@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from framepack_engine.errors import FramePackWarning
+from framepack_engine.models.buckets import REFERENCE_RESOLUTION
 from framepack_engine.models.checkpoints import DEFAULT_DTYPES
 from framepack_engine.models.conditioning import ImageEncoder, TextEncoder
 from framepack_engine.models.dit import FramePackDiT
@@ -67,7 +68,8 @@ def transform_text_encoder(text_encoder, settings) -> None:
 
 
 def place_models(settings, device: torch.device, dit, text_encoder=None, image_encoder=None, vae=None,
-                 encoder_dtype: torch.dtype | None = None, request=None, default_resolution: int = 640) -> Placement:
+                 encoder_dtype: torch.dtype | None = None, request=None,
+                 default_resolution: int = REFERENCE_RESOLUTION) -> Placement:
     """The "place" stage: one memory plan for every model, from `vram_budget_gb` or the free device memory minus
     `memory_margin_gb`, made for `request`'s section (its bucket and latent window; without a request, a square
     section at `default_resolution`), and applied: what stays on the device, what streams, what visits in turn."""
