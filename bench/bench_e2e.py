@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     try:
         return command_bench(args)
     except FramePackError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.for_command_line()}", file=sys.stderr)
         return 2
 
 

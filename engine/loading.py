@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from framepack_engine.errors import FramePackWarning
+from framepack_engine.errors import FramePackWarning, Option
 from framepack_engine.models.buckets import REFERENCE_RESOLUTION
 from framepack_engine.models.checkpoints import DEFAULT_DTYPES
 from framepack_engine.models.conditioning import ImageEncoder, TextEncoder
@@ -39,8 +39,9 @@ def transform_dit(dit, settings):
     if lora_mode == "fused" and settings.lora and quantized_layers(dit):
         # A checkpoint stored quantized (community fp8, `framepack quantize`) has no float weights to merge into.
         warnings.warn(FramePackWarning(
-            "The transformer's weights are stored quantized, so the LoRAs run live beside them (lora_mode='live') "
-            "instead of being merged: load the bf16 checkpoint to merge them."), stacklevel=2)
+            "The transformer's weights are stored quantized, so the LoRAs run live beside them (",
+            Option("lora_mode", "live"), ") instead of being merged: load the bf16 checkpoint to merge them."),
+            stacklevel=2)
         lora_mode = "live"
     loras = LoraSet(dit, default_mode=lora_mode)
     if lora_mode == "fused":  # into the float weights, before any quantization

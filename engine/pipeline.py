@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option
 from framepack_engine.generation import sections
 from framepack_engine.generation.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from framepack_engine.generation.prompts import section_prompt_texts as parse_section_prompts  # noqa: F401 (its old home)
@@ -260,7 +260,7 @@ class Engine:
     def encode_image_embedding(self, image: np.ndarray) -> torch.Tensor:
         """SigLIP's tokens of a uint8 (H, W, 3) image."""
         if self.image_encoder is None:
-            raise FramePackError("This engine has no image encoder: load one with image_encoder=... .")
+            raise FramePackError("This engine has no image encoder: load one with ", Option("image_encoder", ...), ".")
         with torch.no_grad(), self._on_device("image_encoder"):
             return self.image_encoder.encode(image)
 

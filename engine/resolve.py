@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framepack_engine.errors import FramePackError, FramePackWarning
+from framepack_engine.errors import FramePackError, Option, FramePackWarning
 from framepack_engine.generation import sections
 from framepack_engine.generation.calibration import MagCacheCalibration, published_ratios
 from framepack_engine.generation.prompts import seconds_per_section, section_prompt_texts
@@ -85,12 +85,14 @@ def generation_mode(image, end_image, input_video) -> str:
 def check_inputs_for_variant(variant: str, image, end_image, input_video) -> None:
     """The input combinations a model can take; checked before anything loads."""
     if end_image is not None and image is None:
-        raise FramePackError("An end image needs a start image too: pass image=... with end_image=... .")
+        raise FramePackError("An end image needs a start image too: pass ", Option("image", ...), " with ",
+                             Option("end_image", ...), ".")
     if end_image is not None and variant != "bidirectional":
-        raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop end_image or load that "
-                             "model.")
+        raise FramePackError("End images need the bidirectional model (FramePackI2V_HY): drop ", Option("end_image"),
+                             " or load that model (", Option("variant", "bidirectional"), ").")
     if input_video is not None and variant != "f1":
-        raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with variant='f1'.")
+        raise FramePackError("Video extension needs the F1 model (FramePack_F1_I2V_HY): load it with ",
+                             Option("variant", "f1"), ".")
 
 
 @dataclass

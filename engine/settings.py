@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framepack_engine.runtime.attention import BACKEND_NAMES
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option, flag_name
 from framepack_engine.runtime.lora import LORA_MODES, check_lora_source
 from framepack_engine.runtime.quant import FORMATS as QUANTIZE_FORMATS
 from framepack_engine.generation.prompts import check_section_prompts, is_timestamped
@@ -41,7 +41,7 @@ MAX_SEED = 2**64 - 1  # torch generators take seeds up to this
 
 def _fail(name: str, value, expected: str, fix: str = "") -> FramePackError:
     shown = repr(value) if not isinstance(value, float) else f"{value:g}"
-    return FramePackError(f"{name} must be {expected}, got {shown}" + (f": {fix}." if fix else "."))
+    return FramePackError(Option(name), f" must be {expected}, got {shown}" + (f": {fix}." if fix else "."))
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -114,7 +114,7 @@ def text(name: str, value) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise FramePackError(f"{name} holds characters that are not valid Unicode text (a lone surrogate): "
+        raise FramePackError(Option(name), " holds characters that are not valid Unicode text (a lone surrogate): "
                              "pass ordinary text.") from None
     return value
 
@@ -173,8 +173,9 @@ def check_device(name: str):
         raise FramePackError(f"Unknown device {name!r}: use cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise FramePackError(f"Device {name!r} asked for, but this PyTorch sees no CUDA GPU: use --device cpu, or "
-                                 "install the CUDA build of PyTorch on a machine with an NVIDIA GPU.")
+            raise FramePackError(f"Device {name!r} asked for, but this PyTorch sees no CUDA GPU: use ",
+                                 Option("device", "cpu"), ", or install the CUDA build of PyTorch on a machine with "
+                                 "an NVIDIA GPU.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise FramePackError(f"Device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
                                  "GPU(s): pick one of them (cuda:0, ...).")
@@ -308,8 +309,9 @@ class GenerationSettings(_Settings):
         magcache_options = ("magcache_k", "magcache_retention", "magcache_calibration")
         given = [name for name in ("cache_threshold", *magcache_options) if getattr(self, name) is not None]
         if self.cache is None and given:
-            raise FramePackError(f"{given[0]} is set but cache is not: pass cache='teacache' or 'magcache' too, or "
-                                 f"leave {given[0]} unset.")
+            raise FramePackError(Option(given[0]), " is set but ", Option("cache"), " is not: pass ",
+                                 Option("cache", "teacache"), " or ", Option("cache", "magcache"), " too, or leave ",
+                                 Option(given[0]), " unset.")
         if self.cache is None:
             return
         # The defaults are written in, so the output's metadata records the values that ran.
@@ -317,8 +319,8 @@ class GenerationSettings(_Settings):
             self.cache_threshold = DEFAULT_THRESHOLDS[self.cache]
         if self.cache != "magcache":
             for name in (name for name in given if name in magcache_options):
-                raise FramePackError(f"{name} is a MagCache option, but cache is {self.cache!r}: pass "
-                                     "cache='magcache' or leave it unset.")
+                raise FramePackError(Option(name), " is a MagCache option, but ", Option("cache"),
+                                     f" is {self.cache!r}: pass ", Option("cache", "magcache"), " or leave it unset.")
             return
         self.magcache_k = MAGCACHE_K if self.magcache_k is None else self.magcache_k
         self.magcache_retention = MAGCACHE_RETENTION if self.magcache_retention is None else self.magcache_retention
@@ -327,7 +329,8 @@ class GenerationSettings(_Settings):
         # The file itself is read once, by the resolve step (framepack_engine.resolve), before any model loads.
         if not Path(self.magcache_calibration).is_file():
             raise FramePackError(f"The MagCache calibration {Path(self.magcache_calibration).name!r} does not exist: "
-                                 "give the JSON file framepack calibrate-cache wrote (--magcache-calibration).")
+                                 "give the JSON file framepack calibrate-cache wrote (",
+                                 Option("magcache_calibration"), ").")
 
 
 @dataclass
@@ -370,8 +373,9 @@ class ModelSettings(_Settings):
         if self.device is not None:
             check_device(self.device)
         if self.fp8_compute and self.quantize not in (None, "fp8"):
-            raise FramePackError(f"fp8_compute multiplies fp8 weights, but quantize is {self.quantize!r}: "
-                                 "pass quantize='fp8' or leave fp8_compute off.")
+            raise FramePackError(Option("fp8_compute"), " multiplies fp8 weights, but ", Option("quantize"),
+                                 f" is {self.quantize!r}: pass ", Option("quantize", "fp8"), " or leave ",
+                                 Option("fp8_compute"), " off.")
 
 
 def add_flags(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
@@ -381,7 +385,7 @@ def add_flags(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
         if item.name in skip or not item.metadata["flag"]:
             continue
         check = item.metadata["check"]
-        flag = "--" + item.name.replace("_", "-")
+        flag = flag_name(item.name)
         default = "" if item.default is None else f" (default {item.default})"
         if check.flag_type is bool:
             parser.add_argument(flag, action="store_true", default=None, help=item.metadata["help"])

@@ -37,7 +37,7 @@ def test_generate_image_to_video_f1_to_png_frames(tmp_path):
     (["--seconds", "0"], "seconds must be a finite number in (0, 3600]"),
     (["--codec", "not-a-codec"], "not available"),
     (["--variant", "f1", "--image", "{image}", "--end-image", "{image}"], "bidirectional"),
-    (["--quantize", "int8", "--fp8-compute"], "pass quantize='fp8'"),
+    (["--quantize", "int8", "--fp8-compute"], "pass --quantize fp8"),
 ])
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
     image = tmp_path / "start.png"

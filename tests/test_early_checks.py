@@ -53,7 +53,7 @@ def test_info_plan_names_a_bad_resolution_before_printing_anything(capsys):
     assert main(["info", "--plan", "--resolution", "0"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == "error: resolution must be an integer from 64 to 2048, got 0: the model was " \
+    assert captured.err.strip() == "error: --resolution must be an integer from 64 to 2048, got 0: the model was " \
                                    "trained at 640."
 
 

@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
     """Our warnings as one line on stderr (no source line); other libraries' as Python shows them."""
-    if issubclass(category, FramePackWarning):
-        print(f"warning: {message}", file=sys.stderr)
+    if issubclass(category, FramePackWarning):  # options named as flags, as in the errors
+        text = message.for_command_line() if isinstance(message, FramePackWarning) else message
+        print(f"warning: {text}", file=sys.stderr)
     else:
         _default(message, category, filename, lineno, file, line)
 
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
         return args.run(args)
     except FramePackError as error:
         with signals.deferred():
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error.for_command_line()}", file=sys.stderr)
             return signals.status if signals.interrupted else 2
     except KeyboardInterrupt:  # signals are deferred from here on
         print("\nInterrupted." if started else "\nInterrupted before the command started: nothing was done.",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option
 
 # Flux's line from sequence length to mu: mu = 0.5 at 256 tokens, 1.15 at 4096 tokens, never above log(7).
 FLUX_BASE_SEQUENCE_LENGTH = 256
@@ -60,7 +60,8 @@ def flux_sequence_length(latent_frames: int, latent_height: int, latent_width: i
 def flux_sigmas(steps: int, seq_len: float, shift: float | None = None) -> torch.Tensor:
     """``steps + 1`` float32 sigmas from 1 down to 0, Flux-shifted by ``mu = log(shift)`` or ``flux_mu(seq_len)``."""
     if not isinstance(steps, int) or steps < 1:
-        raise FramePackError(f"steps must be a positive integer, got {steps!r}; pass steps=25 or any count >= 1.")
+        raise FramePackError(f"steps must be a positive integer, got {steps!r}: pass ", Option("steps", 25),
+                             " or any count >= 1.")
     if shift is not None and not shift > 0:
         raise FramePackError(f"shift must be positive, got {shift!r}; pass shift=None to derive it from the size.")
     mu = math.log(shift) if shift is not None else flux_mu(seq_len)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from framepack_engine.official import VAE_TEMPORAL_COMPRESSION
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option
 from framepack_engine.models.flops import section_packed_sequence
 from framepack_engine.models.history import (HISTORY_CONTEXT_FRAMES, HISTORY_SCALES, SCALES_BY_NAME,
                             HistoryContext)
@@ -49,8 +49,8 @@ BIDIRECTIONAL_MAX_PADDING = 3  # above four sections the official repeats paddin
 def section_count(seconds: float, fps: float = OFFICIAL_FPS, latent_window_size: int = 9) -> int:
     """Sections for a clip: ``max(round(seconds * fps / (4 * latent_window_size)), 1)``."""
     if not seconds > 0 or not fps > 0:
-        raise FramePackError(f"seconds and fps must be positive, got seconds={seconds!r} fps={fps!r}; "
-                             "pass e.g. seconds=5 fps=30.")
+        raise FramePackError(f"seconds and fps must be positive, got {seconds!r} and {fps!r}: pass e.g. ",
+                             Option("seconds", 5), " ", Option("fps", 30), ".")
     _check_window(latent_window_size)
     return int(max(round(seconds * fps / (latent_window_size * VAE_TEMPORAL_COMPRESSION)), 1))
 
@@ -177,8 +177,8 @@ class Section:
         clean_1x = self._context(history)["clean"]
         if end_latent is not None:
             if self.variant != "bidirectional":
-                raise FramePackError("an end image needs the bidirectional model (FramePackI2V_HY); "
-                                     "drop end_image or use variant='bidirectional'.")
+                raise FramePackError("an end image needs the bidirectional model (FramePackI2V_HY): drop ",
+                                     Option("end_image"), " or use ", Option("variant", "bidirectional"), ".")
             if self.is_first:
                 clean_1x = end_latent.to(history) * end_strength
         return torch.cat([start_latent.to(history), clean_1x], dim=2)

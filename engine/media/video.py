@@ -40,7 +40,7 @@ import torch
 
 from framepack_engine.media.codecs import (CONTAINERS, DEFAULT_CRF, EncoderSettings, available_codecs, check_encoder,  # noqa: F401
                              encoder_settings, fps_fraction, open_video_stream, quiet_encoder_logs, unknown_suffix)
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option
 from framepack_engine.media.images import pixels_to_uint8
 
 VIDEO_SUFFIXES = CONTAINERS
@@ -229,7 +229,7 @@ class SectionVideoWriter:
         if direction not in ("forward", "backward"):
             raise FramePackError(f"direction must be 'forward' or 'backward', got {direction!r}.")
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-            raise FramePackError(f"fps must be a positive number, got {fps!r}: pass e.g. fps=30.")
+            raise FramePackError(f"fps must be a positive number, got {fps!r}: pass e.g. ", Option("fps", 30), ".")
         self.path = Path(path)
         self.fps = fps
         self.direction = direction

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from framepack_engine.errors import BackendUnavailableError, FramePackError
+from framepack_engine.errors import BackendUnavailableError, FramePackError, Option
 from framepack_kernels import verification
 from framepack_kernels.rotary import rotate_leading_tokens
 
@@ -127,7 +127,8 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> Atte
     backend = _BACKENDS[name]
     if not backend.is_available():
         raise BackendUnavailableError(
-            f"Attention backend {name!r} is not installed: {backend.install_hint}, or use attention='sdpa'.")
+            f"Attention backend {name!r} is not installed: {backend.install_hint}, or use ", Option("attention", "sdpa"),
+            ".")
     return backend
 
 
@@ -136,5 +137,5 @@ def kernel_verification_lines(device: torch.device | str | None = None) -> list[
     architecture = gpu_architecture(device)
     lines = verification.verification_lines(architecture)
     measured = ", ".join(verification.attention_matches_sdpa()) or "none yet"
-    lines.append(f"  attention='auto' uses the Triton kernel only where a recorded run matches SDPA: {measured}")
+    lines.append(f"  auto attention uses the Triton kernel only where a recorded run matches SDPA: {measured}")
     return lines

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from framepack_kernels.rotary import rotate_leading_tokens
-from framepack_engine.errors import BackendUnavailableError
+from framepack_engine.errors import BackendUnavailableError, Option
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -89,7 +89,8 @@ def _import(module: str, backend: str, hint: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise BackendUnavailableError(
-            f"Attention backend {backend!r} needs {module} ({error}): {hint}, or use attention='sdpa'.") from error
+            f"Attention backend {backend!r} needs {module} ({error}): {hint}, or use ", Option("attention", "sdpa"),
+            ".") from error
 
 
 # --- library wrappers -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_engine.errors import FramePackError, FramePackWarning
+from framepack_engine.errors import FramePackError, FramePackWarning, Option
 from framepack_engine.runtime.sources import PICKLE_SUFFIXES
 
 LORA_MODES = ("fused", "live")
@@ -554,7 +554,7 @@ class LoraSet:
                 base = _float_layer(layers[target], target)
                 if adapter.up_bias is not None and base.bias is None:
                     raise FramePackError(f"Layer {target!r} has no bias for the lora_B bias of LoRA {name!r}: "
-                                         "load it with mode='live'.")
+                                         "load it with ", Option("mode", "live", flag="lora_mode"), ".")
             self.loaded[name] = lora
             self._refresh_fused(lora.adapters, layers)
         else:
@@ -610,7 +610,8 @@ class LoraSet:
         lora = self.loaded[name]
         if lora.permanent:
             raise FramePackError(f"LoRA {name!r} was merged into the weights before they were quantized, for good: "
-                                 "reload the model to change it, or load LoRAs with lora_mode='live'.")
+                                 "reload the model to change it, or load LoRAs with ", Option("lora_mode", "live"),
+                                 ".")
         if lora.mode == "fused":
             layers = self.dit.linear_layers()
             for target in lora.adapters:
@@ -674,8 +675,9 @@ def _float_layer(layer: nn.Module, target: str) -> nn.Module:
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_WEIGHT_DTYPES:
         raise FramePackError(
             f"Fusing a LoRA needs the float weights of {target!r}, but it is a {type(base).__name__} "
-            f"({getattr(weight, 'dtype', 'no weight')}): load the LoRA with mode='live', or pass it when loading the "
-            "model (--lora), so it is merged before the weights are quantized.")
+            f"({getattr(weight, 'dtype', 'no weight')}): load the LoRA with ", Option("mode", "live", flag="lora_mode"),
+            ", or pass it when loading the model (", Option("lora"), "), so it is merged before the weights are "
+            "quantized.")
     return base
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_engine.errors import FramePackError
+from framepack_engine.errors import FramePackError, Option
 from framepack_engine.runtime.host_memory import release_freed_host_memory
 from framepack_kernels.reference import (FP8_DTYPES, FP8_E4M3_MAX, INT4_GROUP_SIZES, INT4_MAX, INT8_MAX, dequantize_reference,
                                pack_int4, quantized_matmul_reference)
@@ -263,8 +263,8 @@ def set_fp8_compute(model: nn.Module, enabled: bool) -> nn.Module:
     if enabled:
         fp8 = [layer for layer in layers if layer.weight.dtype == torch.float8_e4m3fn]
         if not fp8:
-            raise FramePackError("fp8 compute needs fp8 e4m3 weights: pass quantize='fp8' (or an fp8 checkpoint), "
-                                 "or leave fp8_compute off.")
+            raise FramePackError("fp8 compute needs fp8 e4m3 weights: pass ", Option("quantize", "fp8"),
+                                 " (or an fp8 checkpoint), or leave ", Option("fp8_compute"), " off.")
         layers = fp8
     for layer in layers:
         layer.fp8_compute = bool(enabled)
