@@ -143,6 +143,16 @@ class Engine:
         self.notice = notice
         self.loras = loras if loras is not None else LoraSet(transformer)
         self.closed = False
+        self.parallel = None  # a framepack_engine.runtime.distributed.ParallelLayout: several ranks, one video
+
+    def set_parallel(self, layout) -> "Engine":
+        """Generate as one rank of several (a framepack_engine.runtime.distributed.ParallelLayout, the same on
+        every rank): every rank runs the same section loop on its share of each model call, rank 0 alone decodes,
+        and its results carry the frames (the others' are empty). None: one process again."""
+        self.parallel = layout
+        if layout is None:
+            self.transformer.set_sequence_parallel(None)
+        return self
 
     def close(self) -> None:
         """Gives back what the engine holds outside its models: the memory plan's device slots, pinned host buffers
@@ -387,10 +397,13 @@ class Engine:
         metadata = self.metadata(settings, mode)
         latent_height, latent_width = inputs.start_latent.shape[-2:]
         hooks = _EngineHooks(count, callback, cancel, step_caches)
+        decode = lambda latents: self.decode_latents(latents, settings.vae_decode)  # noqa: E731
+        if self.parallel is not None:
+            decode = self._arrange_ranks(settings, metadata, decode)
         runs = run_sections(self.transformer, plan, inputs, SamplingOptions.of(settings), generator, history,
-                            device=self.device, dtype=self.dtype,
-                            decode=lambda latents: self.decode_latents(latents, settings.vae_decode),
-                            initial_pixels=initial_pixels, hooks=hooks, make_step_cache=step_caches)
+                            device=self.device, dtype=self.dtype, decode=decode,
+                            initial_pixels=initial_pixels, hooks=hooks, make_step_cache=step_caches,
+                            parallel=self.parallel)
         while True:
             try:
                 output = next(runs)
@@ -402,12 +415,24 @@ class Engine:
                      "tokens": sections.tokens_per_section(latent_height, latent_width, window),
                      "prompt": prompts[section.index]}
             if step_caches is not None:  # model calls that ran the blocks / were skipped, both branches counted
-                stats.update(step_caches.finish_section(section.index))
+                stats.update(step_caches.finish_section(section.index, self.parallel))
+            if output.frames is None:  # a rank that does not decode (parallel): no frames of its own
+                output.frames = output.pending_frames = np.zeros((0, *request.size, 3), dtype=np.uint8)
             checkpoint = SectionCheckpoint(section.index + 1, output.history, generator.get_state(),
                                            output.pending_pixels)
             yield SectionResult(section.index, count, section.video_position, output.frames, output.pending_frames,
                                 "forward" if self.variant == "f1" else "backward", output.latents, stats, metadata,
                                 checkpoint)
+
+    def _arrange_ranks(self, settings: GenerationSettings, metadata: dict, decode):
+        """Several ranks: CFG parallel when the guidance and the rank count allow it, the sequence split over this
+        rank's group, the layout in the metadata; returns the decoder (None but on rank 0)."""
+        from framepack_engine.runtime.ulysses import SequenceParallel
+
+        layout = self.parallel.arrange(settings.cfg)
+        self.transformer.set_sequence_parallel(SequenceParallel(layout.ulysses))
+        metadata["parallel"] = layout.describe()
+        return decode if layout.is_writer else None
 
     def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator,
                        section_prompts: list[str] | None = None) -> tuple[SectionInputs, list[str]]:

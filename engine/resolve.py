@@ -61,7 +61,9 @@ def resolve_models(settings: ModelSettings, preset: str | None = None, given=())
     (cuda when available) and the dtype. `given`: the option names the user set (a preset refuses those it cannot
     honour, with one line, instead of ignoring them)."""
     if preset:
-        refused = [PRESET_REFUSED[name] for name in given if name in PRESET_REFUSED]
+        # The preset's own dtype (float32) is no contradiction: the issue's commands name it to be explicit.
+        refused = [PRESET_REFUSED[name] for name in given if name in PRESET_REFUSED
+                   and not (name == "dtype" and settings.dtype == "float32")]
         if refused:
             raise FramePackError(f"{', '.join(refused)} cannot be used with --preset {preset} (its random weights are "
                                  f"built in memory): drop {refused[0]}, or drop --preset to load a checkpoint.")

@@ -39,6 +39,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     output.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
     output.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
     output.add_argument("--quiet", action="store_true", help="no progress bars or library logs")
+    parallel = parser.add_argument_group("several processes (see the README, Several GPUs)")
+    parallel.add_argument("--nproc", type=int, help="run as N ranks on this machine, one GPU each (gloo ranks with "
+                          "--device cpu), as torchrun --nproc-per-node N --no-python framepack generate ... does")
+    parallel.add_argument("--parallel-timeout", type=float, default=600.0, metavar="SECONDS",
+                          help="how long a rank waits for the others before every rank stops with an error "
+                               "(default 600; it must cover rank 0 decoding and writing a section)")
 
 
 def _default_out(mode: str, seed: int) -> Path:
@@ -74,12 +80,21 @@ def _generate(args, signals: Signals) -> int:
     out = Path(args.out) if args.out else _default_out(request.mode, settings.seed)
     height, width = request.size
     check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
+    layout, models = _parallel_ranks(args, models)
+    if layout == "spawn":  # this process only launches the ranks (each checks everything again, then loads)
+        from framepack_engine.commands.launch import spawn_ranks
+
+        return spawn_ranks(args.argv, args.nproc, args.parallel_timeout, signals)
 
     try:
         engine = Engine.from_resolved(models, request)
     except KeyboardInterrupt:
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
         return signals.status
+    if layout is not None:
+        engine.set_parallel(layout)
+        if not layout.is_writer:  # rank 0 alone writes; the others run their share of every section
+            return _follow(engine, request, signals)
 
     # The finishing protocol (framepack_engine.commands.common): a signal stops the engine at once, never a
     # section being handed to the writer nor the file being finished; a second one makes the finish keep only what
@@ -154,6 +169,47 @@ class _Progress:
         for bar in (self.steps, self.sections):
             if bar is not None:
                 bar.close()
+
+
+def _parallel_ranks(args, models):
+    """Several ranks: "spawn" when --nproc asks for them and this process is not one yet; the ParallelLayout (and
+    this rank's device) when it is one (started by torchrun or --nproc); else None."""
+    import dataclasses
+
+    from framepack_engine.runtime.distributed import init_parallel, launched_ranks, rank_device
+
+    if args.nproc is not None and not 1 <= args.nproc <= 1024:
+        raise FramePackError(f"--nproc must be a number of processes from 1 to 1024, got {args.nproc}: "
+                             "e.g. --nproc 2 for two GPUs.")
+    if not 0 < args.parallel_timeout < float("inf"):
+        raise FramePackError(f"--parallel-timeout must be a positive number of seconds, got {args.parallel_timeout}: "
+                             "e.g. --parallel-timeout 600.")
+    ranks = launched_ranks()
+    if ranks == 1:
+        return ("spawn" if (args.nproc or 1) > 1 else None), models
+    if args.nproc not in (None, ranks):
+        raise FramePackError(f"--nproc {args.nproc} but the launcher started {ranks} ranks: give one of them, "
+                             "e.g. leave --nproc out under torchrun.")
+    models = dataclasses.replace(models, device=rank_device(models.device))
+    return init_parallel(models.device, args.parallel_timeout), models
+
+
+def _follow(engine, request, signals: Signals) -> int:
+    """A rank other than 0: the same section loop, its share of every model call, nothing written or printed."""
+    import contextlib
+
+    sections = engine.stream(request=request)
+    try:
+        with contextlib.redirect_stdout(None):  # rank 0 says what there is to say
+            for _ in sections:
+                if signals.interrupted:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sections.close()
+        engine.parallel.close()
+    return signals.status if signals.interrupted else 0
 
 
 def command_info(args) -> int:
@@ -258,11 +314,13 @@ def main(argv=None) -> int:
             parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see framepack {args.command} "
                            "--help)\n")
         args.signals, started = signals, True
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc starts each rank with
         return args.run(args)
     except FramePackError as error:
         with signals.deferred():
             print(f"error: {error.for_command_line()}", file=sys.stderr)
-            return signals.status if signals.interrupted else 2
+            # 2 for a mistake; a failure that is no mistake (a rank of several died) says its own status.
+            return signals.status if signals.interrupted else getattr(error, "exit_status", 2)
     except KeyboardInterrupt:  # signals are deferred from here on
         print("\nInterrupted." if started else "\nInterrupted before the command started: nothing was done.",
               file=sys.stderr)

@@ -141,6 +141,23 @@ def _model_function(dit):
     return velocity
 
 
+def _cfg_parallel_function(velocity, pair, own_branch: str, branches: dict):
+    """CFG parallel: the denoiser asks for the positive branch and then the negative one; the first call runs this
+    rank's own branch (the half of the ranks it is in) and swaps the result with its twin in the other half, the
+    second hands over the twin's. Both halves then hold both velocities, bit for bit the same."""
+    waiting = {}
+
+    def call(hidden_states, timestep, branch: str, **kwargs):
+        if branch == "negative":
+            return waiting.pop("negative")
+        own = {key: value for key, value in branches[own_branch].items() if key != "branch"}
+        mine = velocity(hidden_states, timestep, **{**kwargs, **own})
+        positive, waiting["negative"] = pair.all_gather(mine[None], dim=0, kind="cfg").unbind(0)
+        return positive
+
+    return call
+
+
 def check_finite_step(section: Section, info: dict) -> None:
     """Stops the run at the first step whose latents (the sampler's latent or the model's prediction of the clean
     one) hold NaN or an infinity: nothing after it could be right (the video would be black). Names the section and
@@ -158,14 +175,16 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
                  generator: torch.Generator, history: torch.Tensor, *, device, dtype,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  initial_pixels: torch.Tensor | None = None, hooks: RunnerHooks | None = None,
-                 make_step_cache: Callable[[Section, str], object] | None = None) -> Iterator[SectionOutput]:
+                 make_step_cache: Callable[[Section, str], object] | None = None,
+                 parallel=None) -> Iterator[SectionOutput]:
     """Samples the plan's sections in order, yielding each as soon as it is in the history (and decoded).
 
     history: framepack_engine.generation.sections.initial_history(...) (or an extension's history); generator: the one seeded generator
     every section draws its noise from; decode: latents (history scale) -> pixels (1, 3, T, H, W) in [-1, 1], or None
     to skip pixels (the benchmark); initial_pixels: the video so far for an extension (or a checkpoint's pending
     pixels when resuming); make_step_cache(section, branch) -> a step-cache policy for the "positive" or "negative"
-    guidance branch, or None.
+    guidance branch, or None; parallel: the ParallelLayout (framepack_engine.runtime.distributed) when this is one
+    of several ranks running the same loop: with `parallel.cfg == 2` the two guidance branches run on its two halves.
     """
     hooks = hooks or RunnerHooks()
     window = options.latent_window_size
@@ -193,8 +212,13 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
             branches["negative"] = {"prompt": negative}
         for branch, conditioning in branches.items():
             conditioning["step_cache"] = make_step_cache(section, branch) if make_step_cache else None
+        model = _model_function(dit)
+        if negative is not None and parallel is not None and parallel.cfg == 2:
+            for branch, conditioning in branches.items():
+                conditioning["branch"] = branch
+            model = _cfg_parallel_function(model, parallel.cfg_pair, parallel.cfg_branch, branches)
         denoise = sampling.make_denoiser(
-            _model_function(dit), branches["positive"], branches.get("negative"), common=common,
+            model, branches["positive"], branches.get("negative"), common=common,
             cfg_scale=options.cfg, guidance_rescale=options.guidance_rescale, distilled_guidance=guidance, dtype=dtype)
 
         steps = [0]

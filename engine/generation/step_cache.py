@@ -121,7 +121,10 @@ class TeaCache(StepCache):
         if step == 0 or previous is None:
             self.accumulated = 0.0
             return False
-        self.accumulated += rescaled_distance(relative_l1(signal, previous), self.coefficients)
+        # Several ranks take rank 0's distance, so a rounding never splits their decisions.
+        distance = relative_l1(signal, previous)
+        agree = getattr(dit, "agree", None)
+        self.accumulated += rescaled_distance(agree(distance) if agree else distance, self.coefficients)
         if self.accumulated < self.threshold:
             return True
         self.accumulated = 0.0
@@ -188,9 +191,13 @@ class StepCaches:
         return {"cache_steps_computed": sum(policy.computed for policy in policies),
                 "cache_steps_skipped": sum(policy.skipped for policy in policies)}
 
-    def finish_section(self, section_index: int) -> dict:
-        """The section's counts (and where MagCache's ratios came from); its policies let go of their tensors."""
+    def finish_section(self, section_index: int, parallel=None) -> dict:
+        """The section's counts (and where MagCache's ratios came from); its policies let go of their tensors.
+        parallel: the ParallelLayout of several ranks; with CFG parallel each half ran one branch's policy, so the
+        counts are summed over the pair."""
         counts = self.counts(section_index)
+        if parallel is not None and parallel.cfg == 2:
+            counts = dict(zip(counts, parallel.cfg_pair.sum(list(counts.values()))))
         if self.ratios_source is not None:
             counts["magcache_ratios"] = self.ratios_source
         for policy in self.live.pop(section_index, []):

@@ -18,7 +18,7 @@ lllyasviel/FramePack_F1_I2V_HY_20250503), so `load_state_dict` takes their weigh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -590,6 +590,8 @@ class FramePackDiT(nn.Module):
         self.fused_kernels = False
         self.compiled_blocks = False
         self._block_stream = iter  # how run_blocks receives each block: as it is, or from a weight streamer
+        # framepack_engine.runtime.ulysses.SequenceParallel: run_blocks works on this rank's shard; None: one process.
+        self.sequence_parallel = None
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -762,6 +764,17 @@ class FramePackDiT(nn.Module):
                     found.append((f"{prefix}.{index}.{name}", module))
         return found
 
+    def set_sequence_parallel(self, parallel=None) -> "FramePackDiT":
+        """A framepack_engine.runtime.ulysses.SequenceParallel (its group of ranks splits every model call's
+        sequence), or None to run whole. Only run_blocks changes: embed and head see the whole sequence."""
+        self.sequence_parallel = parallel if parallel is not None and parallel.ranks > 1 else None
+        return self
+
+    def agree(self, value: float) -> float:
+        """The first rank's value on every rank of the sequence group (a step cache's decision input), or the
+        value itself in one process."""
+        return value if self.sequence_parallel is None else self.sequence_parallel.group.agree(value)
+
     def set_block_stream(self, stream=None) -> "FramePackDiT":
         """stream(blocks) -> an iterator handing run_blocks each block once its weights are where it computes
         (framepack_engine.runtime.offload's streamer); None: the blocks as they are."""
@@ -834,6 +847,10 @@ class FramePackDiT(nn.Module):
         (`set_block_stream`: each block is handed over when its weights are on the device).
         """
         image, text, conditioning, context = tokens.image, tokens.text, tokens.conditioning, tokens.context
+        parallel = self.sequence_parallel
+        if parallel is not None:  # this rank's shard of the sequence, and attention across the shards
+            image, text, attention = parallel.split(image, text, context.valid_lengths, context.attention)
+            context = replace(context, attention=attention)
         packed = None
         for block in self._block_stream(self.blocks):
             if isinstance(block, DoubleStreamBlock):
@@ -842,6 +859,8 @@ class FramePackDiT(nn.Module):
                 if packed is None:
                     packed = torch.cat([image, text], dim=1)
                 packed = block(packed, conditioning, context)
+        if parallel is not None:
+            return parallel.gather(torch.cat([image, text], dim=1) if packed is None else packed, context.image_length)
         return image if packed is None else packed[:, :context.image_length]
 
     def head(self, image: torch.Tensor, tokens: StepTokens) -> torch.Tensor:
