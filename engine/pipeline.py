@@ -31,6 +31,7 @@ from framepack_engine.media.video import Video
 from framepack_engine.models.conditioning import PromptEmbedding
 from framepack_engine.models.presets import build_preset_engine
 from framepack_engine.models.vae import decode_tiling
+from framepack_engine.reproduce import ENGINE_NAME, record_models, record_request
 from framepack_engine.resolve import Request, ResolvedModels, resolve_models, resolve_request
 from framepack_engine.resolve import section_prompts as resolve_section_prompts
 from framepack_engine.runtime.host_memory import release_freed_host_memory
@@ -115,6 +116,9 @@ class FrameCollector:
 
 class Engine:
     """A loaded FramePack model: DiT, VAE, text and image encoders, on one device."""
+
+    # What outputs record of the models (framepack_engine.reproduce.record_models): set by from_resolved.
+    recorded_models: dict | None = None
 
     def __init__(self, transformer, vae, text_encoder, image_encoder=None, variant: str = "bidirectional",
                  device="cpu", dtype=torch.bfloat16, name: str = "framepack", notice: str | None = None,
@@ -214,8 +218,10 @@ class Engine:
         checkpoint's would be), or else the pretrained model. The memory plan is made for `request`'s section (its
         bucket and window) when one is given, else for the model's default resolution."""
         if not models.preset:
-            return load_engine(cls, models, request, allow_download=allow_download, cache_dir=cache_dir,
-                               release_encoders=release_encoders)
+            engine = load_engine(cls, models, request, allow_download=allow_download, cache_dir=cache_dir,
+                                 release_encoders=release_encoders)
+            engine.recorded_models = record_models(models, cache_dir)
+            return engine
         settings = models.settings
         engine = cls.from_preset(models.preset, variant=models.variant, device=models.device)
         engine.release_encoders_after_use = release_encoders
@@ -231,6 +237,7 @@ class Engine:
             engine.transformer.set_fused_kernels(settings.fused_kernels)
         if settings.compile:
             engine.transformer.set_compiled_blocks(True)
+        engine.recorded_models = record_models(models)
         return engine
 
     # ---- LoRAs ------------------------------------------------------------------------------------------------------
@@ -330,12 +337,18 @@ class Engine:
         return Video(frames=collector.frames(), fps=fps, stats=stats, metadata=collector.last.metadata,
                      latents=collector.last.latents)
 
-    def metadata(self, settings: GenerationSettings, mode: str) -> dict:
-        """What an output file records: the engine, the model, the mode and every setting that is set."""
-        meta = {"engine": "framepack-engine", "model": self.name, "variant": self.variant, "mode": mode}
+    def metadata(self, settings: GenerationSettings, mode: str, request: Request | None = None) -> dict:
+        """What an output file records: the engine, the model, the mode and every setting that is set, the model
+        options with each model's identity, the attention backend, the LoRAs with their hashes and the inputs'
+        (framepack_engine.reproduce): what `framepack generate --settings-from` reads back."""
+        meta = {"engine": ENGINE_NAME, "model": self.name, "variant": self.variant, "mode": mode}
         meta.update({key: value for key, value in settings.as_dict().items() if value is not None})
         if len(self.loras):
             meta["loras"] = self.loras.describe()
+        meta.update(self.recorded_models or {})
+        meta["attention_backend"] = getattr(self.transformer, "attention_backend", None)
+        if request is not None:
+            meta.update(record_request(request))
         return meta
 
     def stream(self, prompt: str = "", image=None, end_image=None, *, input_video=None,
@@ -394,7 +407,7 @@ class Engine:
             plan, history, initial_pixels = plan[resume.sections_done:], resume.history, resume.pending_pixels
             generator.set_state(resume.generator_state)
 
-        metadata = self.metadata(settings, mode)
+        metadata = self.metadata(settings, mode, request)
         latent_height, latent_width = inputs.start_latent.shape[-2:]
         hooks = _EngineHooks(count, callback, cancel, step_caches)
         decode = lambda latents: self.decode_latents(latents, settings.vae_decode)  # noqa: E731

@@ -12,6 +12,7 @@ Every decision is made here once, before any model loads, and every layer below 
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class Request:
     magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)  # or published
     magcache_ratios_source: str | None = None  # where MagCache's ratios came from (each section's stats say it)
     prompts: list[str] = field(default_factory=list)  # each section's prompt, in video order
+    input_names: dict[str, str] = field(default_factory=dict)  # image, end_image, input_video: file names given
 
     @property
     def latent_frames(self) -> int:
@@ -150,6 +152,11 @@ def _read(value, read):
     return read(value)
 
 
+def _file_names(**inputs) -> dict[str, str]:
+    """The file name (never its folders) of each input given as a path, for the output's metadata."""
+    return {name: Path(value).name for name, value in inputs.items() if isinstance(value, (str, os.PathLike))}
+
+
 def section_prompts(settings: GenerationSettings, count: int) -> list[str]:
     """Each of the `count` sections' prompt in video order, from the main prompt and `section_prompts`
     (framepack_engine.generation.prompts: the one parser; an entry no section would use is refused here)."""
@@ -177,7 +184,8 @@ def resolve_request(settings: GenerationSettings, variant: str, *, image=None, e
     size = find_nearest_bucket(height, width, resolution=resolution)
     count = sections.section_count(settings.seconds, settings.fps, settings.latent_window_size)
     request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames,
-                      prompts=section_prompts(settings, count))
+                      prompts=section_prompts(settings, count), input_names=_file_names(
+                          image=image, end_image=end_image, input_video=input_video))
     if settings.cache == "magcache":
         # A calibration of the user's wins; without one, the authors' published ratios for this variant. The file is
         # small: read once and fitted to this generation now, before any model loads.

@@ -26,6 +26,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--image", help="start image (image-to-video); none = text-to-video from a black frame")
     parser.add_argument("--end-image", help="end image (first-last-frame video; bidirectional model only)")
     parser.add_argument("--input-video", help="a video to extend (F1 model only)")
+    runs = parser.add_argument_group("batches and reproducing")
+    runs.add_argument("--batch", metavar="JSONL", help="run every job of a JSON Lines file (one job per line: any "
+                      "option by its API name, and image, end_image, input_video, out, codec, crf, pixel_format); "
+                      "the flags given here apply to every job a line does not override; the models load once")
+    runs.add_argument("--settings-from", metavar="FILE", help="reproduce an output: its recorded options (a video, "
+                      "PNG frame or folder, settings.json or .safetensors this command wrote), flags given here "
+                      "winning")
     add_flags(parser.add_argument_group("generation"), GenerationSettings)
     models = parser.add_argument_group("model")
     models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
@@ -36,7 +43,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
                         help="replace an existing --out (only once the first section is written)")
     output.add_argument("--codec", help="video encoder (default: the container's, libx264 or libvpx-vp9 for .webm; "
                                         "see framepack info)")
-    output.add_argument("--crf", type=int, default=16, help="quality for x264/x265/vp9/av1 (default 16)")
+    output.add_argument("--crf", type=int, help="quality for x264/x265/vp9/av1 (default 16)")
     output.add_argument("--pixel-format", help="e.g. yuv420p (default), yuv444p")
     output.add_argument("--quiet", action="store_true", help="no progress bars or library logs")
     parallel = parser.add_argument_group("several processes (see the README, Several GPUs)")
@@ -61,25 +68,45 @@ def command_generate(args) -> int:
 
 
 def _generate(args, signals: Signals) -> int:
-    from framepack_engine.media.output import SectionOutputFile
+    from framepack_engine.commands.run import OutputOptions, Progress, write_video
+    from framepack_engine.media.codecs import DEFAULT_CRF
     from framepack_engine.media.video import check_output
     from framepack_engine.pipeline import Engine
+    from framepack_engine.reproduce import check_recorded_inputs, read_recorded, recorded_options, warn_differences
     from framepack_engine.resolve import resolve_models, resolve_request
     from framepack_engine.settings import GenerationSettings, ModelSettings, given_flags
 
     if args.quiet:  # before anything opens an encoder: some read their log level once per process
         quiet_libraries()
+    if args.batch:
+        from framepack_engine.commands.batch import run_batch
+
+        return run_batch(args, signals)
     # Everything the user asked for is resolved and checked once, before any model loads.
-    prompt = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
-    settings = GenerationSettings.from_options(prompt=prompt, **given_flags(args, GenerationSettings, skip=("prompt",)))
-    model_options = given_flags(args, ModelSettings)
-    models = resolve_models(ModelSettings.from_options(**model_options), args.preset, given=model_options)
+    generation_options = given_flags(args, GenerationSettings, skip=("prompt",))
+    if args.prompt is not None or args.prompt_words:
+        generation_options["prompt"] = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
+    model_options, preset = given_flags(args, ModelSettings), args.preset
+    output = OutputOptions(args.codec, args.crf, args.pixel_format)
+    recorded = None
+    if args.settings_from:  # the recorded options, the flags given here winning
+        recorded = read_recorded(args.settings_from)
+        generation_options, model_options, preset = recorded_options(recorded, generation_options, model_options,
+                                                                     preset)
+        check_recorded_inputs(recorded, {"image": args.image, "end_image": args.end_image,
+                                         "input_video": args.input_video})
+        given_output = {name: value for name, value in vars(output).items() if value is not None}
+        output = OutputOptions(**{**(recorded.get("output") or {}), **given_output})
+    output.crf = DEFAULT_CRF if output.crf is None else output.crf
+    settings = GenerationSettings.from_options(**generation_options)
+    models = resolve_models(ModelSettings.from_options(**model_options), preset, given=model_options)
     request = resolve_request(settings, models.variant, image=args.image, end_image=args.end_image,
                               input_video=args.input_video,
                               default_resolution=models.default_resolution)
     out = Path(args.out) if args.out else _default_out(request.mode, settings.seed)
     height, width = request.size
-    check_output(out, args.codec, args.crf, args.pixel_format, overwrite=args.overwrite, width=width, height=height)
+    check_output(out, output.codec, output.crf, output.pixel_format, overwrite=args.overwrite, width=width,
+                 height=height)
     layout, models = _parallel_ranks(args, models)
     if layout == "spawn":  # this process only launches the ranks (each checks everything again, then loads)
         from framepack_engine.commands.launch import spawn_ranks
@@ -95,80 +122,23 @@ def _generate(args, signals: Signals) -> int:
         engine.set_parallel(layout)
         if not layout.is_writer:  # rank 0 alone writes; the others run their share of every section
             return _follow(engine, request, signals)
+    if recorded is not None:  # one line for each way this run's models or inputs differ from the recorded ones
+        warn_differences(recorded, engine.metadata(settings, request.mode, request))
 
     # The finishing protocol (framepack_engine.commands.common): a signal stops the engine at once, never a
     # section being handed to the writer nor the file being finished; a second one makes the finish keep only what
     # is durable; the last line says exactly what the file holds.
-    progress = _Progress(enabled=not args.quiet)
-    output = SectionOutputFile(out, settings.fps, codec=args.codec, crf=args.crf, pixel_format=args.pixel_format)
-    sections = engine.stream(request=request, callback=progress.step)
-    failure = None
-    try:
-        while not signals.interrupted:
-            try:
-                section = next(sections)  # a signal here raises KeyboardInterrupt: the engine stops where it is
-            except StopIteration:
-                break
-            with signals.deferred():  # handed over whole, at once: an interruption loses nothing finished
-                output.add(section)
-                progress.section_done(section, output.frame_count)
-    except KeyboardInterrupt:
-        pass  # signals.received says which
-    except Exception as error:  # the engine or the writer failed: the file is finished with what it has, then said
-        failure = error
+    written = write_video(engine, request, out, output, signals, Progress(enabled=not args.quiet))
     with signals.deferred():
-        sections.close()
-        progress.close()
-        try:
-            saved = output.close(stop=signals.abort)
-        except FramePackError as error:  # the writer failed; its message says what the file holds
-            saved, failure = None, failure or error
         if signals.interrupted:
-            print(f"\nInterrupted: {output.on_disk()}.", file=sys.stderr)
+            print(f"\nInterrupted: {written.on_disk}.", file=sys.stderr)
             return signals.status
-        if failure is not None:
-            raise failure
-        if saved is None:
+        if written.failure is not None:
+            raise written.failure
+        if written.saved is None:
             raise FramePackError("No section finished, so nothing was written.")
-        print(f"Saved {saved}")
+        print(f"Saved {written.saved}")
         return 0
-
-
-class _Progress:
-    """Progress bars: one over sections, one over the steps of the current section."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.sections = None
-        self.steps = None
-
-    def step(self, info: dict):
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if self.sections is None:
-            self.sections = tqdm(total=info["sections"], desc="sections", unit="section", position=0)
-        if self.steps is None or info["i"] == 0:
-            if self.steps is not None:
-                self.steps.close()
-            self.steps = tqdm(total=info["total_steps"], desc=f"section {info['section'] + 1}", unit="step",
-                              position=1, leave=False)
-        if "cache_steps_skipped" in info:
-            self.steps.set_postfix(skipped=info["cache_steps_skipped"], refresh=False)
-        self.steps.update(1)
-
-    def section_done(self, section, frames: int):
-        if self.sections is not None:
-            self.sections.update(1)
-            stats = section.stats
-            skipped = {"skipped": stats["cache_steps_skipped"]} if "cache_steps_skipped" in stats else {}
-            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames, **skipped)
-
-    def close(self):
-        for bar in (self.steps, self.sections):
-            if bar is not None:
-                bar.close()
 
 
 def _parallel_ranks(args, models):

@@ -42,6 +42,7 @@ from framepack_engine.media.codecs import (CONTAINERS, DEFAULT_CRF, EncoderSetti
                              encoder_settings, fps_fraction, open_video_stream, quiet_encoder_logs, unknown_suffix)
 from framepack_engine.errors import FramePackError, Option
 from framepack_engine.media.images import pixels_to_uint8
+from framepack_engine.media.metadata import PNG_CHUNK, SAFETENSORS_KEY
 
 VIDEO_SUFFIXES = CONTAINERS
 FRAME_NAME = re.compile(r"frame_(\d+)\.png")
@@ -633,15 +634,26 @@ class _PngSink(_Sink):
     def unpublished(self) -> bool:
         return bool(self.pending)
 
+    def text_chunk(self):
+        """Each frame carries the metadata in a text chunk too (framepack_engine.media.metadata reads it back)."""
+        if not self.metadata:
+            return None
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_itxt(PNG_CHUNK, json.dumps(self.metadata))
+        return info
+
     def add(self, frames: np.ndarray, backward: bool, stop: threading.Event):
         from PIL import Image
 
         self.check_shape(frames)
         folder = Path(tempfile.mkdtemp(prefix="segment_", dir=self.parts_folder()))
+        text_chunk = self.text_chunk()
         for index, frame in enumerate(frames):
             if stop.is_set():
                 return
-            Image.fromarray(frame).save(folder / _frame_name(index), format="PNG")
+            Image.fromarray(frame).save(folder / _frame_name(index), format="PNG", pnginfo=text_chunk)
         self.pending.append((_Segment(folder, len(frames)), backward))
 
     def publish(self):
@@ -712,6 +724,8 @@ class _SafetensorsSink(_Sink):
             tensors["latents"] = {"dtype": _SAFETENSORS_DTYPES[latents.dtype], "shape": list(latents.shape),
                                   "data_offsets": [offset, offset + size]}
         text_metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        if text_metadata:  # and all of it as one JSON, which keeps each value's type (metadata.read_metadata)
+            text_metadata[SAFETENSORS_KEY] = json.dumps(self.metadata)
         header = json.dumps({"__metadata__": text_metadata, **tensors} if text_metadata else tensors,
                             separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framepack_engine.errors import FramePackError, FramePackWarning, Option
+from framepack_engine.runtime.identity import weights_sha256
 from framepack_engine.runtime.sources import PICKLE_SUFFIXES
 
 LORA_MODES = ("fused", "live")
@@ -516,6 +517,7 @@ class LoadedLora:
     mode: str
     adapters: dict[str, LowRank]
     key: str  # its branches' name inside LoraLinear (module names cannot hold dots)
+    sha256: str = ""  # of the file (runtime.identity.weights_sha256): output metadata tells LoRAs apart by it
     permanent: bool = False  # fused, and its layers' originals released (see LoraSet.release_originals)
 
 
@@ -548,7 +550,8 @@ class LoraSet:
         layers = self.dit.linear_layers()
         weights = read_lora(path, {key: (layer.out_features, layer.in_features) for key, layer in layers.items()})
         self._count += 1
-        lora = LoadedLora(name, source.name, weights.layout, strength, mode, weights.adapters, f"lora{self._count}")
+        lora = LoadedLora(name, source.name, weights.layout, strength, mode, weights.adapters, f"lora{self._count}",
+                          weights_sha256(source))
         if mode == "fused":
             for target, adapter in lora.adapters.items():  # checked before any weight changes: nothing half-done
                 base = _float_layer(layers[target], target)
@@ -597,8 +600,9 @@ class LoraSet:
 
     def describe(self) -> list[dict]:
         """What output metadata records of each LoRA."""
-        return [{"name": lora.name, "file": lora.file, "strength": lora.strength, "mode": lora.mode,
-                 "layout": lora.layout, "layers": len(lora.adapters)} for lora in self.loaded.values()]
+        return [{"name": lora.name, "file": lora.file, "sha256": lora.sha256, "strength": lora.strength,
+                 "mode": lora.mode, "layout": lora.layout, "layers": len(lora.adapters)}
+                for lora in self.loaded.values()]
 
     # ---- inside -----------------------------------------------------------------------------------------------------
 
