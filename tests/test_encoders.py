@@ -75,11 +75,46 @@ def test_offered_encoders_really_open():
         assert DEFAULT_CODECS[suffix] in offered
         for codec in offered:
             assert check_encoder(f"x{suffix}", codec).codec == codec
-    # the full list puts what opens first; hardware encoders that do not open come after every working one
+    # every encoder of this FFmpeg is tried, not only the common ones (libvpx, VP8, is in none of our tables)
+    assert "libvpx" in usable_codecs("matroska") and "libvpx" in usable_codecs("webm")
+
+
+def test_only_encoders_that_open_are_listed(capsys):
+    """`framepack info` listed FFmpeg's whole catalogue (a64multi, alias_pix, av1_amf, ...): now only what opens."""
+    from framepack_engine.commands.main import main
+
     listed = available_codecs()
-    usable = usable_codecs("matroska")
-    assert listed[: len(usable)] == usable
-    assert all(encoders._is_hardware(name) is False or name in usable for name in listed[: len(usable)])
+    assert listed == usable_codecs("matroska") and len(listed) == len(set(listed))
+    not_opening = [name for name in encoders._video_encoders()
+                   if encoders._codec(name).name == name and name not in listed]
+    assert not_opening  # this FFmpeg has encoders that do not open on a test frame here (a64multi needs 320x200)
+    for name in listed:  # each one really opens
+        assert check_encoder("x.mkv", name).codec == name
+    assert main(["info"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("video encoders"))
+    assert line.split(": ", 1)[1].split(", ") == listed  # all of them, nothing cut off, nothing else
+    assert not set(not_opening) & set(line.split(": ", 1)[1].split(", "))
+
+
+@pytest.mark.parametrize("suffix", list(CONTAINERS))
+def test_the_codec_error_lists_every_encoder_that_works(suffix):
+    with pytest.raises(FramePackError) as raised:
+        check_encoder(f"x{suffix}", "no-such-codec")
+    offered = str(raised.value).split("choose one of ")[1].rstrip(".").split(", ")
+    assert offered[0] == DEFAULT_CODECS[suffix]
+    assert sorted(offered) == sorted(usable_codecs(CONTAINERS[suffix]))  # every one: it stopped at 8 before
+    if suffix in (".mp4", ".mkv", ".mov"):
+        assert "libx265" in offered
+
+
+def test_the_codec_error_keeps_software_encoders_after_many_hardware_ones(monkeypatch):
+    """A machine with many working hardware encoders (listed first) still offers libx265 (it was cut off)."""
+    hardware = [f"{codec}_nvenc" for codec in ("h264", "hevc", "av1")] + [f"{codec}_vaapi" for codec in
+                                                                            ("h264", "hevc", "av1", "vp9", "mjpeg")]
+    working = hardware + usable_codecs("mp4")
+    monkeypatch.setattr(encoders, "usable_codecs", lambda container="matroska": working)
+    offered = encoders._choices(".mp4").split(", ")
+    assert offered[0] == "libx264" and "libx265" in offered and sorted(offered) == sorted(set(working))
 
 
 @pytest.mark.parametrize("suffix", list(CONTAINERS))
@@ -195,3 +230,4 @@ def test_encoder_logs_are_errors_only_and_silent_when_quiet(tmp_path):
     assert "x265 [info]" not in default and "Svt[info]" not in default  # no banner per section
     loud = encoder_log(tmp_path, "info")
     assert "x265 [info]" in loud and "Svt[info]" in loud
+

@@ -215,7 +215,7 @@ def command_info(args) -> int:
     print(f"attention backends usable here: {', '.join(available_backends(device))} "
           f"(auto -> {resolve_backend('auto', device).name}; all: {', '.join(BACKEND_NAMES)})")
     print("\n".join(kernel_verification_lines(device)))
-    print(f"video encoders: {', '.join(available_codecs()[:16])}")
+    print(f"video encoders that open here: {', '.join(available_codecs())}")
     if args.plan:
         from framepack_engine.models.footprints import official_plan
 
