@@ -1,0 +1,102 @@
+"""The ranks of tests/test_parallel.py: each runs a list of cases in one process group and saves what it saw.
+
+Imported by a forkserver that preloads it (so the heavy imports happen once, not once per rank); each rank is a
+fork of that server, joined to the others by the same environment torchrun gives (RANK, WORLD_SIZE, MASTER_*).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+
+import torch
+
+from framepack_engine.models.history import HistoryContext
+from framepack_engine.models.presets import TINY_DIT_CONFIG, tiny_dit
+from framepack_engine.pipeline import Engine
+from framepack_engine.runtime.distributed import ParallelError, init_parallel
+from framepack_engine.runtime.ulysses import SequenceParallel, ShardPlan
+
+# The preset's encoders import transformers' model classes lazily: imported here, they are in the forkserver.
+import transformers  # noqa: F401
+from transformers import CLIPTextModel, LlamaModel, SiglipVisionModel  # noqa: F401
+
+
+def dit_inputs(batch: int = 2, text_lengths=(8, 4), seed: int = 0) -> dict:
+    """Random inputs of one model call (never zeros): 2 noisy frames at 8x8 latents with a 1x/2x/4x history, a
+    batch whose prompts differ in length (so valid_lengths masks one sample's padding)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    longest = max(text_lengths)
+    mask = torch.stack([torch.arange(longest) < length for length in text_lengths]).long()
+    history = HistoryContext.of(clean=(randn(batch, 16, 2, 8, 8), torch.tensor([0, 3])),
+                                clean_2x=(randn(batch, 16, 2, 8, 8), torch.tensor([4, 5])),
+                                clean_4x=(randn(batch, 16, 16, 8, 8), torch.arange(6, 22)))
+    return {"latents": randn(batch, 16, 2, 8, 8), "timestep": torch.tensor([700.0, 300.0][:batch]),
+            "text": randn(batch, longest, TINY_DIT_CONFIG["text_embed_dim"]), "text_mask": mask,
+            "pooled_text": randn(batch, TINY_DIT_CONFIG["pooled_projection_dim"]),
+            "guidance": torch.full((batch,), 10000.0), "latent_indices": torch.tensor([1, 2]), "history": history,
+            "image_embeddings": randn(batch, 5, TINY_DIT_CONFIG["image_proj_dim"])}
+
+
+def dit_case(layout, heads: int) -> dict:
+    """One model call of a tiny DiT with `heads` heads, whole and sequence-parallel on this rank's group."""
+    config = {**TINY_DIT_CONFIG, "num_attention_heads": heads, "num_layers": 2, "num_single_layers": 2}
+    dit = tiny_dit(torch.Generator().manual_seed(heads), config)
+    inputs = dit_inputs()
+    with torch.no_grad():
+        whole = dit.velocity(**inputs)
+        tokens = dit.embed(**{k: v for k, v in inputs.items()})
+        total = tokens.image.shape[1] + tokens.text.shape[1]
+        dit.set_sequence_parallel(SequenceParallel(layout.world))
+        layout.counter.reset()
+        split = dit.velocity(**inputs)
+    plan = ShardPlan(total, layout.world_size)
+    return {"whole": whole, "split": split, "sent": dict(layout.counter.sent), "tokens": total,
+            "shard": plan.shard, "real": [plan.real_tokens(rank) for rank in range(layout.world_size)],
+            "blocks": len(dit.blocks)}
+
+
+class KillAt:
+    """A callback that kills this process (SIGKILL: no goodbye to the others) at a step of the first section."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, info):
+        if info["section"] == 0 and info["i"] == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeout: float) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results, path = {}, os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        layout = init_parallel("cpu", timeout=timeout)
+        for name, kind, options in cases:
+            torch.save(results, path)  # what a rank killed in the next case leaves
+            if kind == "dit":
+                results[name] = dit_case(layout, **options)
+                continue
+            engine = Engine.from_preset("tiny", variant=options.pop("variant", "bidirectional")).set_parallel(layout)
+            kill = options.pop("kill_rank", None)
+            callback = KillAt(1) if kill == rank else None
+            layout.counter.reset()
+            started = time.monotonic()
+            try:
+                video = engine.generate("a cat walks", callback=callback, **options)
+                results[name] = {"latents": video.latents, "frames": len(video.frames), "stats": video.stats,
+                                 "parallel": video.metadata.get("parallel"), "sent": dict(layout.counter.sent)}
+            except ParallelError as error:
+                results[name] = {"error": str(error), "seconds": time.monotonic() - started}
+                break  # the group is broken: nothing more can run in it
+    except Exception:  # anything else is the test's failure, told in full
+        results["crash"] = traceback.format_exc()
+    torch.save(results, path)
