@@ -23,10 +23,12 @@ from framepack_engine.errors import FramePackError, Option
 from framepack_engine.generation import sections
 from framepack_engine.generation.preview import LATENT_RGB_FACTORS, latents_to_preview_rgb
 from framepack_engine.generation.prompts import section_prompt_texts as parse_section_prompts  # noqa: F401 (its old home)
+from framepack_engine.generation.one_frame import one_frame_section
 from framepack_engine.generation.runner import RunnerHooks, SamplingOptions, SectionInputs, run_sections
 from framepack_engine.generation.step_cache import StepCaches
 from framepack_engine.loading import load_engine, place_models, transform_dit, transform_text_encoder
 from framepack_engine.media.images import image_to_pixels, resize_and_center_crop
+from framepack_engine.media.still import Still
 from framepack_engine.media.video import Video
 from framepack_engine.models.conditioning import PromptEmbedding
 from framepack_engine.models.presets import build_preset_engine
@@ -337,6 +339,21 @@ class Engine:
         return Video(frames=collector.frames(), fps=fps, stats=stats, metadata=collector.last.metadata,
                      latents=collector.last.latents)
 
+    def generate_image(self, prompt: str, image, control_images=None, control_masks=None, **options) -> Still:
+        """One-frame inference (framepack_engine.generation.one_frame): one image from the start `image` and the
+        prompt, made as one section of one latent frame at time index `target_index` (default latent_window_size).
+        control_images (default: the start image) sit in its clean context, each at its `control_index` (e.g.
+        [0, 10]; 0 for a single one) and masked by its control_masks entry or its own alpha; one_frame_options:
+        some of no_2x, no_4x, no_post. Other options as for `generate`. Returns a Still (`.image`, `.save(path)`:
+        any image format, the settings in a PNG's text chunk)."""
+        results = list(self.stream(prompt, image=image, control_images=control_images, control_masks=control_masks,
+                                   **{**options, "one_frame": True}))
+        if not results:
+            raise GenerationCancelled("Generation was cancelled before the image was finished.")
+        result = results[0]
+        frames = result.frames if len(result.frames) else result.pending_frames
+        return Still(frames[-1], result.metadata, result.latents, result.stats)
+
     def metadata(self, settings: GenerationSettings, mode: str, request: Request | None = None) -> dict:
         """What an output file records: the engine, the model, the mode and every setting that is set, the model
         options with each model's identity, the attention backend, the LoRAs with their hashes and the inputs'
@@ -354,8 +371,8 @@ class Engine:
     def stream(self, prompt: str = "", image=None, end_image=None, *, input_video=None,
                callback: Callable[[dict], None] | None = None,
                cancel: threading.Event | Callable[[], bool] | None = None, step_caches: StepCaches | None = None,
-               resume: SectionCheckpoint | None = None, request: Request | None = None, **options
-               ) -> Iterator[SectionResult]:
+               resume: SectionCheckpoint | None = None, request: Request | None = None, keyframes: dict | None = None,
+               control_images=None, control_masks=None, **options) -> Iterator[SectionResult]:
         """Yields each finished section as soon as it is decoded (see SectionResult).
 
         callback(info) runs after every sampler step (info: section, sections, i, total_steps, x, denoised, sigma and
@@ -366,14 +383,19 @@ class Engine:
         are encoded again, which is cheap next to a section; the sections before it are not sampled again).
         request: a framepack_engine.resolve.Request already resolved (the commands and the server resolve before
         loading the model); then prompt, inputs and options are its own and must not be given again.
+        keyframes: {SPEC: image} (bidirectional model): the sections a SPEC names (N, -N from the end, S-E, video
+        order) start from that image (framepack_engine.generation.keyframes). control_images / control_masks: the
+        one-frame run's control images and their masks (with one_frame=True; see generate_image).
         """
         if self.closed:
             raise FramePackError("This engine is closed: load the model again (Engine.from_pretrained) to generate.")
         if request is None:
             request = resolve_request(self.settings(prompt, **options), self.variant, image=image,
-                                      end_image=end_image, input_video=input_video,
+                                      end_image=end_image, input_video=input_video, keyframes=keyframes,
+                                      control_images=control_images, control_masks=control_masks,
                                       default_resolution=self.default_resolution)
-        elif prompt or options or image is not None or end_image is not None or input_video is not None:
+        elif (prompt or options or image is not None or end_image is not None or input_video is not None
+              or keyframes or control_images or control_masks):
             raise FramePackError("Engine.stream takes either a resolved request or a prompt with options, not both: "
                                  "pass request=... alone.")
         settings = request.settings
@@ -395,9 +417,14 @@ class Engine:
         if self.placement is not None:  # a larger section than planned for gets a new plan before any work
             self.placement.fit((bucket_height, bucket_width), window)
         count = request.section_count
-        plan = sections.plan_sections(self.variant, count, window)
+        plan = sections.plan_sections(self.variant, count, window, settings.latent_paddings)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
-        inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator, request.prompts or None)
+        inputs, prompts = self._encode_inputs(settings, plan, start_image, end, generator, request.prompts or None,
+                                              _fit_keyframes(request.keyframes, bucket_width, bucket_height))
+        if request.one_frame is not None:  # one section of one latent frame (framepack_engine.generation.one_frame)
+            plan = [one_frame_section(request.one_frame.latents(self.encode_latent, request.size),
+                                      request.one_frame.indices, window, settings.target_index,
+                                      settings.one_frame_options or ())]
         history = sections.initial_history(self.variant, inputs.start_latent)
         initial_pixels = None
         if video_frames is not None:
@@ -408,6 +435,7 @@ class Engine:
             generator.set_state(resume.generator_state)
 
         metadata = self.metadata(settings, mode, request)
+        metadata.update(request.controls_metadata)
         latent_height, latent_width = inputs.start_latent.shape[-2:]
         hooks = _EngineHooks(count, callback, cancel, step_caches)
         decode = lambda latents: self.decode_latents(latents, settings.vae_decode)  # noqa: E731
@@ -448,10 +476,12 @@ class Engine:
         return decode if layout.is_writer else None
 
     def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator,
-                       section_prompts: list[str] | None = None) -> tuple[SectionInputs, list[str]]:
+                       section_prompts: list[str] | None = None, keyframes: dict | None = None
+                       ) -> tuple[SectionInputs, list[str]]:
         """Every prompt and image through its encoder, before the first section (then the encoders may go).
-        section_prompts: each section's prompt in video order (the request's; else from the settings). Returns the
-        encoders' outputs and each section's prompt text in generation order."""
+        section_prompts: each section's prompt in video order (the request's; else from the settings); keyframes:
+        {video position: image fitted to the bucket}, each image encoded once. Returns the encoders' outputs and each
+        section's prompt text in generation order."""
         if section_prompts is None:
             section_prompts = resolve_section_prompts(settings, len(plan))
         prompts = [section_prompts[section.video_position] for section in plan]
@@ -475,10 +505,19 @@ class Engine:
                 image_embedding = ((settings.init_strength * image_embedding + settings.end_strength * end_embedding)
                                    / max(total, 1e-6))
             image_embedding = image_embedding * settings.vision_strength
+        keyframe_latents, keyframe_embeddings, encoded = {}, {}, {}
+        for position, image in (keyframes or {}).items():
+            if id(image) not in encoded:  # a SPEC naming several sections shares one image, encoded once
+                embedding = (self.encode_image_embedding(image).float() * settings.vision_strength
+                             if self.transformer.takes_image_embeddings else None)
+                encoded[id(image)] = self.encode_latent(image), embedding
+            keyframe_latents[position], embedding = encoded[id(image)]
+            if embedding is not None:
+                keyframe_embeddings[position] = embedding
         if self.release_encoders_after_use:
             self.release_encoders()
-        return SectionInputs(embeddings, negative, image_embedding, start_latent, end_latent,
-                             settings.end_strength), prompts
+        return SectionInputs(embeddings, negative, image_embedding, start_latent, end_latent, settings.end_strength,
+                             keyframe_latents, keyframe_embeddings), prompts
 
     def _extension_history(self, frames, width, height, history):
         """For video extension: the input video's latents become the F1 history, its frames the video so far."""
@@ -491,6 +530,15 @@ class Engine:
             latents = self.vae.encode(pixels.to(self.vae_device, self.vae_dtype)).float() * self.vae.scaling_factor
         history = torch.cat([history[:, :, :sections.HISTORY_CONTEXT_FRAMES], latents.to(history)], dim=2)
         return history, pixels.float().cpu()
+
+
+def _fit_keyframes(keyframes: dict[int, np.ndarray], width: int, height: int) -> dict[int, np.ndarray]:
+    """The keyframes fitted to the bucket; sections that share an image share its fitted copy."""
+    fitted = {}
+    for image in keyframes.values():
+        if id(image) not in fitted:
+            fitted[id(image)] = resize_and_center_crop(image, width, height)
+    return {position: fitted[id(image)] for position, image in keyframes.items()}
 
 
 def _check_resume(resume: SectionCheckpoint, count: int, history: torch.Tensor) -> None:

@@ -23,6 +23,8 @@ import torch
 from framepack_engine.errors import FramePackError, Option, FramePackWarning
 from framepack_engine.generation import sections
 from framepack_engine.generation.calibration import MagCacheCalibration, published_ratios
+from framepack_engine.generation.keyframes import check_latent_paddings, read_keyframes
+from framepack_engine.generation.one_frame import OneFrameInputs, read_one_frame_inputs
 from framepack_engine.generation.prompts import seconds_per_section, section_prompt_texts
 from framepack_engine.generation.step_cache import BRANCHES, StepCaches
 from framepack_engine.media.images import load_image, load_video_frames
@@ -112,6 +114,9 @@ class Request:
     start_image: np.ndarray | None = None  # uint8 (H, W, 3) as read, before fitting to the bucket
     end_image: np.ndarray | None = None
     input_video: np.ndarray | None = None  # uint8 (T, H, W, 3)
+    keyframes: dict[int, np.ndarray] = field(default_factory=dict)  # section (video order) -> its keyframe, as read
+    one_frame: OneFrameInputs | None = None  # a one-frame run's control images, masks and indices
+    controls_metadata: dict = field(default_factory=dict)  # what the output records of keyframes and controls
     magcache_calibration: MagCacheCalibration | None = field(default=None, repr=False)  # or published
     magcache_ratios_source: str | None = None  # where MagCache's ratios came from (each section's stats say it)
     prompts: list[str] = field(default_factory=list)  # each section's prompt, in video order
@@ -165,6 +170,7 @@ def section_prompts(settings: GenerationSettings, count: int) -> list[str]:
 
 
 def resolve_request(settings: GenerationSettings, variant: str, *, image=None, end_image=None, input_video=None,
+                    keyframes=None, control_images=None, control_masks=None,
                     default_resolution: int = REFERENCE_RESOLUTION) -> Request:
     """Everything a generation decides before any model work: the inputs the variant can take, read and checked;
     the bucket (nearest the start image's aspect ratio, or `width` x `height` for text to video) at the settings'
@@ -183,9 +189,19 @@ def resolve_request(settings: GenerationSettings, variant: str, *, image=None, e
         height, width = settings.height or resolution, settings.width or resolution
     size = find_nearest_bucket(height, width, resolution=resolution)
     count = sections.section_count(settings.seconds, settings.fps, settings.latent_window_size)
+    # Keyframes and one-frame controls (framepack_engine.generation.keyframes / one_frame): read once, checked here.
+    one_frame = read_one_frame_inputs(settings, variant, start_image, control_images, control_masks,
+                                      end_image=end_image, input_video=input_video)
+    if one_frame is not None:
+        mode, count = "one_frame", 1
+    check_latent_paddings(settings.latent_paddings, count, variant)
+    keyframe_images, keyframe_names = read_keyframes(keyframes, count, variant, settings.one_frame)
     request = Request(settings, variant, mode, resolution, size, count, start_image, end, video_frames,
                       prompts=section_prompts(settings, count), input_names=_file_names(
                           image=image, end_image=end_image, input_video=input_video))
+    request.keyframes, request.one_frame = keyframe_images, one_frame
+    request.controls_metadata = {**({"keyframes": keyframe_names} if keyframe_names else {}),
+                                 **(one_frame.names if one_frame is not None else {})}
     if settings.cache == "magcache":
         # A calibration of the user's wins; without one, the authors' published ratios for this variant. The file is
         # small: read once and fitted to this generation now, before any model loads.

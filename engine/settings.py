@@ -14,6 +14,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from framepack_engine.runtime.attention import BACKEND_NAMES
 from framepack_engine.errors import FramePackError, Option, flag_name
 from framepack_engine.runtime.lora import LORA_MODES, check_lora_source
 from framepack_engine.runtime.quant import FORMATS as QUANTIZE_FORMATS
+from framepack_engine.generation.one_frame import ONE_FRAME_SWITCHES, MAX_INDEX
 from framepack_engine.generation.prompts import check_section_prompts, is_timestamped
 from framepack_engine.generation.sampling import SAMPLERS
 from framepack_engine.generation.step_cache import DEFAULT_THRESHOLDS, MAGCACHE_K, MAGCACHE_RETENTION
@@ -152,6 +154,52 @@ def parse_section_prompts_flag(value: str):
 
 
 section_prompt_list.flag_type = parse_section_prompts_flag
+
+
+def integer_list(separators: str, low: int, high: int, example: str) -> Callable[[str, Any], list[int] | None]:
+    """None, a list of integers in [low, high], or the command's text form of it (`example`, split on any of
+    `separators`); one integer is a list of one."""
+    split = re.compile(f"[{re.escape(separators)}]")
+
+    def check(name, value):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = [int(part) for part in split.split(value)]
+            except ValueError:
+                raise _fail(name, value, f"integers separated by {separators[0]!r}", f"e.g. {example}") from None
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise _fail(name, value, f"a list of integers (or the text {example!r})")
+        return [integer(low, high)(name, item) for item in value]
+
+    check.flag_type = str
+    check.json_schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]}
+    return check
+
+
+def one_frame_switches(name: str, value) -> list[str] | None:
+    """None, or some of ONE_FRAME_SWITCHES as a list or the command's 'no_2x,no_4x' (musubi's names)."""
+    if value is None:
+        return None
+    items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise _fail(name, value, f"some of {', '.join(ONE_FRAME_SWITCHES)}", "e.g. 'no_2x,no_4x'")
+    for item in items:
+        key = item.partition("=")[0]
+        if key in ("target_index", "control_index"):  # musubi writes these inside --one_frame_inference
+            raise FramePackError(Option(name), f" holds {item!r}: give it as ", Option(key, item.partition("=")[2]),
+                                 " instead.")
+        if item not in ONE_FRAME_SWITCHES:
+            raise FramePackError("Unknown ", Option(name), f" {item!r}: choose from {', '.join(ONE_FRAME_SWITCHES)}.")
+    return sorted(set(items)) or None
+
+
+one_frame_switches.flag_type = str
+one_frame_switches.json_schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "string", "enum": list(ONE_FRAME_SWITCHES)}}]}
 
 
 def boolean(name: str, value) -> bool:
@@ -304,8 +352,36 @@ class GenerationSettings(_Settings):
     vision_strength: float = option(1.0, "scale of the SigLIP image conditioning", number(0, 10))
     vae_decode: str = option("exact", "exact: each section decoded whole when memory allows; official: temporal "
                              "tiles as the official app's VAE decodes", choice("exact", "official"))
+    latent_paddings: list[int] | None = option(
+        None, "bidirectional model: each section's latent padding in windows, in generation order (musubi's "
+        "--latent_paddings; e.g. 0,0,0 makes every section start right at its keyframe)",
+        integer_list(",", 0, MAX_INDEX, "0,0,0"), metavar="P,P,...")
+    one_frame: bool = option(False, "one-frame inference: one image from the start image and the prompt (an image "
+                             "output, e.g. --out edit.png)", boolean)
+    target_index: int | None = option(None, "one-frame: the generated frame's time index (default: "
+                                      "latent_window_size)", optional(integer(0, MAX_INDEX)))
+    control_index: list[int] | None = option(
+        None, "one-frame: the time index of each control image, e.g. '0;10' (default 0 for one control image)",
+        integer_list(";,", 0, MAX_INDEX, "0;10"), metavar="I;I;...")
+    one_frame_options: list[str] | None = option(
+        None, "one-frame: no_2x, no_4x, no_post (leave out those inputs of zeros, as musubi-tuner names them)",
+        one_frame_switches, metavar="no_2x,no_4x,no_post")
 
     def _check_together(self):
+        self._check_one_frame()
+        self._check_cache()
+
+    def _check_one_frame(self):
+        given = [name for name in ("target_index", "control_index", "one_frame_options") if getattr(self, name)
+                 is not None]
+        if given and not self.one_frame:
+            raise FramePackError(Option(given[0]), " is a one-frame option: pass ", Option("one_frame"),
+                                 " too, or leave it unset.")
+        if self.one_frame and self.latent_paddings is not None:
+            raise FramePackError(Option("latent_paddings"), " places the sections of a video, and ",
+                                 Option("one_frame"), " makes one image: leave one of them out.")
+
+    def _check_cache(self):
         magcache_options = ("magcache_k", "magcache_retention", "magcache_calibration")
         given = [name for name in ("cache_threshold", *magcache_options) if getattr(self, name) is not None]
         if self.cache is None and given:

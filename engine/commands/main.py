@@ -26,6 +26,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--image", help="start image (image-to-video); none = text-to-video from a black frame")
     parser.add_argument("--end-image", help="end image (first-last-frame video; bidirectional model only)")
     parser.add_argument("--input-video", help="a video to extend (F1 model only)")
+    parser.add_argument("--keyframe", "--keyframes", dest="keyframe", action="append", metavar="SPEC:IMAGE",
+                        help="a keyframe image the sections SPEC names start from (N, -N from the end, or S-E; "
+                             "bidirectional model); repeat, or join with ';;;' as musubi-tuner's --image_path")
+    parser.add_argument("--control-image", "--control-images", dest="control_image", action="append", metavar="IMAGE",
+                        help="one-frame: a control image (repeat; its alpha masks it; default: the start image)")
+    parser.add_argument("--control-mask", "--control-masks", dest="control_mask", action="append", metavar="IMAGE",
+                        help="one-frame: the mask of a control image, in their order (white keeps, black drops)")
     runs = parser.add_argument_group("batches and reproducing")
     runs.add_argument("--batch", metavar="JSONL", help="run every job of a JSON Lines file (one job per line: any "
                       "option by its API name, and image, end_image, input_video, out, codec, crf, pixel_format); "
@@ -55,7 +62,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
 
 
 def _default_out(mode: str, seed: int) -> Path:
-    return Path("outputs") / f"framepack_{mode}_{seed}_{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+    suffix = ".png" if mode == "one_frame" else ".mp4"
+    return Path("outputs") / f"framepack_{mode}_{seed}_{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
 
 
 def command_generate(args) -> int:
@@ -70,6 +78,8 @@ def command_generate(args) -> int:
 def _generate(args, signals: Signals) -> int:
     from framepack_engine.commands.run import OutputOptions, Progress, write_video
     from framepack_engine.media.codecs import DEFAULT_CRF
+    from framepack_engine.commands.still import generate_still
+    from framepack_engine.generation.keyframes import parse_keyframe_flag
     from framepack_engine.media.video import check_output
     from framepack_engine.pipeline import Engine
     from framepack_engine.reproduce import check_recorded_inputs, read_recorded, recorded_options, warn_differences
@@ -101,9 +111,12 @@ def _generate(args, signals: Signals) -> int:
     settings = GenerationSettings.from_options(**generation_options)
     models = resolve_models(ModelSettings.from_options(**model_options), preset, given=model_options)
     request = resolve_request(settings, models.variant, image=args.image, end_image=args.end_image,
-                              input_video=args.input_video,
+                              input_video=args.input_video, keyframes=parse_keyframe_flag(args.keyframe),
+                              control_images=args.control_image, control_masks=args.control_mask,
                               default_resolution=models.default_resolution)
     out = Path(args.out) if args.out else _default_out(request.mode, settings.seed)
+    if request.one_frame is not None:  # one image (framepack_engine.generation.one_frame)
+        return generate_still(models, request, out, args.overwrite, signals, quiet=args.quiet)
     height, width = request.size
     check_output(out, output.codec, output.crf, output.pixel_format, overwrite=args.overwrite, width=width,
                  height=height)

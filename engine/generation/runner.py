@@ -33,6 +33,10 @@ class SectionInputs:
     start_latent: torch.Tensor  # (1, channels, 1, height, width), float32, scaled like the history
     end_latent: torch.Tensor | None = None  # first-last-frame video
     end_strength: float = 1.0
+    # Keyframes (framepack_engine.generation.keyframes), by video position: a keyframed section starts from its
+    # keyframe's latent (clean_latents_pre) and is conditioned on its SigLIP tokens.
+    keyframe_latents: dict[int, torch.Tensor] = field(default_factory=dict)
+    keyframe_embeddings: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,12 +191,15 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
     of several ranks running the same loop: with `parallel.cfg == 2` the two guidance branches run on its two halves.
     """
     hooks = hooks or RunnerHooks()
-    window = options.latent_window_size
+    # The window the plan's sections sample: latent_window_size, or one frame for a one-frame run.
+    window = plan[0].latent_window_size if plan else options.latent_window_size
     latent_height, latent_width = inputs.start_latent.shape[-2:]
     sigmas = sampling.flux_sigmas(
         options.steps, sampling.flux_sequence_length(window, latent_height, latent_width), options.shift).to(device)
     guidance = options.distilled_guidance if dit.takes_guidance else None
     image_embeddings = None if inputs.image_embeddings is None else inputs.image_embeddings.to(device, dtype)
+    keyframe_embeddings = {position: embedding.to(device, dtype)
+                           for position, embedding in inputs.keyframe_embeddings.items()}
     prompts = {id(prompt): prompt.to(device, dtype) for prompt in inputs.prompts}
     negative = None if options.cfg == 1 else inputs.negative.to(device, dtype)
     assembler = None
@@ -201,12 +208,13 @@ def run_sections(dit, plan: list[Section], inputs: SectionInputs, options: Sampl
         assembler = PixelAssembler(direction, pixel_overlap(window), initial_pixels)
 
     for section in plan:
-        context = section.history_context(history, inputs.start_latent, inputs.end_latent, inputs.end_strength)
+        start_latent = inputs.keyframe_latents.get(section.video_position, inputs.start_latent)
+        context = section.history_context(history, start_latent, inputs.end_latent, inputs.end_strength)
         hooks.section_started(section, context)
         noise = sampling.draw_noise(generator, 1, dit.latent_channels, window, latent_height, latent_width,
                                     device=device)
         common = {"history": context.to(device, dtype), "latent_indices": section.latent_indices.to(device),
-                  "image_embeddings": image_embeddings}
+                  "image_embeddings": keyframe_embeddings.get(section.video_position, image_embeddings)}
         branches = {"positive": {"prompt": prompts[id(inputs.prompts[section.index])]}}
         if negative is not None:
             branches["negative"] = {"prompt": negative}

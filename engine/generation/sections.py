@@ -137,8 +137,9 @@ class Section:
 
     @property
     def is_last(self) -> bool:
-        # The official marks the bidirectional section that touches the start image by its zero padding.
-        return self.padding == 0 if self.variant == "bidirectional" else self.index == self.count - 1
+        # The last generated: next to the start image for bidirectional (the official tests its zero padding, which
+        # only the last default padding is; chosen paddings may be 0 anywhere), the video's end for F1.
+        return self.index == self.count - 1
 
     @property
     def video_position(self) -> int:
@@ -234,7 +235,7 @@ class Section:
         return VAE_TEMPORAL_COMPRESSION * (self._decode_count(history) - self.latent_window_size) - 3
 
 
-def _bidirectional_section(index: int, count: int, padding: int, window: int) -> Section:
+def bidirectional_section(index: int, count: int, padding: int, window: int) -> Section:
     # Index line: start (1) | blank (padding * window) | noisy window | post 1x (1) | 2x (2) | 4x (16).
     start = _index_tensor(0, 1)
     latent_start = 1 + padding * window
@@ -262,8 +263,10 @@ def _f1_section(index: int, count: int, window: int) -> Section:
     )
 
 
-def plan_sections(variant: str, sections: int, latent_window_size: int = 9) -> list[Section]:
-    """The sections of a video in generation order, for the "bidirectional" or "f1" model."""
+def plan_sections(variant: str, sections: int, latent_window_size: int = 9,
+                  paddings: list[int] | None = None) -> list[Section]:
+    """The sections of a video in generation order, for the "bidirectional" or "f1" model; `paddings` (bidirectional
+    only, one per section in generation order) replace the official ones (musubi-tuner's latent_paddings)."""
     if variant not in VARIANTS:
         raise FramePackError(f"unknown variant {variant!r}; use 'bidirectional' or 'f1'.")
     if not isinstance(sections, int) or sections < 1:
@@ -271,8 +274,10 @@ def plan_sections(variant: str, sections: int, latent_window_size: int = 9) -> l
     _check_window(latent_window_size)
     if variant == "f1":
         return [_f1_section(index, sections, latent_window_size) for index in range(sections)]
-    paddings = bidirectional_paddings(sections)
-    return [_bidirectional_section(index, sections, padding, latent_window_size)
+    if paddings is not None and len(paddings) != sections:
+        raise FramePackError(f"{len(paddings)} latent paddings for {sections} sections: give one per section.")
+    paddings = bidirectional_paddings(sections) if paddings is None else paddings
+    return [bidirectional_section(index, sections, padding, latent_window_size)
             for index, padding in enumerate(paddings)]
 
 

@@ -33,22 +33,46 @@ def load_image(image, name: str = "image") -> np.ndarray:
       * arrays and tensors are (H, W), (H, W, C) or (C, H, W) with C in 1, 2, 3, 4, with an optional leading
         batch dimension of 1.
     """
+    return _to_rgb_uint8(_read_array(image, name), name)
+
+
+def _read_array(image, name: str) -> np.ndarray:
+    """Any accepted image as (H, W, C) numpy of its own type, upright, alpha kept."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        image = _open_image_file(Path(image), name)
-    elif isinstance(image, Image.Image):
-        image = _pil_to_array(image)
-    elif isinstance(image, torch.Tensor):
+        return _open_image_file(Path(image), name)
+    if isinstance(image, Image.Image):
+        return _pil_to_array(image)
+    if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
-        image = _channels_last((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(), name)
-    elif isinstance(image, np.ndarray):
-        image = _channels_last(image, name)
-    else:
-        raise FramePackError(
-            f"The {name} must be a file path, a PIL image, a numpy array or a torch tensor, "
-            f"got {type(image).__name__}: pass one of those.")
-    return _to_rgb_uint8(image, name)
+        return _channels_last((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(), name)
+    if isinstance(image, np.ndarray):
+        return _channels_last(image, name)
+    raise FramePackError(
+        f"The {name} must be a file path, a PIL image, a numpy array or a torch tensor, "
+        f"got {type(image).__name__}: pass one of those.")
+
+
+def load_image_with_alpha(image, name: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
+    """`load_image`'s RGB and the image's transparency as float32 (height, width) in [0, 1] (1 = opaque), or None
+    when it has none; read once. One-frame control images use the transparency as their latent mask."""
+    array = _read_array(image, name)
+    alpha = np.ascontiguousarray(_to_unit_range(array[:, :, -1:], name)[:, :, 0]) if array.shape[2] in (2, 4) else None
+    return _to_rgb_uint8(array, name), alpha
+
+
+def load_mask(mask, name: str = "mask") -> np.ndarray:
+    """A mask image as float32 (height, width) in [0, 1]: its luminance (white keeps, black drops), read as
+    `load_image` reads images."""
+    rgb = load_image(mask, name).astype(np.float32) / 255
+    return np.ascontiguousarray(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))  # ITU-R 601, PIL's "L"
+
+
+def resize_and_center_crop_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A float mask (H, W) in [0, 1] fitted to the bucket exactly as its image is (`resize_and_center_crop`)."""
+    levels = np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8)
+    return resize_and_center_crop(levels, width, height).astype(np.float32) / 255
 
 
 def _open_image_file(path: Path, name: str) -> np.ndarray:
