@@ -19,6 +19,8 @@ _LAZY = {
     "Engine": ("framepack_engine.pipeline", "Engine"),
     "FramePackDiT": ("framepack_engine.models.dit", "FramePackDiT"),
     "HunyuanVideoVAE": ("framepack_engine.models.vae", "HunyuanVideoVAE"),
+    "load_rife": ("framepack_engine.models.rife", "load_rife"),
+    "load_upscaler": ("framepack_engine.models.upscaler", "load_upscaler"),
 }
 
 

@@ -11,6 +11,7 @@ One generation, as the official app does it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from framepack_engine.models.conditioning import PromptEmbedding
 from framepack_engine.models.presets import build_preset_engine
 from framepack_engine.models.vae import decode_tiling
 from framepack_engine.reproduce import ENGINE_NAME, record_models, record_request
+from framepack_engine.postprocess import POSTPROCESS_OPTIONS, load_postprocess, post_fps
 from framepack_engine.resolve import Request, ResolvedModels, resolve_models, resolve_request
 from framepack_engine.resolve import section_prompts as resolve_section_prompts
 from framepack_engine.runtime.host_memory import release_freed_host_memory
@@ -336,8 +338,26 @@ class Engine:
         for key in ("cache_steps_computed", "cache_steps_skipped"):
             if key in stats["sections"][0]:
                 stats[key] = sum(s[key] for s in stats["sections"])
-        return Video(frames=collector.frames(), fps=fps, stats=stats, metadata=collector.last.metadata,
-                     latents=collector.last.latents)
+        metadata = collector.last.metadata
+        video = Video(frames=collector.frames(), fps=fps, stats=stats, metadata=metadata,
+                      latents=collector.last.latents)
+        post = self.postprocess(GenerationSettings.from_options(
+            **{name: metadata[name] for name in POSTPROCESS_OPTIONS if name in metadata}))
+        if post is None:
+            return video
+        return Video(post.apply(video.frames), post_fps(metadata), stats, {**metadata, **post.describe()},
+                     video.latents)
+
+    def postprocess(self, settings: GenerationSettings):
+        """The interpolation and upscaling `settings` ask for (a framepack_engine.media.postprocess.PostProcess), or
+        None; each model file is loaded once per engine, on its device, and kept for the next generation."""
+        cache = self.__dict__.setdefault("_postprocess_models", {})
+        key = (settings.rife_model if settings.interpolate > 1 else None, settings.upscale)
+        if key not in cache:
+            cache.clear()  # one set at a time: a batch of jobs with one interpolation loads it once
+            cache[key] = load_postprocess(settings, self.device)
+        post = cache[key]
+        return None if post is None else dataclasses.replace(post, interpolate=settings.interpolate)
 
     def generate_image(self, prompt: str, image, control_images=None, control_masks=None, **options) -> Still:
         """One-frame inference (framepack_engine.generation.one_frame): one image from the start `image` and the

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from framepack_engine.runtime.attention import BACKEND_NAMES
 from framepack_engine.errors import FramePackError, Option, flag_name
+from framepack_engine.models.rife import WEIGHTS_HELP as RIFE_WEIGHTS_HELP, check_rife_path
+from framepack_engine.models.upscaler import check_upscaler_path, import_spandrel
 from framepack_engine.runtime.lora import LORA_MODES, check_lora_source
 from framepack_engine.runtime.quant import FORMATS as QUANTIZE_FORMATS
 from framepack_engine.generation.one_frame import ONE_FRAME_SWITCHES, MAX_INDEX
@@ -33,6 +35,7 @@ VARIANT_CHOICES = ("auto", "bidirectional", "f1")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                "float32": "float32", "fp32": "float32"}
 MAX_SECONDS = 3600.0  # an hour: 3000+ sections; longer runs are better split into extensions
+MAX_INTERPOLATE = 16  # frames per interval: 30 fps x 16 = 480 fps
 MAX_SEED = 2**64 - 1  # torch generators take seeds up to this
 
 
@@ -366,10 +369,40 @@ class GenerationSettings(_Settings):
     one_frame_options: list[str] | None = option(
         None, "one-frame: no_2x, no_4x, no_post (leave out those inputs of zeros, as musubi-tuner names them)",
         one_frame_switches, metavar="no_2x,no_4x,no_post")
+    interpolate: int = option(1, "RIFE frame interpolation: N-1 frames made between each pair (2 doubles the frame "
+                              "rate); 1 = off", integer(1, MAX_INTERPOLATE, fix="2 doubles the frame rate"),
+                              metavar="N")
+    rife_model: str | None = option(None, "RIFE 4.x weights as .safetensors, for interpolate (framepack convert-rife "
+                                    "makes them from Practical-RIFE's flownet.pkl)", optional(file_path),
+                                    metavar="SAFETENSORS")
+    fps_out: float | None = option(None, "the output's frame rate (default: fps x interpolate)",
+                                   optional(number(1, 960, fix="e.g. 60")))
+    upscale: str | None = option(None, "an upscaler's weights (.safetensors or .pth; ESRGAN, Real-ESRGAN, SwinIR... "
+                                 "through spandrel), run after interpolation", optional(file_path), metavar="MODEL")
+
+    @property
+    def output_fps(self) -> float:
+        """The frame rate of the written video: fps_out, else fps times the interpolation."""
+        return self.fps_out if self.fps_out is not None else self.fps * self.interpolate
 
     def _check_together(self):
         self._check_one_frame()
         self._check_cache()
+        self._check_postprocess()
+
+    def _check_postprocess(self):
+        """Interpolation needs its weights, and both models' files are checked before anything loads."""
+        if self.interpolate > 1 and self.rife_model is None:
+            raise FramePackError(Option("interpolate", self.interpolate), " needs RIFE weights: pass ",
+                                 Option("rife_model", ...), f"; {RIFE_WEIGHTS_HELP}.")
+        if self.rife_model is not None and self.interpolate == 1:
+            raise FramePackError(Option("rife_model"), " is set but ", Option("interpolate"), " is 1: pass ",
+                                 Option("interpolate", 2), " (or more), or leave ", Option("rife_model"), " out.")
+        if self.rife_model is not None:
+            check_rife_path(self.rife_model)
+        if self.upscale is not None:
+            check_upscaler_path(self.upscale)
+            import_spandrel()  # installed and importable, or one line saying how
 
     def _check_one_frame(self):
         given = [name for name in ("target_index", "control_index", "one_frame_options") if getattr(self, name)

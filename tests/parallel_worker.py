@@ -85,6 +85,12 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeou
             if kind == "dit":
                 results[name] = dit_case(layout, **options)
                 continue
+            if kind == "bench":
+                from framepack_engine.commands.bench import BenchSettings
+                from framepack_engine.commands.bench_parallel import bench_ranks
+
+                results[name] = bench_ranks(BenchSettings(**options).validate(), layout, lambda message: None)
+                continue
             engine = Engine.from_preset("tiny", variant=options.pop("variant", "bidirectional")).set_parallel(layout)
             kill = options.pop("kill_rank", None)
             callback = KillAt(1) if kill == rank else None

@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+from framepack_engine.commands.bench_parallel import format_parallel
 from framepack_engine.commands.launch import free_port
 from framepack_engine.pipeline import Engine
 from framepack_engine.runtime.ulysses import ShardPlan, padded_heads, volume_per_call
@@ -103,6 +104,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         ("teacache", "generation", dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3)),
         ("dit_heads_4", "dit", {"heads": 4}),
         ("dit_heads_3", "dit", {"heads": 3}),
+        ("bench", "bench", {"preset": "tiny", "device": "cpu", "resolution": 128, "steps": 2, "warmup": 1}),
         ("killed", "generation", dict(GENERATION, kill_rank=1)),
     ]
     ranks = run_ranks(2, cases, tmp_path)
@@ -131,6 +133,12 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert computed == {kind: steps * volume for kind, volume in per_call.items()}
     check_dit_case(rank0["dit_heads_4"], 2, 4)
     check_dit_case(rank0["dit_heads_3"], 2, 3)
+    # framepack bench --nproc: every rank's time per step, and the bytes it counted equal to the formula.
+    bench = rank0["bench"]
+    assert len(bench["rank_seconds_per_step"]) == 2 and all(seconds > 0 for seconds in bench["rank_seconds_per_step"])
+    assert bench["bytes_match_formula"] == {"all_to_all": True, "all_gather": True}
+    assert bench["bytes_per_step"]["all_to_all"] == bench["formula_bytes_per_step"]["all_to_all"] > 0
+    assert bench["speedup"] > 0 and "speedup" in format_parallel(bench)
     # The killed rank: the other stops at its next collective with one line naming what failed, long before the
     # timeout (gloo sees the closed connection at once).
     assert "killed" not in rank1 and rank1["exitcode"] == -signal.SIGKILL and rank0["exitcode"] == 0

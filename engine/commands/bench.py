@@ -862,6 +862,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(COMPARABLE)}")
     parser.add_argument("--json", metavar="PATH", help="write every result to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--nproc", type=int, help="split every step over N ranks (Ulysses sequence parallel; gloo "
+                        "with --device cpu): time per rank and step, bytes sent per step against the formula, and "
+                        "the speedup over one process on this machine (framepack_engine.commands.bench_parallel)")
+    parser.add_argument("--parallel-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long a rank waits for the others before every rank stops (default 600)")
 
 
 def add_bench_command(subparsers) -> argparse.ArgumentParser:
@@ -901,6 +906,12 @@ def command_bench(args) -> int:
     if json_path is not None and not json_path.parent.is_dir():
         raise FramePackError(f"The folder of --json {json_path.name!r} does not exist: create it or pick another path.")
     log = (lambda message: None) if args.quiet else (lambda message: print(f"[bench] {message}", file=sys.stderr))
+    if args.nproc is not None:
+        from framepack_engine.commands.bench_parallel import command_bench_parallel
+
+        if compare is not None:
+            raise FramePackError("--nproc compares with one process by itself: leave out --compare.")
+        return command_bench_parallel(args, settings, log)
     results = run_benchmark(settings, compare, log=log)
     results["command"] = command_line(settings, args.compare, args.json)
     print(format_results(results))

@@ -263,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=command_info)
     from framepack_engine.commands.bench import add_bench_command
     from framepack_engine.commands.calibrate_cache import add_calibrate_command
+    from framepack_engine.commands.convert_rife import add_convert_rife_command
     from framepack_engine.commands.quantize import add_quantize_command
     from framepack_engine.commands.serve import add_serve_command
 
     add_bench_command(commands)
     add_calibrate_command(commands)
+    add_convert_rife_command(commands)
     add_quantize_command(commands)
     add_serve_command(commands)
     return parser

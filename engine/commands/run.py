@@ -41,8 +41,9 @@ def write_video(engine, request, out: Path, output: OutputOptions, signals: Sign
     finishes the file with what it has and is returned, not raised."""
     from framepack_engine.media.output import SectionOutputFile
 
-    writer = SectionOutputFile(out, request.settings.fps, codec=output.codec, crf=output.crf,
-                               pixel_format=output.pixel_format)
+    # RIFE interpolation and upscaling (when asked) run on each section as it is handed over
+    writer = SectionOutputFile(out, request.settings.output_fps, codec=output.codec, crf=output.crf,
+                               pixel_format=output.pixel_format, postprocess=engine.postprocess(request.settings))
     sections = engine.stream(request=request, callback=progress.step)
     failure = None
     try:

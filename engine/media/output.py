@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from framepack_engine.media.postprocess import PostProcess
 from framepack_engine.media.video import DEFAULT_CRF, SectionVideoWriter
 
 if TYPE_CHECKING:  # media knows no model or Engine: the results are read by their fields only
@@ -29,9 +30,13 @@ class SectionOutputFile:
     and drops the rest. `on_disk()` says exactly what the file holds afterwards, in sections and frames."""
 
     def __init__(self, path, fps: float, codec: str | None = None, crf: int | None = DEFAULT_CRF,
-                 pixel_format: str | None = None, options: dict | None = None):
+                 pixel_format: str | None = None, options: dict | None = None,
+                 postprocess: PostProcess | None = None):
         self.path = Path(path)
         self.fps, self.codec, self.crf, self.pixel_format, self.options = fps, codec, crf, pixel_format, options
+        # Interpolation and upscaling run on each section as it is handed over (fps: the output's frame rate).
+        self.postprocess = postprocess if postprocess is not None and postprocess.active else None
+        self._process = None  # the postprocess's function of segments, made for the video's direction
         self.writer: SectionVideoWriter | None = None
         self.last: SectionResult | None = None
         self.frame_count = 0  # frames handed to the writer (it encodes them in the background)
@@ -42,13 +47,18 @@ class SectionOutputFile:
     def add(self, result: SectionResult) -> None:
         """Hands one finished section's frames to the writer; returns at once (encoding runs in the background)."""
         if self.writer is None:
+            metadata = result.metadata
+            if self.postprocess is not None:
+                metadata = {**metadata, **self.postprocess.describe()}
+                self._process = self.postprocess.segments(result.direction)
             self.writer = SectionVideoWriter(self.path, self.fps, self.codec, self.crf, self.pixel_format, self.options,
-                                             metadata=result.metadata, direction=result.direction)
-        self.writer.write_segment(result.frames, latents=result.latents)
+                                             metadata=metadata, direction=result.direction)
+        frames = result.frames if self._process is None else self._process(result.frames)
+        self.writer.write_segment(frames, latents=result.latents)
         self.last, self.count = result, result.count
         self.sections += 1
-        self.frame_count += len(result.frames)
-        self._segments.append((len(result.frames), True))
+        self.frame_count += len(frames)
+        self._segments.append((len(frames), True))
 
     @property
     def published(self) -> Path | None:
@@ -71,6 +81,8 @@ class SectionOutputFile:
         if stop is not None and stop.is_set():
             return self.abort()
         pending = self.last.pending_frames
+        if len(pending) and self._process is not None:
+            pending = self._process(pending)
         if len(pending) and self.writer.write_segment(pending, stop=stop):
             self.frame_count += len(pending)
             self._segments.append((len(pending), False))

@@ -785,6 +785,24 @@ class Video:
     metadata: dict = field(default_factory=dict)
     latents: torch.Tensor | None = None
 
+    def interpolate(self, n: int, model, max_batch_bytes: int | None = None) -> "Video":
+        """This video with n-1 frames made between each pair by `model` (framepack_engine.load_rife(path)): n·(T−1)+1
+        frames at n times the frame rate; a scene cut is held, not blended (framepack_engine.media.interpolation)."""
+        from framepack_engine.media.interpolation import DEFAULT_BATCH_BYTES, interpolate_frames
+
+        frames = interpolate_frames(model, self.frames, n, max_batch_bytes or DEFAULT_BATCH_BYTES)
+        metadata = {**self.metadata, "interpolation": {"model": "RIFE", "weights": getattr(model, "name", None),
+                                                       "frames_per_interval": n}}
+        return Video(frames, self.fps * n, dict(self.stats), metadata, self.latents)
+
+    def upscale(self, model, max_tile_bytes: int | None = None) -> "Video":
+        """This video upscaled by `model` (framepack_engine.load_upscaler(path)) in tiles under a byte bound."""
+        from framepack_engine.media.upscaling import DEFAULT_TILE_BYTES, upscale_frames
+
+        frames = upscale_frames(model, self.frames, max_bytes=max_tile_bytes or DEFAULT_TILE_BYTES)
+        metadata = {**self.metadata, "upscaler": model.describe()} if hasattr(model, "describe") else self.metadata
+        return Video(frames, self.fps, dict(self.stats), metadata, self.latents)
+
     def save(self, path, codec: str | None = None, crf: int | None = DEFAULT_CRF, pixel_format: str | None = None,
              options: dict | None = None) -> Path:
         """By suffix: a video container (.mp4, .webm, .mkv, .mov, .avi; codec None: the container's default),
