@@ -118,6 +118,17 @@ class FrameCollector:
         return np.concatenate(self.chunks + [pending] if self.last.direction == "forward" else [pending] + self.chunks)
 
 
+NOTICES_SAID: set[str] = set()  # notices already printed by this process
+
+
+def say_once(notice: str | None) -> None:
+    """Print a notice about the model (the tiny preset's random weights) once per process, not at every call or
+    Engine: repeated, it would drown what a script prints itself."""
+    if notice and notice not in NOTICES_SAID:
+        NOTICES_SAID.add(notice)
+        print(notice)
+
+
 class Engine:
     """A loaded FramePack model: DiT, VAE, text and image encoders, on one device."""
 
@@ -422,8 +433,7 @@ class Engine:
         step_caches = step_caches or request.step_caches(model=self.name)
         mode = request.mode
         start_image, end, video_frames = request.start_image, request.end_image, request.input_video
-        if self.notice:
-            print(self.notice)
+        say_once(self.notice)
 
         bucket_height, bucket_width = request.size
         if start_image is None:

@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,16 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _notices_said_again():
+    """Each test is a run of its own: what the engine says once per process (pipeline.say_once, the tiny preset's
+    random weights) is said again in the next test."""
+    pipeline = sys.modules.get("framepack_engine.pipeline")
+    if pipeline is not None:
+        pipeline.NOTICES_SAID.clear()
     yield
 
 

@@ -70,6 +70,15 @@ def write_video(engine, request, out: Path, output: OutputOptions, signals: Sign
         return Written(saved, writer.on_disk(), failure)
 
 
+def section_summary(stats: dict, frames: int) -> str:
+    """The sections bar's text after a section: the frames written and the section's compute time, said as such (a
+    bare `seconds=12.3` read like the video's length)."""
+    text = f"{frames} frames written, last section took {stats['seconds']:.1f} s"
+    if "cache_steps_skipped" in stats:
+        text += f", the cache skipped {stats['cache_steps_skipped']} model calls"
+    return text
+
+
 class Progress:
     """Progress bars: one over sections, one over the steps of the current section."""
 
@@ -97,9 +106,8 @@ class Progress:
     def section_done(self, section, frames: int):
         if self.sections is not None:
             self.sections.update(1)
-            stats = section.stats
-            skipped = {"skipped": stats["cache_steps_skipped"]} if "cache_steps_skipped" in stats else {}
-            self.sections.set_postfix(seconds=f"{section.stats['seconds']:.1f}", frames=frames, **skipped)
+            self.sections.set_postfix_str(section_summary(section.stats, frames), refresh=False)
+            self.sections.refresh()
 
     def close(self):
         for bar in (self.steps, self.sections):
