@@ -40,10 +40,9 @@ def _read_array(image, name: str) -> np.ndarray:
     """Any accepted image as (H, W, C) numpy of its own type, upright, alpha kept."""
     from PIL import Image
 
-    if isinstance(image, (str, Path)):
-        return _open_image_file(Path(image), name)
-    if isinstance(image, Image.Image):
-        return _pil_to_array(image)
+    if isinstance(image, (str, Path, Image.Image)):
+        array = _open_image_file(Path(image), name) if isinstance(image, (str, Path)) else _pil_to_array(image)
+        return array[:, :, None] if array.ndim == 2 else array  # grayscale (L) images have no channel axis
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         return _channels_last((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(), name)
