@@ -62,6 +62,17 @@ def dit_case(layout, heads: int) -> dict:
             "blocks": len(dit.blocks)}
 
 
+class HangAt:
+    """A callback that stops answering (sleeps `seconds`) at a step of the first section."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def __call__(self, info):
+        if info["section"] == 0 and info["i"] == self.step:
+            time.sleep(self.seconds)
+
+
 class KillAt:
     """A callback that kills this process (SIGKILL: no goodbye to the others) at a step of the first section."""
 
@@ -92,8 +103,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeou
                 results[name] = bench_ranks(BenchSettings(**options).validate(), layout, lambda message: None)
                 continue
             engine = Engine.from_preset("tiny", variant=options.pop("variant", "bidirectional")).set_parallel(layout)
-            kill = options.pop("kill_rank", None)
-            callback = KillAt(1) if kill == rank else None
+            kill, hang = options.pop("kill_rank", None), options.pop("hang_rank", None)
+            callback = KillAt(1) if kill == rank else HangAt(1, timeout + 1) if hang == rank else None
             layout.counter.reset()
             started = time.monotonic()
             try:

@@ -146,6 +146,15 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert "\n" not in rank0["killed"]["error"] and rank0["killed"]["seconds"] < TIMEOUT
 
 
+def test_a_hung_rank_ends_every_rank_within_the_timeout(tmp_path):
+    timeout = 4.0
+    rank0, rank1 = run_ranks(2, [("hung", "generation", dict(GENERATION, steps=2, hang_rank=1))], tmp_path, timeout)
+    # Rank 0 waits for the hung rank no longer than the timeout; the hung one, once it wakes, finds the group gone.
+    assert timeout <= rank0["hung"]["seconds"] < timeout + 10, rank0["hung"]
+    assert f"did not answer within {timeout:g} s" in rank0["hung"]["error"] and "\n" not in rank0["hung"]["error"]
+    assert rank1["hung"]["error"].startswith("rank 1: an ") and rank0["exitcode"] == rank1["exitcode"] == 0
+
+
 def computed_tokens() -> int:
     """The tiny preset's packed tokens per section at its default size: latent and condition tokens."""
     engine = Engine.from_preset("tiny")

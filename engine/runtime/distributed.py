@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +76,8 @@ class RankGroup:
         self.timeout = timeout
 
     def _failed(self, what: str, error: Exception) -> ParallelError:
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)[:160]  # without the library's source location
         return ParallelError(
             f"rank {dist.get_rank()}: {what} with ranks {self.ranks} failed: another rank died, was killed or did "
             f"not answer within {self.timeout:g} s ({detail}); every rank stops, see the first failing rank's "
