@@ -3,6 +3,8 @@
     python -m bench.bench_kernels --json out.json            # on a GPU: FramePack 640p section shapes
     python -m bench.bench_kernels --tiny --only attention    # a quick smoke run (CPU: set TRITON_INTERPRET=1)
 
+Off a GPU it takes the tiny shapes unless given --full (FramePack's shapes there take many minutes), and says so.
+
 One 640p section (640x640, latent_window_size 9): noisy 9 x 40 x 40 = 14400 tokens, clean 1x 2 x 40 x 40 = 3200,
 clean 2x 1 x 20 x 20 = 400, clean 4x 4 x 10 x 10 = 400: 18400 image tokens, plus text (cropped prompt + SigLIP
 image tokens) for ~18.7k in all; 24 heads of 128, hidden 3072. Every implementation of a case computes the same
@@ -17,6 +19,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -341,17 +344,36 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def choose_shapes(device: str, tiny: bool = False, full: bool = False) -> Shapes:
+    """FramePack's shapes on a GPU; tiny ones elsewhere unless `full` (a CPU runs the 640p cases for many minutes,
+    the Triton ones in the interpreter for far longer), saying so before anything runs."""
+    on_gpu = torch.device(device).type == "cuda"
+    if tiny or not (on_gpu or full):
+        if not (tiny or on_gpu):
+            print(f"{device} is not a GPU: using tiny shapes, which run in seconds (--full runs FramePack's 640p "
+                  "shapes here, for many minutes; kernel timings mean something on a GPU only).", file=sys.stderr,
+                  flush=True)
+        return TINY
+    if not on_gpu:
+        print(f"FramePack's 640p shapes on {device}: this takes many minutes (each case runs eagerly, Triton's in "
+              "its interpreter); --tiny runs in seconds.", file=sys.stderr, flush=True)
+    return FRAMEPACK_640P
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test) instead of FramePack's")
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test) instead of FramePack's "
+                        "(the default off a GPU)")
+    shapes.add_argument("--full", action="store_true", help="FramePack's 640p shapes even off a GPU (minutes)")
     parser.add_argument("--only", nargs="+", choices=sorted(CASES), help="run only these ops")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation off-GPU")
     args = parser.parse_args(argv)
-    report = run(TINY if args.tiny else FRAMEPACK_640P, args.device, getattr(torch, args.dtype), args.only,
-                 args.repeats)
+    shapes = choose_shapes(args.device, tiny=args.tiny, full=args.full)
+    report = run(shapes, args.device, getattr(torch, args.dtype), args.only, args.repeats)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as handle:

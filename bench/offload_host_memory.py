@@ -289,6 +289,10 @@ def main(argv=None) -> int:
     scratch = Path(args.scratch).resolve()
     if Path(__file__).resolve().parents[1] in scratch.parents:
         parser.error("--scratch must be outside the repository")
+    parts = args.parts.split(",")
+    unknown = [part for part in parts if part not in MEASURES]
+    if unknown:  # before hours of checkpoint writing
+        parser.error(f"unknown part {unknown[0]!r} in --parts: choose from {', '.join(MEASURES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda message: print(f"[offload-host-memory] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -298,15 +302,16 @@ def main(argv=None) -> int:
         return 0
     scratch.mkdir(parents=True, exist_ok=True)
     write_checkpoints(scratch, log)
-    results = []
-    for part in args.parts.split(","):
+    results, failed = [], []
+    for part in parts:
         log(f"measuring {part}")
         command = [sys.executable, "-m", "bench.offload_host_memory", "--scratch", str(scratch), "--measure", part]
         if args.threads:
             command += ["--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if done.returncode:
-            log(f"{part} failed:\n{done.stderr[-4000:]}")
+            log(f"{part} failed (exit status {done.returncode}):\n{done.stderr[-4000:]}")
+            failed.append(part)
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)
@@ -315,6 +320,9 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if args.delete:
         shutil.rmtree(scratch)
+    if failed:  # a run with a failed part is not a measurement: scripts and CI must see it
+        log(f"failed: {', '.join(failed)} ({len(results)} of {len(parts)} parts measured)")
+        return 1
     return 0
 
 

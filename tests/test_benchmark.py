@@ -288,6 +288,28 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     benchmark.check_fits("full", 8 * 2**30, 16 * 2**30, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("free_gib, dtype, fixes, not_offered", [
+    (8, "float32", ["--preset small (5.4 GiB)", "--preset tiny (0.0 GiB)"], ["--dtype"]),
+    (30, "float32", ["--dtype bfloat16 (24.0 GiB)", "--preset small (5.4 GiB)"], []),
+    (1, "bfloat16", ["--preset tiny (0.0 GiB)"], ["--preset small", "--dtype"]),
+])
+def test_bench_on_a_machine_too_small_for_the_full_model_names_the_presets_that_fit(monkeypatch, capsys, free_gib,
+                                                                                     dtype, fixes, not_offered):
+    """`framepack bench` with no preset: the refusal names `--preset small` (it said "a smaller --preset"), before
+    anything runs (the matmul peak was measured first)."""
+    from framepack_engine.commands.main import main
+
+    monkeypatch.setattr(benchmark, "free_memory_bytes", lambda device: free_gib * 2**30)
+    monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda *args: pytest.fail("ran before the refusal"))
+    assert main(["bench", "--device", "cpu", "--dtype", dtype]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: Preset 'full' (the default) needs "), error
+    for fix in fixes:
+        assert fix in error[0]
+    for fix in not_offered:
+        assert fix not in error[0]
+
+
 @pytest.mark.gpu
 def test_tiny_preset_on_cuda(tmp_path):
     results = bench(tmp_path, "--device", "cuda", "--dtype", "bfloat16", "--matmul-size", "2048",

@@ -189,13 +189,29 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def preset_weight_bytes(preset: str, dtype: torch.dtype) -> int:
+    """The weight bytes of a preset's DiT in `dtype`, counted on the meta device (nothing allocated)."""
+    return weight_bytes(FramePackDiT.from_config(DIT_PRESETS[preset], device="meta", dtype=dtype))
+
+
 def check_fits(preset: str, needed_bytes: int, available_bytes: int | None, device: torch.device, dtype) -> None:
-    """Refuse before allocating: a 13B model that cannot fit would swap or die half-built."""
-    if available_bytes is not None and needed_bytes > available_bytes:
-        raise FramePackError(
-            f"Preset {preset!r} needs {needed_bytes / 2**30:.1f} GiB for its {_dtype_name(dtype)} weights but {device} "
-            f"has {available_bytes / 2**30:.1f} GiB free: use a smaller --preset (small, tiny), --dtype bfloat16, "
-            "or a larger device.")
+    """Refuse before allocating: a 13B model that cannot fit would swap or die half-built. The refusal names the
+    flags that do fit here (a smaller preset, bfloat16), with their sizes."""
+    if available_bytes is None or needed_bytes <= available_bytes:
+        return
+    fixes = []
+    if preset in DIT_PRESETS and dtype == torch.float32:
+        half = preset_weight_bytes(preset, torch.bfloat16)
+        if half <= available_bytes:
+            fixes.append(f"--dtype bfloat16 ({half / 2**30:.1f} GiB)")
+    smaller = sorted(((preset_weight_bytes(name, dtype), name) for name in DIT_PRESETS), reverse=True)
+    fixes += [f"--preset {name} ({size / 2**30:.1f} GiB)" for size, name in smaller
+              if size < needed_bytes and size <= available_bytes][:2]
+    default = " (the default)" if preset == BenchSettings.preset else ""
+    raise FramePackError(
+        f"Preset {preset!r}{default} needs {needed_bytes / 2**30:.1f} GiB for its {_dtype_name(dtype)} weights but "
+        f"{device} has {available_bytes / 2**30:.1f} GiB free: run with {' or '.join(fixes) or 'a smaller --preset'}, "
+        "or on a device with more memory.")
 
 
 def random_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -606,6 +622,15 @@ def run_benchmark(settings: BenchSettings, compare: tuple[str, list] | None = No
             meta = FramePackDiT.from_config(DIT_PRESETS[variant.preset], device="meta",
                                             dtype=variant.resolved_dtype(device))
             bench_memory_plan(meta, variant, device)
+    # A model that cannot fit is refused before anything runs (the matmul peak takes seconds); the weights are built
+    # on the host when a memory budget is in play (_run_variants), else on the device.
+    on_host = any(variant.vram_budget_gb is not None for _, variant in variants)
+    for _, variant in variants:
+        device = variant.resolved_device()
+        build_device = torch.device("cpu") if on_host else device
+        dtype = variant.resolved_dtype(device)
+        check_fits(variant.preset, preset_weight_bytes(variant.preset, dtype), free_memory_bytes(build_device),
+                   build_device, dtype)
     default_threads = torch.get_num_threads()
     try:
         _run_variants(variants, results, outputs, log)
