@@ -43,7 +43,11 @@ FINISHED_STATES = ("done", "failed", "cancelled")
 MAX_ATTEMPTS = 3
 # The containers a job can ask for (each written with its default encoder: H.264, or VP9 for webm).
 OUTPUT_FORMATS = ("mp4", "mkv", "mov", "webm")
+IMAGE_OUTPUT_FORMATS = ("png", "jpg", "webp")  # a one-frame job's (its settings in the PNG's text chunk)
 INPUT_IMAGES = ("image", "end_image")
+# Inputs a job may hold several of, each stored as NAME_KEY: keyframe_SPEC (e.g. keyframe_-1), control_image_N and
+# control_mask_N (N from 1, in the order given).
+KEYFRAME_PREFIX, CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX = "keyframe_", "control_image_", "control_mask_"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,6 +71,19 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 """
+
+
+def request_inputs(folder: Path, inputs: dict[str, str]) -> dict:
+    """resolve_request's input keywords from a job's stored inputs (name -> file in `folder`)."""
+    paths = {name: str(folder / file) for name, file in inputs.items()}
+
+    def numbered(prefix: str) -> list | None:
+        found = {int(name[len(prefix):]): path for name, path in paths.items() if name.startswith(prefix)}
+        return [found.get(number) for number in range(1, max(found) + 1)] if found else None
+
+    keyframes = {name[len(KEYFRAME_PREFIX):]: path for name, path in paths.items() if name.startswith(KEYFRAME_PREFIX)}
+    return {"image": paths.get("image"), "end_image": paths.get("end_image"), "keyframes": keyframes or None,
+            "control_images": numbered(CONTROL_IMAGE_PREFIX), "control_masks": numbered(CONTROL_MASK_PREFIX)}
 
 
 class QueueFull(FramePackError):
@@ -478,6 +495,7 @@ class Worker(threading.Thread):
 
     def run_job(self, job: Job) -> None:
         from framepack_engine.media.output import SectionOutputFile
+        from framepack_engine.media.still import StillOutputFile
         from framepack_engine.resolve import resolve_request
         from framepack_engine.settings import GenerationSettings
 
@@ -493,13 +511,15 @@ class Worker(threading.Thread):
             else:
                 leftover.unlink(missing_ok=True)
         resume_files = ResumeFiles(folder / "resume")
-        output = SectionOutputFile(folder / job.video_name, job.settings.get("fps", 30.0), crf=job.output["crf"])
+        if job.settings.get("one_frame"):  # one image (framepack_engine.generation.one_frame)
+            output = StillOutputFile(folder / job.video_name)
+        else:
+            output = SectionOutputFile(folder / job.video_name, job.settings.get("fps", 30.0), crf=job.output["crf"])
         stats = dict(job.stats)
         done, state, error = 0, None, None
         try:
-            images = {name: str(folder / file) for name, file in job.inputs.items()}
             request = resolve_request(GenerationSettings.from_options(**job.settings), self.engine.variant,
-                                      image=images.get("image"), end_image=images.get("end_image"),
+                                      **request_inputs(folder, job.inputs),
                                       default_resolution=self.engine.default_resolution)
             checkpoint, replays = resume_files.load(self.engine, job.sections)
             for replay in replays:  # a segment per finished section, as they were first encoded

@@ -25,6 +25,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -32,23 +33,33 @@ from pathlib import Path
 from framepack_engine.errors import FramePackError
 from framepack_engine.serve.jobs import FINISHED_STATES, INPUT_IMAGES, JOB_STATES, OUTPUT_FORMATS, Job, JobFinished, JobNotFound, \
     QueueFull
+from framepack_engine.serve.jobs import CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX, IMAGE_OUTPUT_FORMATS, KEYFRAME_PREFIX
 
 API_KEY_VARIABLE = "FRAMEPACK_API_KEY"
 MIN_API_KEY_LENGTH = 16
 DEFAULT_PORT = 8188
 MAX_IMAGE_SIDE = 8192
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
-MEDIA_TYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "mov": "video/quicktime", "webm": "video/webm"}
+MEDIA_TYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "mov": "video/quicktime", "webm": "video/webm",
+               "png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 SERVER_FIELDS = {
     "image": "start image (image-to-video): base64 bytes of a PNG, JPEG or WebP, or a data: URL",
     "end_image": "end image (first-last-frame video, bidirectional model): base64 like image",
-    "format": "output container: mp4 (H.264), mkv, mov or webm (VP9)",
+    "format": "output container: mp4 (H.264), mkv, mov or webm (VP9); png (the default), jpg or webp for one_frame",
+    "keyframes": "keyframe images per section (bidirectional model): {SPEC: base64 image}, SPEC a section N, -N "
+                 "from the end, or S-E (multipart: files keyframe_SPEC)",
+    "control_images": "one_frame: control images, base64 like image, in order (multipart: files control_image_1, "
+                      "control_image_2, ...; default: the start image)",
+    "control_masks": "one_frame: a mask per control image (white keeps), base64 or null, in their order (multipart: "
+                     "files control_mask_1, ...; default: each image's alpha)",
     "crf": "output quality for the encoder, 0-63 (lower is better; default 16)",
 }
 # Beside the model's options (ModelSettings): names of the command's that choose files; never per request.
 NOT_PER_REQUEST = ("out", "input_video", "preset")
 IMAGE_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp",
                      ".tif": "image/tiff", ".gif": "image/gif"}
+# Files one multipart submission may carry: the start and end images, keyframes, control images and their masks.
+MAX_UPLOADS = 64
 # The events stream sends at most one latent preview per this many seconds (always the latest one).
 PREVIEW_INTERVAL = 0.5
 
@@ -85,6 +96,8 @@ class RequestError(Exception):
 
 
 def _json_type(check) -> dict:
+    if hasattr(check, "json_schema"):  # a list option with a text form of its own (latent_paddings, control_index)
+        return check.json_schema
     flag_type = getattr(check, "flag_type", str)
     if flag_type is bool:
         return {"type": "boolean"}
@@ -111,8 +124,13 @@ def submission_schema() -> dict:
         properties[item.name] = {**schema, "default": item.default, "description": item.metadata["help"]}
     properties["image"] = {"type": "string", "description": SERVER_FIELDS["image"]}
     properties["end_image"] = {"type": "string", "description": SERVER_FIELDS["end_image"]}
-    properties["format"] = {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "mp4",
+    properties["format"] = {"type": "string", "enum": [*OUTPUT_FORMATS, *IMAGE_OUTPUT_FORMATS], "default": "mp4",
                             "description": SERVER_FIELDS["format"]}
+    properties["keyframes"] = {"type": "object", "additionalProperties": {"type": "string"},
+                               "description": SERVER_FIELDS["keyframes"]}
+    for name in ("control_images", "control_masks"):
+        properties[name] = {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                            "description": SERVER_FIELDS[name]}
     properties["crf"] = {"type": "integer", "minimum": 0, "maximum": 63, "default": 16,
                          "description": SERVER_FIELDS["crf"]}
     return {"type": "object", "properties": properties, "additionalProperties": False,
@@ -186,22 +204,91 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str, defaul
         body.pop(name, None)
         if data is not None:
             images[name] = check_image(name, data)
-    output_format = body.pop("format", "mp4")
-    if output_format not in OUTPUT_FORMATS:
-        raise RequestError(422, f"Unknown format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}.")
+    images.update(_many_images(body, uploads))
+    output_format = body.pop("format", None)
     crf = integer(0, 63)("crf", body.pop("crf", DEFAULT_CRF))
     settings = GenerationSettings.from_options(**body)
     check_inputs_for_variant(variant, images.get("image"), images.get("end_image"), None)
-    # The encoder is opened on a test frame of the video's size, as the command does before any work.
-    resolution = settings.resolution or default_resolution
-    height, width = images["image"][2] if "image" in images else (
-        settings.height or resolution, settings.width or resolution)
-    height, width = find_nearest_bucket(height, width, resolution=resolution)
-    check_encoder(Path(f"video.{output_format}"), None, crf, None, width=width, height=height)
-    sections = section_count(settings.seconds, settings.fps, settings.latent_window_size)
+    formats = IMAGE_OUTPUT_FORMATS if settings.one_frame else OUTPUT_FORMATS
+    output_format = output_format or formats[0]
+    if output_format not in formats:
+        kind = "a one_frame job makes an image" if settings.one_frame else "a video job"
+        known = output_format in OUTPUT_FORMATS + IMAGE_OUTPUT_FORMATS
+        raise RequestError(422, (f"Format {output_format!r} does not fit {kind}" if known else
+                                 f"Unknown format {output_format!r}") + f": choose one of {', '.join(formats)}.")
+    sections = 1 if settings.one_frame else section_count(settings.seconds, settings.fps, settings.latent_window_size)
+    _check_controls(settings, images, variant, sections)
+    if not settings.one_frame:
+        # The encoder is opened on a test frame of the video's size, as the command does before any work.
+        resolution = settings.resolution or default_resolution
+        height, width = images["image"][2] if "image" in images else (
+            settings.height or resolution, settings.width or resolution)
+        height, width = find_nearest_bucket(height, width, resolution=resolution)
+        check_encoder(Path(f"video.{output_format}"), None, crf, None, width=width, height=height)
     section_prompts(settings, sections)  # every timestamped entry falls on a section, as the command checks
     files = {name: (suffix, data) for name, (suffix, data, _) in images.items()}
     return settings.as_dict(), {"format": output_format, "crf": crf}, files, sections
+
+
+def _named(images: dict, *prefixes: str) -> dict:
+    return {name: image for name, image in images.items() if name.startswith(prefixes)}
+
+
+# keyframe_3, keyframe_-1, keyframe_0-2, control_image_1, control_mask_2: safe file names, read back by the worker
+_STORED_NAME = re.compile(rf"{KEYFRAME_PREFIX}(-?\d+|\d+-\d+)|({CONTROL_IMAGE_PREFIX}|{CONTROL_MASK_PREFIX})[1-9]\d*")
+
+
+def _many_images(body: dict, uploads: dict[str, bytes]) -> dict:
+    """The keyframes and one-frame control images and masks of a submission, from the JSON (keyframes {SPEC: base64},
+    control_images / control_masks lists, null for none) or from multipart files keyframe_SPEC, control_image_N and
+    control_mask_N; each checked like the start image, under the name it is stored by."""
+    given = {}
+    keyframes = body.pop("keyframes", None) or {}
+    if not isinstance(keyframes, dict):
+        raise RequestError(422, 'keyframes must be an object {SPEC: base64 image}, e.g. {"3": "iVBOR..."}.')
+    for spec, text in keyframes.items():
+        given[KEYFRAME_PREFIX + str(spec).strip()] = text
+    for field, prefix in (("control_images", CONTROL_IMAGE_PREFIX), ("control_masks", CONTROL_MASK_PREFIX)):
+        values = body.pop(field, None) or []
+        if not isinstance(values, list):
+            raise RequestError(422, f"{field} must be a list of base64 images (null for none), in order.")
+        given.update({f"{prefix}{number}": text for number, text in enumerate(values, 1) if text is not None})
+    images = {}
+    for name in sorted(set(given) | set(_named(uploads, KEYFRAME_PREFIX, CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX))):
+        if not _STORED_NAME.fullmatch(name):
+            raise RequestError(422, f"{name!r} names no keyframe SPEC (N, -N or S-E) or control number (1, 2, ...).")
+        if name in given and name in uploads:
+            raise RequestError(422, f"{name} was sent twice (in the settings and as an upload): send it once.")
+        data = uploads[name] if name in uploads else decode_base64_image(name, given[name])
+        images[name] = check_image(name, data)
+    return images
+
+
+def _check_controls(settings, images: dict, variant: str, sections: int) -> None:
+    """Keyframes, latent paddings and one-frame inputs read and checked as the command checks them
+    (framepack_engine.generation.keyframes and one_frame), before the job is queued."""
+    from PIL import Image
+
+    from framepack_engine.generation.keyframes import check_latent_paddings, read_keyframes
+    from framepack_engine.generation.one_frame import read_one_frame_inputs
+    from framepack_engine.media.images import load_image
+
+    def opened(name):
+        return None if name not in images else Image.open(io.BytesIO(images[name][1]))
+
+    def numbered(prefix):
+        last = max([int(name[len(prefix):]) for name in _named(images, prefix)], default=0)
+        return [opened(f"{prefix}{number}") for number in range(1, last + 1)]
+
+    controls, masks = numbered(CONTROL_IMAGE_PREFIX), numbered(CONTROL_MASK_PREFIX)
+    if None in controls:
+        raise RequestError(422, "control images are numbered from 1 without gaps: send control_image_1, "
+                                "control_image_2, ... .")
+    start = load_image(opened("image"), "image") if "image" in images else None
+    read_one_frame_inputs(settings, variant, start, controls, masks, end_image=images.get("end_image"))
+    check_latent_paddings(settings.latent_paddings, sections, variant)
+    keyframes = {name[len(KEYFRAME_PREFIX):]: opened(name) for name in _named(images, KEYFRAME_PREFIX)}
+    read_keyframes(keyframes, sections, variant, settings.one_frame)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,7 +443,10 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "settings": {"type": "string", "description": "the JSON settings (as for application/json)"},
             "image": {"type": "string", "format": "binary", "description": SERVER_FIELDS["image"]},
-            "end_image": {"type": "string", "format": "binary", "description": SERVER_FIELDS["end_image"]}}}},
+            "end_image": {"type": "string", "format": "binary", "description": SERVER_FIELDS["end_image"]}},
+            "patternProperties": {rf"^({KEYFRAME_PREFIX}|{CONTROL_IMAGE_PREFIX}|{CONTROL_MASK_PREFIX})": {
+                "type": "string", "format": "binary", "description": "keyframe_SPEC, control_image_N, "
+                "control_mask_N: " + SERVER_FIELDS["keyframes"]}}}},
     }}}
 
     def page_file(path: str):
@@ -441,7 +531,8 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
     @app.get("/v1/jobs/{job_id}/inputs/{name}", summary="An input image of a job, as it was sent",
              responses={200: {"content": {media: {} for media in IMAGE_MEDIA_TYPES.values()}}})
     async def input_image(job_id: str, name: str):
-        """The job's `image` or `end_image` (see its `inputs`): to submit it again, or to show it."""
+        """The job's `image`, `end_image`, `keyframe_SPEC`, `control_image_N` or `control_mask_N` (see its `inputs`):
+        to submit it again, or to show it."""
         job = queue.store.get(job_id)
         if name not in job.inputs:
             raise RequestError(404, f"Job {job.id} has no input {name!r}: its inputs are "
@@ -478,6 +569,7 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
     @app.get("/v1/info", summary="Device, model, backends, queue")
     async def server_info():
         return {**(info or {}), "queue": queue.store.counts(), "formats": list(OUTPUT_FORMATS),
+                "image_formats": list(IMAGE_OUTPUT_FORMATS),
                 "limits": {"max_queued": queue.max_queued, "max_body_bytes": max_body_bytes,
                            "max_image_side": MAX_IMAGE_SIDE},
                 "api_key_required": api_key is not None}
@@ -504,16 +596,18 @@ async def _read_submission(request, max_body_bytes: int) -> tuple[dict, dict[str
         from starlette.exceptions import HTTPException
 
         try:
-            form = await request.form(max_files=len(INPUT_IMAGES), max_fields=1, max_part_size=max_body_bytes)
+            form = await request.form(max_files=MAX_UPLOADS, max_fields=1, max_part_size=max_body_bytes)
         except HTTPException as error:
             raise RequestError(400, f"The multipart body cannot be read ({error.detail}): send a 'settings' JSON "
-                                    "field and at most the files 'image' and 'end_image'.") from None
-        unknown = [name for name in form.keys() if name not in ("settings", *INPUT_IMAGES)]
+                                    "field and at most the files 'image' and 'end_image' (and keyframe_SPEC, "
+                                    "control_image_N, control_mask_N).") from None
+        files = (*INPUT_IMAGES, KEYFRAME_PREFIX, CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX)
+        unknown = [name for name in form.keys() if name != "settings" and not name.startswith(files)]
         if unknown:
             raise RequestError(422, f"Unknown form field {unknown[0]!r}: send 'settings' (JSON) and the files "
-                                    "'image' and 'end_image'.")
+                                    "'image' and 'end_image' (and keyframe_SPEC, control_image_N, control_mask_N).")
         uploads = {}
-        for name in INPUT_IMAGES:
+        for name in [name for name in form.keys() if name != "settings"]:
             upload = form.get(name)
             if upload is not None:
                 if isinstance(upload, str):
