@@ -931,12 +931,6 @@ def command_bench(args) -> int:
     if json_path is not None and not json_path.parent.is_dir():
         raise FramePackError(f"The folder of --json {json_path.name!r} does not exist: create it or pick another path.")
     log = (lambda message: None) if args.quiet else (lambda message: print(f"[bench] {message}", file=sys.stderr))
-    if args.nproc is not None:
-        from framepack_engine.commands.bench_parallel import command_bench_parallel
-
-        if compare is not None:
-            raise FramePackError("--nproc compares with one process by itself: leave out --compare.")
-        return command_bench_parallel(args, settings, log)
     results = run_benchmark(settings, compare, log=log)
     results["command"] = command_line(settings, args.compare, args.json)
     print(format_results(results))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from framepack_engine.commands.bench import (BenchSettings, _dtype_name, environment, random_dit,
-                                             random_inputs, run_plan, summary, warm_up, write_json)
+from framepack_engine.commands.bench import (BenchSettings, _dtype_name, command_bench, environment, random_dit,
+                                             random_inputs, run_plan, settings_from_args, summary, warm_up,
+                                             write_json)
 from framepack_engine.errors import FramePackError
 from framepack_engine.models import flops as flop_counter
 from framepack_engine.models.presets import DIT_PRESETS
@@ -32,6 +34,16 @@ def check_parallel_settings(settings: BenchSettings, nproc: int) -> None:
     if settings.cache != "none" or settings.vram_budget_gb is not None:
         raise FramePackError("--nproc times the plain section loop: leave out --cache and --vram-budget-gb (each "
                              "works per rank in framepack generate).")
+
+
+def command(args) -> int:
+    """`framepack bench`: with --nproc the ranks' benchmark, else the one-process one (commands/bench.py)."""
+    if args.nproc is None or args.gpu_check:
+        return command_bench(args)
+    if args.compare:
+        raise FramePackError("--nproc compares with one process by itself: leave out --compare.")
+    log = (lambda message: None) if args.quiet else (lambda message: print(f"[bench] {message}", file=sys.stderr))
+    return command_bench_parallel(args, settings_from_args(args), log)
 
 
 def command_bench_parallel(args, settings: BenchSettings, log) -> int:
@@ -154,4 +166,4 @@ def format_parallel(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_ranks", "check_parallel_settings", "command_bench_parallel", "format_parallel"]
+__all__ = ["bench_ranks", "check_parallel_settings", "command", "command_bench_parallel", "format_parallel"]

@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     from framepack_engine.commands.quantize import add_quantize_command
     from framepack_engine.commands.serve import add_serve_command
 
-    add_bench_command(commands)
+    from framepack_engine.commands.bench_parallel import command as bench_command
+
+    add_bench_command(commands).set_defaults(run=bench_command)  # --nproc N: the ranks' benchmark
     add_calibrate_command(commands)
     add_convert_rife_command(commands)
     add_quantize_command(commands)
