@@ -20,6 +20,8 @@ except ImportError:  # pip vendors packaging
 ROOT = "framepack-engine"
 ROOT_EXTRAS = ("dev",)
 LEFT_OUT = {"pip", "setuptools", "wheel", "distribute"}
+# Test oracles installed with --no-deps (pyproject.toml says why): pinned, their own requirements not followed.
+NO_DEPS = ("ccvfi", "spandrel")
 
 HEADER = """\
 # The exact versions CI passes with: every package that `pip install -e ".[dev]"` installs, pinned.
@@ -67,7 +69,8 @@ def closure(dists):
 
 def main():
     dists = installed()
-    names = sorted(n for n in closure(dists) if n != canonical(ROOT) and n not in LEFT_OUT)
+    wanted = set(closure(dists)) | {canonical(name) for name in NO_DEPS if canonical(name) in dists}
+    names = sorted(n for n in wanted if n != canonical(ROOT) and n not in LEFT_OUT)
     lines = []
     for name in names:
         dist = dists[name]

@@ -23,6 +23,7 @@ echo "== a fresh venv in $venv"
 "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
 "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+"$venv/bin/python" -m pip install --quiet --no-deps ccvfi spandrel   # test oracles without torchvision (pyproject.toml)
 "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
 
 echo "== the README test command with the newest allowed versions"
