@@ -61,10 +61,10 @@ def test_unknown_option_suggests_the_near_one():
 
 
 @pytest.mark.parametrize("flags,named", [
-    (["--seconds", "nan"], "seconds"), (["--cfg", "inf"], "cfg"), (["--seed", str(2**70)], "seed"),
-    (["--resolution", "100000"], "resolution"), (["--width", "0"], "width"),
-    (["--distilled-guidance", "nan"], "distilled_guidance"), (["--vision-strength", "inf"], "vision_strength"),
-])
+    (["--seconds", "nan"], "--seconds"), (["--cfg", "inf"], "--cfg"), (["--seed", str(2**70)], "--seed"),
+    (["--resolution", "100000"], "--resolution"), (["--width", "0"], "--width"),
+    (["--distilled-guidance", "nan"], "--distilled-guidance"), (["--vision-strength", "inf"], "--vision-strength"),
+])  # named as the flag given (it said distilled_guidance)
 def test_the_command_checks_settings_before_loading_a_model(monkeypatch, capsys, tmp_path, flags, named):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
