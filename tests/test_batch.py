@@ -124,3 +124,29 @@ def test_out_on_the_command_line_and_an_empty_batch_are_one_line(tmp_path, capsy
     assert len(error) == 1 and "holds no job" in error[0]
     assert main(["generate", "--batch", str(tmp_path / "nowhere.jsonl"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err and loads == []
+
+
+def test_ctrl_c_finishes_the_running_job_and_starts_no_other(tmp_path, capsys, monkeypatch):
+    """The finishing protocol in a batch: SIGINT once job 2's first section is handed over. Job 2's file keeps that
+    section, job 3 is not started, the exit status is 130 and the last lines say what is where."""
+    import os
+    import signal
+
+    streamed = Engine.stream
+
+    def interrupted_stream(self, *args, request=None, **kwargs):
+        for section in streamed(self, *args, request=request, **kwargs):
+            yield section
+            if request.settings.prompt == "stop here":
+                os.kill(os.getpid(), signal.SIGINT)  # the engine stops at the next step
+
+    monkeypatch.setattr(Engine, "stream", interrupted_stream)
+    batch = write_batch(tmp_path / "jobs.jsonl", {"prompt": "a cat", "out": str(tmp_path / "first.mp4")},
+                        {"prompt": "stop here", "seconds": 2, "out": str(tmp_path / "second.mp4")},
+                        {"prompt": "a dog", "out": str(tmp_path / "third.mp4")})
+    assert main(["generate", "--batch", str(batch), *FAST]) == 130
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("Interrupted: second.mp4 holds 5 frames (1 of 2 sections). Batch stopped at job 2/3:")
+    assert error[-1].endswith("1 done, 0 failed, not run: line(s) 3.")
+    assert len(frames(tmp_path / "first.mp4")) == 9 and len(frames(tmp_path / "second.mp4")) == 5
+    assert not (tmp_path / "third.mp4").exists()

@@ -151,6 +151,16 @@ def test_a_file_without_our_metadata_is_one_line(tmp_path, capsys, make):
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv", ".mov"])
+def test_every_container_gives_the_metadata_back(tmp_path, suffix):
+    from framepack_engine.media.video import encode_video
+
+    metadata = {"engine": "framepack-engine", "prompt": "a [0s: cat] ünïcode", "seed": 3, "loras": [{"strength": 0.5}]}
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    path = encode_video(frames, tmp_path / f"v{suffix}", 8, metadata=metadata)
+    assert read_recorded(path) == metadata
+
+
 def test_png_frames_carry_the_metadata_in_a_text_chunk(tmp_path):
     out = tmp_path / "frames"
     assert main(["generate", "a dog", "--seed", "3", *FAST, "--out", str(out)]) == 0

@@ -79,7 +79,8 @@ def _video(path: Path) -> dict | None:
     import av
 
     try:
-        with av.open(str(path)) as container:
-            return _parsed(container.metadata.get("comment"))
+        with av.open(str(path)) as container:  # Matroska (.mkv, .webm) keeps tag names upper-case
+            tags = {name.lower(): value for name, value in container.metadata.items()}
+        return _parsed(tags.get("comment"))
     except av.FFmpegError as error:
         raise ValueError(str(error)) from None
