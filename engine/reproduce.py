@@ -103,8 +103,9 @@ def read_recorded(path) -> dict:
 def recorded_options(recorded: dict, generation_flags: dict, model_flags: dict, preset_flag: str | None
                      ) -> tuple[dict, dict, str | None]:
     """(generation options, model options, preset) for a run that reproduces `recorded`, the flags given on the
-    command line winning. Options this version does not know are left out with one warning; a local model whose
-    path is not recorded must be given again (one line, before loading)."""
+    command line winning. Model options this version does not know are left out with one warning (other keys are
+    the rest of the record); a local model whose path is not recorded must be given again (one line, before
+    loading)."""
     generation_names = {item.name for item in GenerationSettings.options()}
     generation = {name: value for name, value in recorded.items() if name in generation_names}
     recorded_models = dict(recorded.get("model_options") or {})

@@ -150,3 +150,10 @@ def test_ctrl_c_finishes_the_running_job_and_starts_no_other(tmp_path, capsys, m
     assert error[-1].endswith("1 done, 0 failed, not run: line(s) 3.")
     assert len(frames(tmp_path / "first.mp4")) == 9 and len(frames(tmp_path / "second.mp4")) == 5
     assert not (tmp_path / "third.mp4").exists()
+
+
+def test_a_batch_runs_in_one_process(tmp_path, capsys, loads):
+    batch = write_batch(tmp_path / "jobs.jsonl", {"prompt": "a cat", "out": str(tmp_path / "a.mp4")})
+    assert main(["generate", "--batch", str(batch), "--nproc", "2", *FAST]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--batch runs its jobs in one process" in error[0] and loads == []

@@ -47,6 +47,11 @@ def run_batch(args, signals: Signals) -> int:
     if args.out:
         raise FramePackError("--out names one output, but a batch writes one per job: give each line its \"out\" "
                              f"(or none, for outputs/{Path(args.batch).stem}_lineN.mp4).")
+    from framepack_engine.runtime.distributed import launched_ranks
+
+    if (getattr(args, "nproc", None) or 1) > 1 or launched_ranks() > 1:
+        raise FramePackError("--batch runs its jobs in one process: leave out --nproc (and torchrun), or run each job "
+                             "on several processes with its own framepack generate.")
     generation = given_flags(args, GenerationSettings, skip=("prompt",))
     if args.prompt is not None or args.prompt_words:
         generation["prompt"] = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
