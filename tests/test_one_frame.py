@@ -174,6 +174,7 @@ def test_the_command_writes_the_image_with_its_settings(files, name):
     (["--control-image", "{reference}"], "--control-images are one-frame inputs: pass --one-frame too"),
     (["--target-index", "3"], "--target-index is a one-frame option: pass --one-frame too"),
     (["--one-frame", "--out", "{folder}/edit.mp4"], "is not a name of an image format to write: end --out with"),
+    (["--one-frame", "--nproc", "2"], "--one-frame runs in one process"),
 ])
 def test_bad_one_frame_inputs_are_one_line_before_loading(files, capsys, monkeypatch, arguments, message):
     monkeypatch.setattr(Engine, "from_resolved", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))

@@ -116,7 +116,7 @@ def _generate(args, signals: Signals) -> int:
                               default_resolution=models.default_resolution)
     out = Path(args.out) if args.out else _default_out(request.mode, settings.seed)
     if request.one_frame is not None:  # one image (framepack_engine.generation.one_frame)
-        return generate_still(models, request, out, args.overwrite, signals, quiet=args.quiet)
+        return generate_still(models, request, out, args.overwrite, signals, quiet=args.quiet, nproc=args.nproc)
     height, width = request.size
     check_output(out, output.codec, output.crf, output.pixel_format, overwrite=args.overwrite, width=width,
                  height=height)

@@ -13,10 +13,16 @@ from pathlib import Path
 from framepack_engine.commands.common import Signals
 
 
-def generate_still(models, request, out: Path, overwrite: bool, signals: Signals, quiet: bool = False) -> int:
+def generate_still(models, request, out: Path, overwrite: bool, signals: Signals, quiet: bool = False,
+                   nproc: int | None = None) -> int:
+    from framepack_engine.errors import FramePackError
     from framepack_engine.media.still import StillOutputFile, check_still_output
     from framepack_engine.pipeline import Engine
+    from framepack_engine.runtime.distributed import launched_ranks
 
+    if (nproc or 1) > 1 or launched_ranks() > 1:  # several ranks would each write the same image
+        raise FramePackError("--one-frame runs in one process (its one small section is not split over ranks): "
+                             "leave --nproc and torchrun out.")
     check_still_output(out, overwrite)
     try:
         engine = Engine.from_resolved(models, request)
