@@ -131,12 +131,17 @@ def recorded_options(recorded: dict, generation_flags: dict, model_flags: dict, 
 
 
 def check_recorded_inputs(recorded: dict, given: dict) -> None:
-    """Each input the recorded video was made from must be given again (its folder is not recorded): one line."""
+    """Each input the recorded video was made from must be given again (its folder is not recorded): one line.
+    `given`: image, end_image, input_video and keyframes as this run has them."""
     for name, record in (recorded.get("inputs") or {}).items():
         if name in INPUTS and given.get(name) is None:
             shown = f" {record['name']!r}" if record.get("name") else ""
             raise FramePackError(f"The file was made from the {INPUTS[name]}{shown}: pass it with "
                                  f"--{name.replace('_', '-')} PATH (or give another one to change it).")
+    keyframes = recorded.get("keyframes")  # {SPEC: file name}, as the resolve step records them
+    if isinstance(keyframes, dict) and keyframes and not given.get("keyframes"):
+        named = " ".join(f"--keyframe {spec}:{name}" for spec, name in keyframes.items())
+        raise FramePackError(f"The file was made with keyframes ({named}): pass each with --keyframe SPEC:PATH.")
 
 
 def warn_differences(recorded: dict, current: dict) -> None:

@@ -157,3 +157,22 @@ def test_a_batch_runs_in_one_process(tmp_path, capsys, loads):
     assert main(["generate", "--batch", str(batch), "--nproc", "2", *FAST]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--batch runs its jobs in one process" in error[0] and loads == []
+
+
+def test_keyframes_in_a_line_and_one_frame_jobs_refused(tmp_path, capsys, loads):
+    keyframe = tmp_path / "pose.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(keyframe)
+    batch = write_batch(tmp_path / "jobs.jsonl",
+                        {"prompt": "a cat", "seconds": 2, "keyframes": {"-1": str(keyframe)},
+                         "out": str(tmp_path / "keyed.mp4")},
+                        {"prompt": "a cat", "seconds": 2, "out": str(tmp_path / "plain.mp4")},
+                        {"prompt": "a cat", "keyframes": ["pose.png"], "out": str(tmp_path / "bad.mp4")},
+                        {"prompt": "a cat", "image": str(keyframe), "one_frame": True, "out": str(tmp_path / "x.png")})
+    assert main(["generate", "--batch", str(batch), *FAST]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "line 3: keyframes must be an object of SPEC" in errors[0], errors
+    assert "line 4: one-frame jobs (one_frame) are not run in a batch" in errors[1] and loads == []
+    write_batch(batch, *[json.loads(line) for line in batch.read_text().splitlines()[:2]])
+    assert main(["generate", "--batch", str(batch), *FAST]) == 0 and len(loads) == 1
+    assert read_metadata(tmp_path / "keyed.mp4")["keyframes"] == {"-1": "pose.png"}
+    assert not np.array_equal(frames(tmp_path / "keyed.mp4"), frames(tmp_path / "plain.mp4"))

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from framepack_engine.commands.main import main
 from framepack_engine.errors import FramePackError
 from framepack_engine.media.metadata import read_metadata
-from framepack_engine.reproduce import read_recorded, recorded_options
+from framepack_engine.reproduce import check_recorded_inputs, read_recorded, recorded_options
 from framepack_engine.runtime.identity import fingerprint, source_identity, weights_sha256
 
 FAST = ["--preset", "tiny", "--steps", "2", "--latent-window-size", "2", "--fps", "8", "--seconds", "1", "--quiet"]
@@ -207,3 +207,10 @@ def test_a_local_model_must_be_given_again_and_flags_win():
     assert models == {"transformer": "/x/dit.safetensors", "dtype": "float16", "quantize": "int8"}
     _, models, preset = recorded_options(recorded, {}, {}, "tiny")
     assert preset == "tiny" and models == {"quantize": "int8"}
+
+
+def test_recorded_keyframes_must_be_given_again():
+    recorded = {"engine": "framepack-engine", "keyframes": {"-1": "pose.png", "0-1": "walk.png"}}
+    with pytest.raises(FramePackError, match=r"keyframes \(--keyframe -1:pose.png --keyframe 0-1:walk.png\)"):
+        check_recorded_inputs(recorded, {"keyframes": None})
+    check_recorded_inputs(recorded, {"keyframes": ["-1:other.png"]})

@@ -1,8 +1,8 @@
 """`framepack generate --batch FILE`: every job of a JSON Lines file, with the models loaded once.
 
 Each line is one job: a JSON object with any generation option under its API name (prompt, seconds, seed,
-section_prompts, ...), the inputs image, end_image and input_video (paths, relative to the current folder), and the
-output's out, codec, crf, pixel_format and overwrite. The flags of the command apply to every job a line does not
+section_prompts, ...), the inputs image, end_image and input_video (paths, relative to the current folder) and
+keyframes ({SPEC: path}), and the output's out, codec, crf, pixel_format and overwrite. The flags of the command apply to every job a line does not
 override. Model options may appear in a line only with the value the batch loads (the models load once).
 
 Every line is parsed and checked before any model loads (unknown keys, bad values, missing inputs, an output another
@@ -25,7 +25,7 @@ from framepack_engine.commands.common import Signals
 from framepack_engine.commands.run import OutputOptions, Progress, write_video
 from framepack_engine.errors import FramePackError
 
-INPUT_KEYS = ("image", "end_image", "input_video")
+INPUT_KEYS = ("image", "end_image", "input_video", "keyframes")
 OUTPUT_KEYS = ("out", "codec", "crf", "pixel_format", "overwrite")
 FAILED_BASE, FAILED_MOST = 100, 125  # exit status: 100 + failed jobs, capped below the shell's 126+
 
@@ -63,7 +63,11 @@ def run_batch(args, signals: Signals) -> int:
         recorded = read_recorded(args.settings_from)
         generation, model_options, preset = recorded_options(recorded, generation, model_options, preset)
         output = {**{k: v for k, v in (recorded.get("output") or {}).items() if v is not None}, **output}
-    inputs = {name: getattr(args, name) for name in INPUT_KEYS if getattr(args, name) is not None}
+    from framepack_engine.generation.keyframes import parse_keyframe_flag
+
+    inputs = {name: getattr(args, name) for name in INPUT_KEYS[:3] if getattr(args, name) is not None}
+    if args.keyframe:
+        inputs["keyframes"] = parse_keyframe_flag(args.keyframe)
     models = resolve_models(ModelSettings.from_options(**model_options), preset, given=model_options)
 
     jobs, errors = read_jobs(Path(args.batch), generation, inputs, output, models, recorded)
@@ -182,11 +186,17 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
         **{**generation, **{key: value for key, value in line.items() if key in generation_names}})
     job_inputs = {**inputs, **{key: line[key] for key in INPUT_KEYS if key in line}}
     for key, value in job_inputs.items():
-        if value is not None and not isinstance(value, str):
+        if key == "keyframes":
+            if not isinstance(value, dict) or not all(isinstance(path, str) for path in value.values()):
+                raise FramePackError(f"keyframes must be an object of SPEC: image path, e.g. {{\"3\": \"pose.png\"}}, "
+                                     f"got {value!r}.")
+        elif value is not None and not isinstance(value, str):
             raise FramePackError(f"{key} must be a file's path (a string), got {value!r}.")
     if recorded is not None:
         check_recorded_inputs(recorded, job_inputs)
     request = resolve_request(settings, models.variant, default_resolution=models.default_resolution, **job_inputs)
+    if request.one_frame is not None:
+        raise FramePackError("one-frame jobs (one_frame) are not run in a batch: run each with framepack generate.")
     options = {**output, **{key: line[key] for key in OUTPUT_KEYS if key in line}}
     out = options.get("out")
     if out is not None and not isinstance(out, str):

@@ -104,7 +104,7 @@ def _generate(args, signals: Signals) -> int:
         generation_options, model_options, preset = recorded_options(recorded, generation_options, model_options,
                                                                      preset)
         check_recorded_inputs(recorded, {"image": args.image, "end_image": args.end_image,
-                                         "input_video": args.input_video})
+                                         "input_video": args.input_video, "keyframes": args.keyframe})
         given_output = {name: value for name, value in vars(output).items() if value is not None}
         output = OutputOptions(**{**(recorded.get("output") or {}), **given_output})
     output.crf = DEFAULT_CRF if output.crf is None else output.crf
