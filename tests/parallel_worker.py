@@ -62,14 +62,33 @@ def dit_case(layout, heads: int) -> dict:
             "blocks": len(dit.blocks)}
 
 
+def stream_every_block(engine):
+    """The DiT's blocks all streamed through two slots (framepack_engine.runtime.offload), as a small GPU's plan
+    would have them: returns the placement (close it to put them back)."""
+    import dataclasses
+
+    from framepack_engine.models.footprints import engine_footprint
+    from framepack_engine.runtime.placement import DiTPlacement
+    from framepack_engine.runtime.planner import plan_memory
+
+    dit = engine.transformer
+    footprint = engine_footprint(dit)
+    streamed = tuple(range(len(dit.blocks)))
+    plan = dataclasses.replace(plan_memory(footprint, 2**40, device="cpu", resolution=64), resident_blocks=(),
+                               streamed_blocks=streamed, prefetch=1, slots=2,
+                               slot_bytes=footprint.dit.slot_for(streamed), source="mmap")
+    return DiTPlacement(dit, plan, "cpu")
+
+
 class HangAt:
     """A callback that stops answering (sleeps `seconds`) at a step of the first section."""
 
     def __init__(self, step: int, seconds: float):
-        self.step, self.seconds = step, seconds
+        self.step, self.seconds, self.started = step, seconds, None
 
     def __call__(self, info):
         if info["section"] == 0 and info["i"] == self.step:
+            self.started = time.time()  # the wall clock, which the other rank's process shares
             time.sleep(self.seconds)
 
 
@@ -104,15 +123,20 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeou
                 continue
             engine = Engine.from_preset("tiny", variant=options.pop("variant", "bidirectional")).set_parallel(layout)
             kill, hang = options.pop("kill_rank", None), options.pop("hang_rank", None)
-            callback = KillAt(1) if kill == rank else HangAt(1, timeout + 1) if hang == rank else None
+            callback = KillAt(1) if kill == rank else HangAt(0, 2 * timeout) if hang == rank else None
+            placement = stream_every_block(engine) if options.pop("stream_every_block", False) else None
             layout.counter.reset()
             started = time.monotonic()
             try:
                 video = engine.generate("a cat walks", callback=callback, **options)
                 results[name] = {"latents": video.latents, "frames": len(video.frames), "stats": video.stats,
-                                 "parallel": video.metadata.get("parallel"), "sent": dict(layout.counter.sent)}
+                                 "parallel": video.metadata.get("parallel"), "sent": dict(layout.counter.sent),
+                                 "streamed_passes": placement.streamer.stats.passes if placement else 0}
+                if placement is not None:
+                    placement.close()
             except ParallelError as error:
-                results[name] = {"error": str(error), "seconds": time.monotonic() - started}
+                results[name] = {"error": str(error), "seconds": time.monotonic() - started, "failed_at": time.time(),
+                                 "hung_at": getattr(callback, "started", None)}
                 break  # the group is broken: nothing more can run in it
     except Exception:  # anything else is the test's failure, told in full
         results["crash"] = traceback.format_exc()

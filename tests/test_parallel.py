@@ -2,7 +2,7 @@
 
 Each group of ranks runs a list of cases (tests/parallel_worker.py) in one process group, and each case is compared
 here with one process doing the same: a whole generation's latents to 1e-5 (bidirectional and F1, cfg 1 and CFG
-parallel, TeaCache on), one model call of DiTs whose heads divide by the ranks or not, the shards' balance and the
+parallel, TeaCache on, every block streamed), one model call of DiTs whose heads divide by the ranks or not, the shards' balance and the
 bytes the all-to-alls and gathers sent against the formula; a rank killed mid-section ends the other with one
 clear error. The ranks fork from a forkserver that imported the engine once (a rank's start costs no import).
 """
@@ -102,6 +102,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         ("bidirectional", "generation", dict(GENERATION)),
         ("f1_cfg_parallel", "generation", dict(GENERATION, variant="f1", cfg=3.0)),
         ("teacache", "generation", dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3)),
+        ("streamed", "generation", dict(GENERATION, stream_every_block=True)),
         ("dit_heads_4", "dit", {"heads": 4}),
         ("dit_heads_3", "dit", {"heads": 3}),
         ("bench", "bench", {"preset": "tiny", "device": "cpu", "resolution": 128, "steps": 2, "warmup": 1}),
@@ -111,6 +112,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     expected = {"bidirectional": one_process(**GENERATION),
                 "f1_cfg_parallel": one_process("f1", **dict(GENERATION, cfg=3.0)),
                 "teacache": one_process(**dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3))}
+    expected["streamed"] = expected["bidirectional"]  # every block streamed per rank: the resident result
     rank0, rank1 = ranks
     for name, video in expected.items():
         for rank in ranks:
@@ -118,9 +120,10 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert rank0[name]["frames"] == len(video.frames) and rank1[name]["frames"] == 0  # rank 0 alone decodes
     assert rank0["bidirectional"]["parallel"] == {"world_size": 2, "ulysses": 2, "ring": 1, "cfg": 1,
                                                   "backend": "gloo"}
+    steps = 2 * GENERATION["steps"]
+    assert rank0["streamed"]["streamed_passes"] == rank1["streamed"]["streamed_passes"] == steps
     assert rank0["f1_cfg_parallel"]["parallel"]["cfg"] == 2 and rank0["f1_cfg_parallel"]["parallel"]["ulysses"] == 1
     # CFG parallel: each step swaps one velocity (1, 16, 9, 8, 8) float32 with the twin, nothing else.
-    steps = 2 * GENERATION["steps"]
     assert rank0["f1_cfg_parallel"]["sent"] == {"cfg": steps * 16 * 9 * 8 * 8 * 4}
     # TeaCache skipped steps, the same ones on both ranks, as one process skips them.
     skipped = expected["teacache"].stats["cache_steps_skipped"]
@@ -150,7 +153,8 @@ def test_a_hung_rank_ends_every_rank_within_the_timeout(tmp_path):
     timeout = 4.0
     rank0, rank1 = run_ranks(2, [("hung", "generation", dict(GENERATION, steps=2, hang_rank=1))], tmp_path, timeout)
     # Rank 0 waits for the hung rank no longer than the timeout; the hung one, once it wakes, finds the group gone.
-    assert timeout <= rank0["hung"]["seconds"] < timeout + 10, rank0["hung"]
+    waited = rank0["hung"]["failed_at"] - rank1["hung"]["hung_at"]
+    assert timeout - 1 <= waited < timeout + 5, waited
     assert f"did not answer within {timeout:g} s" in rank0["hung"]["error"] and "\n" not in rank0["hung"]["error"]
     assert rank1["hung"]["error"].startswith("rank 1: an ") and rank0["exitcode"] == rank1["exitcode"] == 0
 
