@@ -8,7 +8,8 @@ from pathlib import Path
 
 from framepack_engine.commands.common import Signals
 from framepack_engine.runtime.attention import available_backends, resolve_backend
-from framepack_engine.serve.jobs import JobQueue, JobStore, load_worker_engine, parse_devices
+from framepack_engine.errors import FramePackError
+from framepack_engine.serve.jobs import JobQueue, JobStore, PostprocessFiles, load_worker_engine, parse_devices
 from framepack_engine.serve.server import (API_KEY_VARIABLE, DEFAULT_PORT, check_api_key, create_app, default_state_dir, require_server_packages, reserve_port)
 from framepack_engine.settings import ModelSettings, add_flags, given_flags, integer, number
 
@@ -58,6 +59,11 @@ def add_serve_command(commands) -> None:
     models = serve.add_argument_group("model (as framepack generate)")
     models.add_argument("--preset", choices=["tiny"], help="a random-weight model built in memory (its video is noise)")
     add_flags(models, ModelSettings, skip=("device",))
+    post = serve.add_argument_group("after generation (jobs ask for them; they never send paths)")
+    post.add_argument("--rife-model", metavar="SAFETENSORS", help="RIFE 4.x weights for jobs' interpolate "
+                      "(framepack convert-rife makes them from Practical-RIFE's flownet.pkl)")
+    post.add_argument("--upscaler", metavar="MODEL", action="append", help="an upscaler's weights (.safetensors or "
+                      ".pth) that jobs may name by its file name in upscale; repeat for several")
     serve.set_defaults(run=command_serve)
 
 
@@ -71,6 +77,7 @@ def command_serve(args) -> int:
     integer(1)("--max-queued", args.max_queued)
     number(0, MAX_BODY_MB, low_open=True, fix="e.g. 32")("--max-body-mb", args.max_body_mb)
     model_settings = ModelSettings.from_options(**given_flags(args, ModelSettings, skip=("device",)))
+    files = _postprocess_files(args.rife_model, args.upscaler or [])
     devices = parse_devices(args.devices)
     require_server_packages()
     import uvicorn
@@ -80,7 +87,7 @@ def command_serve(args) -> int:
     sock = reserve_port(args.host, args.port)
     try:
         engines = load_engines(model_settings, args.preset, devices)
-        queue = JobQueue(store, engines, args.max_queued, abort=signals.abort)
+        queue = JobQueue(store, engines, args.max_queued, abort=signals.abort, files=files)
         engine = queue.engine
         info = {"engine": "framepack-engine", "model": engine.name, "variant": engine.variant,
                 "dtype": str(engine.dtype).removeprefix("torch."), "devices": devices,
@@ -88,7 +95,9 @@ def command_serve(args) -> int:
                 "backends": available_backends(devices[0]),
                 # The LoRAs every job runs with (fixed at start-up), by name: the files' paths stay private.
                 "loras": [{"name": lora["name"], "strength": lora["strength"]}
-                          for lora in engine.loras.describe()]}
+                          for lora in engine.loras.describe()],
+                # What jobs may ask for after generation (interpolate, upscale): names only, like the LoRAs.
+                **files.info()}
         app = create_app(queue, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), info=info)
         for job_id, happened in queue.start():
             print(f"job {job_id}: {happened}", flush=True)
@@ -105,6 +114,26 @@ def command_serve(args) -> int:
         sock.close()
         store.close()
     return signals.status if signals.interrupted else 0
+
+
+def _postprocess_files(rife_model: str | None, upscalers: list[str]) -> PostprocessFiles:
+    """The server's interpolation and upscaling weights, checked before anything loads (one line each): existing
+    files, spandrel importable, upscalers with distinct file names (jobs name them)."""
+    from framepack_engine.models.rife import check_rife_path
+    from framepack_engine.models.upscaler import check_upscaler_path, import_spandrel
+
+    if rife_model is not None:
+        check_rife_path(rife_model)
+    for path in upscalers:
+        check_upscaler_path(path)
+    if upscalers:
+        import_spandrel()
+    names = [Path(path).name for path in upscalers]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise FramePackError(f"Two --upscaler files are named {twice!r}: jobs name upscalers by their file name, so "
+                             "give each a different one.")
+    return PostprocessFiles(rife_model, tuple(upscalers))
 
 
 def _uvicorn_server(config, signals: Signals):

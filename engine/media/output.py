@@ -37,6 +37,7 @@ class SectionOutputFile:
         # Interpolation and upscaling run on each section as it is handed over (fps: the output's frame rate).
         self.postprocess = postprocess if postprocess is not None and postprocess.active else None
         self._process = None  # the postprocess's function of segments, made for the video's direction
+        self.recorded: dict | None = None  # settings recorded over the sections' own (set_postprocess)
         self.writer: SectionVideoWriter | None = None
         self.last: SectionResult | None = None
         self.frame_count = 0  # frames handed to the writer (it encodes them in the background)
@@ -44,10 +45,16 @@ class SectionOutputFile:
         self.sections = 0  # sections handed to the writer
         self._segments: list[tuple[int, bool]] = []  # (frames, a whole section) of each segment, as handed over
 
+    def set_postprocess(self, postprocess: PostProcess | None, fps: float, recorded: dict | None = None) -> None:
+        """Before the first section: the interpolation and upscaling to run on each section, the output's frame rate,
+        and settings to record instead of the sections' own (the server's: file names, not its paths)."""
+        self.postprocess = postprocess if postprocess is not None and postprocess.active else None
+        self.fps, self.recorded = fps, recorded
+
     def add(self, result: SectionResult) -> None:
         """Hands one finished section's frames to the writer; returns at once (encoding runs in the background)."""
         if self.writer is None:
-            metadata = result.metadata
+            metadata = {**result.metadata, **(self.recorded or {})}
             if self.postprocess is not None:
                 metadata = {**metadata, **self.postprocess.describe()}
                 self._process = self.postprocess.segments(result.direction)

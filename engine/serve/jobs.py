@@ -518,7 +518,12 @@ class Worker(threading.Thread):
         stats = dict(job.stats)
         done, state, error = 0, None, None
         try:
-            request = resolve_request(GenerationSettings.from_options(**job.settings), self.engine.variant,
+            settings = GenerationSettings.from_options(**self.queue.files.settings(job.settings))
+            if isinstance(output, SectionOutputFile):  # interpolation and upscaling, on each section
+                wanted = settings.interpolate > 1 or settings.upscale is not None
+                output.set_postprocess(self.engine.postprocess(settings) if wanted else None, settings.output_fps,
+                                       self.queue.files.recorded(settings.as_dict()))
+            request = resolve_request(settings, self.engine.variant,
                                       **request_inputs(folder, job.inputs),
                                       default_resolution=self.engine.default_resolution)
             checkpoint, replays = resume_files.load(self.engine, job.sections)
@@ -605,14 +610,66 @@ class _ProgressClock:
         self.live.recent.append((self.live.version, progress))
 
 
+@dataclass(frozen=True)
+class PostprocessFiles:
+    """The interpolation and upscaling weights a server offers, set when it starts (framepack serve --rife-model,
+    --upscaler): a job never sends a path; it asks for `interpolate` (the server's RIFE model) and names an upscaler
+    by its file name (`upscale`, listed in /v1/info). Its jobs and outputs record those names, never the folders."""
+
+    rife_model: str | None = None
+    upscalers: tuple[str, ...] = ()
+
+    def names(self) -> dict[str, str]:
+        return {Path(path).name: path for path in self.upscalers}
+
+    def settings(self, given: dict) -> dict:
+        """A job's settings with the server's files put in: the upscaler's name becomes its path, and the server's
+        RIFE model goes with `interpolate` > 1; one line naming what this server lacks."""
+        settings = dict(given)
+        name = settings.get("upscale")
+        if name is not None:
+            if name not in self.names():
+                offered = ", ".join(sorted(self.names())) or "none (framepack serve --upscaler MODEL offers one)"
+                raise FramePackError(f"upscale names one of the server's upscalers, and {str(name)!r} is none of "
+                                     f"them: the server has {offered}.")
+            settings["upscale"] = self.names()[name]
+        interpolate = settings.get("interpolate")
+        if isinstance(interpolate, (int, float)) and not isinstance(interpolate, bool) and interpolate > 1:
+            if self.rife_model is None:
+                raise FramePackError("interpolate needs RIFE weights, and this server has none: they are set when it "
+                                     "starts (framepack serve --rife-model rife.safetensors).")
+            settings["rife_model"] = self.rife_model
+        return settings
+
+    def stored(self, settings: dict) -> dict:
+        """A job's checked settings as the queue keeps them (and a retry sends them back): the upscaler by its name,
+        no RIFE path (it comes with interpolate)."""
+        stored = {name: value for name, value in settings.items() if name != "rife_model"}
+        if stored.get("upscale") is not None:
+            stored["upscale"] = Path(stored["upscale"]).name
+        return stored
+
+    @staticmethod
+    def recorded(settings: dict) -> dict:
+        """What an output's metadata records of these files in place of their paths: their names."""
+        return {name: Path(settings[name]).name for name in ("rife_model", "upscale") if settings.get(name)}
+
+    def info(self) -> dict:
+        """For /v1/info: whether jobs may interpolate (the RIFE weights' name) and the upscalers' names."""
+        return {"rife_model": Path(self.rife_model).name if self.rife_model else None,
+                "upscalers": sorted(self.names())}
+
+
 class JobQueue:
     """The store, the workers and the running jobs' live progress."""
 
     def __init__(self, store: JobStore, engines: list[tuple[str, object]], max_queued: int,
-                 abort: threading.Event | None = None):
+                 abort: threading.Event | None = None, files: PostprocessFiles | None = None):
         """engines: (device, engine) for each worker. abort: set (by a second signal, framepack_engine.commands.
-        common.Signals) while the workers finish their videos at a stop: they then keep only what is durable."""
+        common.Signals) while the workers finish their videos at a stop: they then keep only what is durable.
+        files: the interpolation and upscaling weights jobs may use."""
         self.store, self.max_queued = store, max_queued
+        self.files = files or PostprocessFiles()
         self.live: dict[str, LiveJob] = {}
         self.stopping = threading.Event()
         self.abort = abort if abort is not None else threading.Event()

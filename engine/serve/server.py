@@ -33,7 +33,8 @@ from pathlib import Path
 from framepack_engine.errors import FramePackError
 from framepack_engine.serve.jobs import FINISHED_STATES, INPUT_IMAGES, JOB_STATES, OUTPUT_FORMATS, Job, JobFinished, JobNotFound, \
     QueueFull
-from framepack_engine.serve.jobs import CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX, IMAGE_OUTPUT_FORMATS, KEYFRAME_PREFIX
+from framepack_engine.serve.jobs import CONTROL_IMAGE_PREFIX, CONTROL_MASK_PREFIX, IMAGE_OUTPUT_FORMATS, KEYFRAME_PREFIX, \
+    PostprocessFiles
 
 API_KEY_VARIABLE = "FRAMEPACK_API_KEY"
 MIN_API_KEY_LENGTH = 16
@@ -54,8 +55,11 @@ SERVER_FIELDS = {
                      "files control_mask_1, ...; default: each image's alpha)",
     "crf": "output quality for the encoder, 0-63 (lower is better; default 16)",
 }
+# Settings whose meaning a server narrows: jobs name files the server offers instead of sending paths.
+SERVER_HELP = {"upscale": "one of the server's upscalers by name (/v1/info upscalers), run after interpolation; "
+                          "interpolate uses the server's RIFE model (/v1/info rife_model)"}
 # Beside the model's options (ModelSettings): names of the command's that choose files; never per request.
-NOT_PER_REQUEST = ("out", "input_video", "preset")
+NOT_PER_REQUEST = ("out", "input_video", "preset", "rife_model")
 IMAGE_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp",
                      ".tif": "image/tiff", ".gif": "image/gif"}
 # Files one multipart submission may carry: the start and end images, keyframes, control images and their masks.
@@ -118,10 +122,13 @@ def submission_schema() -> dict:
 
     properties = {}
     for item in GenerationSettings.options():
+        if item.name in NOT_PER_REQUEST:
+            continue
         schema = _json_type(item.metadata["check"])
         if item.default is None:
             schema = {"anyOf": [schema, {"type": "null"}]}
-        properties[item.name] = {**schema, "default": item.default, "description": item.metadata["help"]}
+        properties[item.name] = {**schema, "default": item.default,
+                                 "description": SERVER_HELP.get(item.name, item.metadata["help"])}
     properties["image"] = {"type": "string", "description": SERVER_FIELDS["image"]}
     properties["end_image"] = {"type": "string", "description": SERVER_FIELDS["end_image"]}
     properties["format"] = {"type": "string", "enum": [*OUTPUT_FORMATS, *IMAGE_OUTPUT_FORMATS], "default": "mp4",
@@ -140,7 +147,8 @@ def submission_schema() -> dict:
 def _check_names(given: dict) -> None:
     from framepack_engine.settings import GenerationSettings, ModelSettings
 
-    known = [item.name for item in GenerationSettings.options()] + list(SERVER_FIELDS)
+    known = [item.name for item in GenerationSettings.options() if item.name not in NOT_PER_REQUEST] + \
+        list(SERVER_FIELDS)
     fixed = [item.name for item in ModelSettings.options()] + list(NOT_PER_REQUEST)
     for name in given:
         if name in known:
@@ -184,9 +192,11 @@ def check_image(name: str, data: bytes) -> tuple[str, bytes, tuple[int, int]]:
     return IMAGE_FORMATS[kind], data, (height, width)
 
 
-def check_submission(body: dict, uploads: dict[str, bytes], variant: str, default_resolution: int):
+def check_submission(body: dict, uploads: dict[str, bytes], variant: str, default_resolution: int,
+                     files: PostprocessFiles | None = None):
     """(settings dict, output dict, images {name: (suffix, bytes)}, section count) of a submission, or a
-    RequestError / FramePackError naming the problem. body: the JSON settings; uploads: multipart image files."""
+    RequestError / FramePackError naming the problem. body: the JSON settings; uploads: multipart image files;
+    files: the server's interpolation and upscaling weights (jobs name them, never send paths)."""
     from framepack_engine.models.buckets import find_nearest_bucket
     from framepack_engine.media.codecs import DEFAULT_CRF, check_encoder
     from framepack_engine.resolve import check_inputs_for_variant, section_prompts
@@ -207,7 +217,8 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str, defaul
     images.update(_many_images(body, uploads))
     output_format = body.pop("format", None)
     crf = integer(0, 63)("crf", body.pop("crf", DEFAULT_CRF))
-    settings = GenerationSettings.from_options(**body)
+    files = files or PostprocessFiles()
+    settings = GenerationSettings.from_options(**files.settings(body))
     check_inputs_for_variant(variant, images.get("image"), images.get("end_image"), None)
     formats = IMAGE_OUTPUT_FORMATS if settings.one_frame else OUTPUT_FORMATS
     output_format = output_format or formats[0]
@@ -226,8 +237,8 @@ def check_submission(body: dict, uploads: dict[str, bytes], variant: str, defaul
         height, width = find_nearest_bucket(height, width, resolution=resolution)
         check_encoder(Path(f"video.{output_format}"), None, crf, None, width=width, height=height)
     section_prompts(settings, sections)  # every timestamped entry falls on a section, as the command checks
-    files = {name: (suffix, data) for name, (suffix, data, _) in images.items()}
-    return settings.as_dict(), {"format": output_format, "crf": crf}, files, sections
+    images_kept = {name: (suffix, data) for name, (suffix, data, _) in images.items()}
+    return files.stored(settings.as_dict()), {"format": output_format, "crf": crf}, images_kept, sections
 
 
 def _named(images: dict, *prefixes: str) -> dict:
@@ -473,7 +484,7 @@ def create_app(queue, *, api_key: str | None = None, max_body_bytes: int = 32 * 
         files. Answers 202 with the job (its id and `position`: queued jobs ahead of it)."""
         body, uploads = await _read_submission(request, max_body_bytes)
         settings, output, images, sections = await run_in_threadpool(
-            check_submission, body, uploads, queue.engine.variant, queue.engine.default_resolution)
+            check_submission, body, uploads, queue.engine.variant, queue.engine.default_resolution, queue.files)
         job = await run_in_threadpool(queue.submit, settings, output, images, sections)
         return JSONResponse(view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
