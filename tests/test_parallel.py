@@ -224,3 +224,5 @@ def test_nproc_is_checked_before_anything_starts(capsys):
                                                "e.g. --nproc 2 for two GPUs.")
     assert main(["generate", "a cat", "--preset", "tiny", "--parallel-timeout", "-1", "--out", "x.mp4"]) == 2
     assert "--parallel-timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert main(["generate", "--batch", "jobs.jsonl", "--preset", "tiny", "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --batch runs its jobs in one process")
