@@ -13,7 +13,9 @@ from framepack_engine.errors import ModelSourceError
 from framepack_engine.official import OFFICIAL_DIT_CONFIG
 from framepack_engine.runtime.sources import (Checkpoint, check_finite, check_safetensors, iter_tensors,
                                               read_config, read_safetensors_metadata, read_tensors,
-                                              read_tensors_keeping_quantized, resolve_component, weight_files)
+                                              read_tensors_keeping_quantized, resolve_component, weight_files,
+                                              weight_shapes)
+from framepack_engine.runtime.quanto import check_quantization_config
 
 
 # The official app's precisions: the DiT in bf16, the text encoders, the image encoder and the VAE in fp16.
@@ -91,19 +93,39 @@ def _block_count(keys, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def infer_dit_config(state_dict: dict[str, torch.Tensor]) -> dict:
+def _shape_of(shapes: dict, key: str, dims: int, name: str) -> tuple[int, ...]:
+    """The shape of `key` (a tensor or a shape), checked to have `dims` dimensions: a key or shape a single file
+    lacks is one line naming the file and what was expected, never a KeyError."""
+    if key not in shapes:
+        raise ModelSourceError(
+            f"{name!r} has no {key!r}, which a FramePack DiT in the diffusers key layout holds: point at the FramePack "
+            "transformer checkpoint, or give its config.json beside it in a folder.")
+    value = shapes[key]
+    shape = tuple(int(s) for s in (value.shape if hasattr(value, "shape") else value))
+    if len(shape) != dims or not all(shape):
+        raise ModelSourceError(
+            f"{name!r} holds {key!r} of shape {shape}, where a FramePack DiT has a {dims}-D weight: point at the "
+            "FramePack transformer checkpoint.")
+    return shape
+
+
+def infer_dit_config(state_dict: dict, name: str = "state dict") -> dict:
     """The packed DiT's config.json as far as tensor shapes tell it; the official values for the rest.
 
-    Heads come from the per-head q-norm width, layer counts from the block indices, the optional parts
-    (clean_x_embedder, image_projection, guidance embedder) from the keys present.
+    Takes tensors or shapes by key (`name` is the file's, for messages). Heads come from the per-head q-norm width,
+    layer counts from the block indices, the optional parts (clean_x_embedder, image_projection, guidance embedder)
+    from the keys present.
     """
     keys = list(state_dict)
-    _check_dit_keys(keys, "state dict")
-    patch_weight = state_dict["x_embedder.proj.weight"]  # (inner, in_channels, patch_t, patch, patch)
-    inner_dim, in_channels, patch_size_t, patch_size = (int(s) for s in patch_weight.shape[:4])
+    _check_dit_keys(keys, name)
+
+    def shape(key: str, dims: int = 2) -> tuple[int, ...]:
+        return _shape_of(state_dict, key, dims, name)
+
+    # (inner, in_channels, patch_t, patch, patch)
+    inner_dim, in_channels, patch_size_t, patch_size = shape("x_embedder.proj.weight", 5)[:4]
     norm_key = "transformer_blocks.0.attn.norm_q.weight"
-    head_dim = int(state_dict[norm_key].shape[0]) if norm_key in state_dict else OFFICIAL_DIT_DEFAULTS[
-        "attention_head_dim"]
+    head_dim = shape(norm_key, 1)[0] if norm_key in state_dict else OFFICIAL_DIT_DEFAULTS["attention_head_dim"]
     if inner_dim % head_dim:
         raise ModelSourceError(
             f"The DiT's width {inner_dim} is not a multiple of its head size {head_dim}: "
@@ -111,23 +133,23 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor]) -> dict:
     config = dict(OFFICIAL_DIT_DEFAULTS)
     config.update(
         in_channels=in_channels,
-        out_channels=int(state_dict["proj_out.weight"].shape[0]) // (patch_size_t * patch_size * patch_size),
+        out_channels=shape("proj_out.weight")[0] // (patch_size_t * patch_size * patch_size),
         num_attention_heads=inner_dim // head_dim,
         attention_head_dim=head_dim,
         num_layers=_block_count(keys, "transformer_blocks."),
         num_single_layers=_block_count(keys, "single_transformer_blocks."),
         num_refiner_layers=_block_count(keys, "context_embedder.token_refiner.refiner_blocks."),
-        mlp_ratio=float(state_dict["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]) / inner_dim,
+        mlp_ratio=float(shape("transformer_blocks.0.ff.net.0.proj.weight")[0]) / inner_dim,
         patch_size=patch_size,
         patch_size_t=patch_size_t,
         guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state_dict,
-        text_embed_dim=int(state_dict["context_embedder.proj_in.weight"].shape[1]),
-        pooled_projection_dim=int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        text_embed_dim=shape("context_embedder.proj_in.weight")[1],
+        pooled_projection_dim=shape("time_text_embed.text_embedder.linear_1.weight")[1],
         has_image_proj="image_projection.up.weight" in state_dict,
         has_clean_x_embedder="clean_x_embedder.proj.weight" in state_dict,
     )
     if config["has_image_proj"]:
-        config["image_proj_dim"] = int(state_dict["image_projection.up.weight"].shape[1])
+        config["image_proj_dim"] = shape("image_projection.up.weight")[1]
     else:
         config["image_proj_dim"] = OFFICIAL_DIT_CONFIG["image_proj_dim"]
     if head_dim != OFFICIAL_DIT_DEFAULTS["attention_head_dim"]:
@@ -156,10 +178,12 @@ def load_dit_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES[
     the config gains a "quantization" entry (framepack_engine.runtime.quant.QuantScheme.as_dict()).
     """
     path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
+    if path.is_dir() and config is None:  # a method we do not read is refused before any weight is
+        check_quantization_config(read_config(path), path.name)
     loaded = load_dit_state_dict(path, dtype, keep_quantized=keep_quantized)
     state_dict, scheme = loaded if keep_quantized else (loaded, None)
-    if config is None:
-        config = _dit_config(path, state_dict)
+    if config is None:  # from the headers: a layer kept quantized no longer has its float weight's shape
+        config = read_dit_config(path)
     config = dict(config)
     if scheme is not None:
         config["quantization"] = scheme.as_dict()
@@ -167,19 +191,31 @@ def load_dit_checkpoint(source: str | Path, dtype: torch.dtype = DEFAULT_DTYPES[
 
 
 def _dit_config(path: Path, state_dict) -> dict:
+    """A folder's config.json (its quantization_config checked), a single file's embedded config, or the config
+    inferred from its tensors (or their shapes)."""
     if path.is_dir():
-        return read_config(path)
+        config = read_config(path)
+        check_quantization_config(config, path.name)
+        return config
     embedded = read_safetensors_metadata(path).get("config")
-    return json.loads(embedded) if embedded else infer_dit_config(state_dict)
+    if not embedded:
+        return infer_dit_config(state_dict, path.name)
+    try:
+        config = json.loads(embedded)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{path.name!r} carries a \"config\" metadata entry that is not a JSON object: write "
+                               "the file again, or give its config.json beside it in a folder.")
+    return config
 
 
 def read_dit_config(source, allow_download: bool | None = None, cache_dir=None) -> dict:
-    """The DiT's config from a folder, a single file's metadata, or its tensor shapes (read from the header only)."""
+    """The DiT's config from a folder, a single file's metadata, or its tensor shapes (read from the header only;
+    an optimum-quanto layer by the float weight it stands for)."""
     path = resolve_component(source, "transformer", allow_download=allow_download, cache_dir=cache_dir)
     with Checkpoint(weight_files(path)) as checkpoint:
-        rename = _dit_rename(checkpoint.keys())
-        shapes = {rename(key): torch.empty(checkpoint.shape(key), device="meta") for key in checkpoint.keys()
-                  if rename(key) is not None}
+        shapes = weight_shapes(checkpoint, _dit_rename(checkpoint.keys()))
     return _dit_config(path, shapes)
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from framepack_engine.errors import FramePackError, Option
 from framepack_engine.runtime.host_memory import release_freed_host_memory
 from framepack_kernels.reference import (FP8_DTYPES, FP8_E4M3_MAX, INT4_GROUP_SIZES, INT4_MAX, INT8_MAX, dequantize_reference,
-                               pack_int4, quantized_matmul_reference)
+                               int4_group_size, pack_int4, quantized_matmul_reference)
 
 FORMATS = ("fp8", "int8", "int4")
 DEFAULT_INT4_GROUP_SIZE = 64
@@ -328,6 +328,22 @@ def dequantize_stored_layers(model: nn.Module, state_dict: dict[str, torch.Tenso
         in_features = model.get_submodule(name).in_features
         state_dict[name + ".weight"] = dequantize_reference(state_dict[name + ".weight"], scale, zero, in_features,
                                                             dtype)
+    if names:
+        release_freed_host_memory()  # the float32 temporaries, which glibc would keep
+
+
+def _stored_scheme(stored: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> QuantScheme:
+    """The scheme one stored layer follows, read off its storage: a checkpoint may mix formats (a community fp8 file
+    beside our own layers, an optimum-quanto file quantized with several qtypes)."""
+    if stored.dtype in FP8_DTYPES:
+        return QuantScheme("fp8", modulation=scheme.modulation)
+    if stored.dtype == torch.int8:
+        return QuantScheme("int8", modulation=scheme.modulation)
+    if stored.dtype == torch.uint8 and scale.ndim == 2 and scale.shape[1]:
+        group_size = int4_group_size(stored, scale)
+        if group_size in INT4_GROUP_SIZES:
+            return QuantScheme("int4", group_size, modulation=scheme.modulation)
+    return scheme
 
 
 def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor], scheme: QuantScheme) -> nn.Module:
@@ -339,14 +355,18 @@ def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor]
         except AttributeError:
             raise FramePackError(f"The checkpoint quantizes {name!r}, which this model does not have: "
                                  "point at a checkpoint of this model.") from None
-        stored = state_dict[name + ".weight"]
-        layer_scheme = scheme
-        if stored.dtype in FP8_DTYPES:
-            layer_scheme = QuantScheme("fp8", modulation=scheme.modulation)
+        stored, scale = state_dict.get(name + ".weight"), state_dict[name + ".weight_scale"]
+        if stored is None:
+            raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.weight: point at a complete "
+                                 "checkpoint of this model.")
+        layer_scheme = _stored_scheme(stored, scale, scheme)
         module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, layer_scheme,
                                  device="meta")
         expected = storage_shapes(linear.out_features, linear.in_features, layer_scheme)
         for key, (shape, _) in expected.items():
+            if name + "." + key not in state_dict:
+                raise FramePackError(f"The checkpoint's {layer_scheme.format} layer {name} has no {key}: write it "
+                                     "again with `framepack quantize`.")
             if tuple(state_dict[name + "." + key].shape) != shape:
                 raise FramePackError(
                     f"The checkpoint's {name}.{key} has shape {tuple(state_dict[name + '.' + key].shape)}, not "

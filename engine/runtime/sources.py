@@ -11,7 +11,8 @@ A source is one of
     text_encoder_2/, tokenizer/, tokenizer_2/, vae/, feature_extractor/, image_encoder/) or, for the DiT, the model at
     the folder root (lllyasviel/FramePackI2V_HY keeps it there, hunyuanvideo-community/HunyuanVideo in transformer/);
   - a single `.safetensors` file for the DiT (ComfyUI-style): keys possibly prefixed (`model.diffusion_model.`,
-    `diffusion_model.`), weights possibly fp8 with per-layer scales, and no config (it is inferred from shapes).
+    `diffusion_model.`), weights possibly fp8 with per-layer scales or in optimum-quanto's layout
+    (framepack_engine.runtime.quanto), and no config (it is inferred from shapes).
 
 A model folder holds `config.json` and either one `*.safetensors` file or several shards listed by a
 `*.safetensors.index.json`. Pickle checkpoints are refused: loading them can run arbitrary code.
@@ -31,7 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from framepack_engine.errors import ModelSourceError
-from framepack_kernels.reference import FP8_DTYPES, dequantize_reference
+from framepack_engine.runtime.host_memory import release_freed_host_memory
+from framepack_kernels.reference import FP8_DTYPES, dequantize_reference, weight_format
 
 # Weight files we refuse to read: unpickling can run code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -465,10 +467,14 @@ def iter_tensors(checkpoint: Checkpoint, dtype: torch.dtype | None, rename=lambd
     """(name, tensor) of the checkpoint's weights (of `keys` when given), renamed by `rename` (None drops a key),
     fp8 scales folded in when a dtype is asked for; the layers of a pre-quantized checkpoint (`framepack quantize`)
     come back dequantized then."""
+    from framepack_engine.runtime import quanto
     from framepack_engine.runtime.quant import QuantScheme
 
     all_keys = checkpoint.keys()
     key_set = set(all_keys)
+    if dtype is not None and quanto.is_quanto(all_keys):
+        yield from _iter_quanto_dequantized(checkpoint, dtype, rename, all_keys if keys is None else keys)
+        return
     ours = dtype is not None and QuantScheme.from_metadata(checkpoint.metadata) is not None
     fold_scales = dtype is not None and not ours and _is_scaled(all_keys)
     for key in all_keys if keys is None else keys:
@@ -495,6 +501,38 @@ def iter_tensors(checkpoint: Checkpoint, dtype: torch.dtype | None, rename=lambd
         yield name, tensor
 
 
+def _iter_quanto_dequantized(checkpoint: Checkpoint, dtype: torch.dtype, rename, keys):
+    """An optimum-quanto checkpoint's weights with its quantized layers dequantized to `dtype` (one at a time)."""
+    from framepack_engine.runtime import quanto
+
+    layers = quanto.describe_layers(checkpoint)
+    owner = {key: layer for layer in layers.values() for key in layer.keys}
+    for key in keys:
+        layer = owner.get(key)
+        if layer is not None and key != layer.keys[0]:
+            continue  # a scale, shift or activation scale: part of the weight its values key yields
+        name = rename(key if layer is None else layer.name + ".weight")
+        if name is None:
+            continue
+        if layer is not None:
+            yield name, quanto.dequantized_weight(checkpoint, layer, dtype)
+            continue
+        tensor = checkpoint.get(key)
+        yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def weight_shapes(checkpoint: Checkpoint, rename=lambda key: key) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape from the file headers (nothing read), renamed by `rename`: an optimum-quanto layer
+    appears as the float weight it stands for."""
+    from framepack_engine.runtime import quanto
+
+    layers = quanto.describe_layers(checkpoint) if quanto.is_quanto(checkpoint.keys()) else {}
+    hidden = {key for layer in layers.values() for key in layer.keys}
+    shapes = {key: checkpoint.shape(key) for key in checkpoint.keys() if key not in hidden}
+    shapes.update(quanto.weight_shapes(layers))
+    return {name: shape for key, shape in shapes.items() if (name := rename(key)) is not None}
+
+
 def _int4_in_features(checkpoint: Checkpoint, layer: str) -> int:
     """An int4 layer's input width is not in its padded storage: the checkpoint records it beside the layer."""
     from framepack_engine.runtime.quant import INT4_WIDTHS_KEY
@@ -518,8 +556,11 @@ def read_tensors_keeping_quantized(checkpoint: Checkpoint, dtype: torch.dtype, r
     layout: the values as stored and a float32 scale per output channel; the scale keys, input scales and markers
     are dropped, and any other fp8 tensor is folded to `dtype` as before. (FramePackDiT.from_pretrained then folds
     the layers outside the blocks to `dtype` too: only the blocks' linears run quantized.)"""
+    from framepack_engine.runtime import quanto
     from framepack_engine.runtime.quant import QuantScheme
 
+    if quanto.is_quanto(checkpoint.keys()):
+        return _read_quanto_keeping_quantized(checkpoint, dtype, rename)
     scheme = ours = QuantScheme.from_metadata(checkpoint.metadata)
     keys = checkpoint.keys()
     key_set = set(keys)
@@ -550,6 +591,41 @@ def read_tensors_keeping_quantized(checkpoint: Checkpoint, dtype: torch.dtype, r
             tensor = _apply_scale(tensor, checkpoint.get(scale_key), key)
         state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state_dict, scheme
+
+
+def _read_quanto_keeping_quantized(checkpoint: Checkpoint, dtype: torch.dtype, rename) -> tuple[dict, object]:
+    """An optimum-quanto checkpoint in our layouts, layer by layer (framepack_engine.runtime.quanto says what is
+    converted and how exactly): int8 and fp8 values stay memory-mapped, 4-bit ones are repacked; a layer ours cannot
+    hold is dequantized to `dtype`. The scheme names the format (and group size) most layers take; each layer's own
+    is read off its storage when it is built (framepack_engine.runtime.quant.build_quantized_layers)."""
+    from framepack_engine.runtime import quanto
+    from framepack_engine.runtime.quant import QuantScheme
+
+    layers = quanto.describe_layers(checkpoint)
+    owner = {key: layer for layer in layers.values() for key in layer.keys}
+    state_dict, formats = {}, []
+    for key in checkpoint.keys():
+        layer = owner.get(key)
+        if layer is None:
+            if (name := rename(key)) is not None:
+                tensor = checkpoint.get(key)
+                state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            continue
+        name = rename(layer.name + ".weight")
+        if key != layer.keys[0] or name is None:
+            continue
+        stored = quanto.stored_tensors(checkpoint, layer)
+        if stored is None:
+            state_dict[name] = quanto.dequantized_weight(checkpoint, layer, dtype)
+            continue
+        for suffix, tensor in stored.items():
+            state_dict[name[: -len("weight")] + suffix] = tensor
+        formats.append((weight_format(stored["weight"]), quanto.int4_group_size(layer) if layer.packed else None))
+        release_freed_host_memory()
+    release_freed_host_memory()  # the repacking's per-layer temporaries, which glibc would keep
+    if not formats:
+        return state_dict, None
+    return state_dict, QuantScheme(*max(set(formats), key=formats.count))
 
 
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
