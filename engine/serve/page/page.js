@@ -14,7 +14,8 @@
   const KEY_STORAGE = "framepack-api-key";
   // These settings stand in the form itself, in this order; every other one (new ones too) goes under Advanced.
   const MAIN_FIELDS = ["prompt", "section_prompts", "image", "end_image", "seconds", "seed", "steps", "cache", "cfg"];
-  const API_ONLY = ["keyframes", "control_images", "control_masks"];
+  const API_ONLY = ["keyframes", "control_images", "control_masks", "one_frame", "target_index", "control_index",
+    "one_frame_options"];
   const LABELS = {
     image: "Start image", end_image: "End image", cfg: "CFG", crf: "CRF", fps: "FPS",
     vae_decode: "VAE decode", magcache_k: "MagCache K", magcache_retention: "MagCache retention",
@@ -304,7 +305,8 @@
     state.imageNames = Object.entries(multipart.properties)
       .filter(([, property]) => property.format === "binary").map(([name]) => name);
     state.properties = schema.properties;
-    // Keyframes and one-frame control images are lists of files: the API takes them, the form leaves them out.
+    // Keyframes and one-frame control images are lists of files, and a one-frame job makes an image where the page
+    // plays videos: the API takes them, the form leaves them out.
     const names = Object.keys(schema.properties).filter((name) => !API_ONLY.includes(name));
     const main = MAIN_FIELDS.filter((name) => names.includes(name));
     const advanced = names.filter((name) => !main.includes(name));
