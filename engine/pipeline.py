@@ -368,7 +368,18 @@ class Engine:
             cache.clear()  # one set at a time: a batch of jobs with one interpolation loads it once
             cache[key] = load_postprocess(settings, self.device)
         post = cache[key]
-        return None if post is None else dataclasses.replace(post, interpolate=settings.interpolate)
+        if post is None:
+            return None
+        return dataclasses.replace(post, interpolate=settings.interpolate, batch_bytes=self._postprocess_bytes(),
+                                   tile_bytes=self._postprocess_bytes())
+
+    def _postprocess_bytes(self) -> int:
+        """The activations interpolation and upscaling may use: on a GPU what the memory plan leaves spare beside
+        a section's peak (at least 256 MiB), elsewhere 1 GiB."""
+        plan = self.memory_plan
+        if plan is None or self.device.type != "cuda":
+            return 1 << 30
+        return max(1 << 28, plan.budget_bytes - plan.peak_bytes)
 
     def generate_image(self, prompt: str, image, control_images=None, control_masks=None, **options) -> Still:
         """One-frame inference (framepack_engine.generation.one_frame): one image from the start `image` and the
