@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import optimum.quanto as oq
 from framepack_engine.commands.main import main
 from framepack_engine.errors import ModelSourceError
 from framepack_engine.models.checkpoints import read_dit_config
@@ -26,8 +27,6 @@ from framepack_kernels.reference import dequantize_reference
 from tests.fixtures import (TINY_DIT_CONFIG, flux_redux_folder, framepack_transformer_folder,  # noqa: F401
                             hunyuan_video_base_folder, tiny_dit_model)
 from tests.utils import assert_relative_error, section_inputs
-
-oq = pytest.importorskip("optimum.quanto", reason="optimum-quanto is a test dependency: pip install -e '.[dev]'")
 
 # The DiT output's relative error against the unquantized float model (bf16 weights quantized by optimum-quanto,
 # run in float32 on random inputs), measured: qint8 1.4e-2, qfloat8 5.3e-2, qfloat8_e5m2 1.1e-1, qint4 1.8e-1 (quanto
