@@ -62,6 +62,17 @@ def dit_case(layout, heads: int) -> dict:
             "blocks": len(dit.blocks)}
 
 
+def tiny_engine(variant: str = "bidirectional", quantize: str | None = None) -> Engine:
+    """The tiny preset, its DiT's block linears quantized when asked (as `--quantize` builds it)."""
+    if quantize is None:
+        return Engine.from_preset("tiny", variant=variant)
+    from framepack_engine.resolve import resolve_models
+    from framepack_engine.settings import ModelSettings
+
+    options = {"quantize": quantize, "variant": variant, "device": "cpu"}
+    return Engine.from_resolved(resolve_models(ModelSettings.from_options(**options), "tiny", given=options))
+
+
 def stream_every_block(engine):
     """The DiT's blocks all streamed through two slots (framepack_engine.runtime.offload), as a small GPU's plan
     would have them: returns the placement (close it to put them back)."""
@@ -121,7 +132,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeou
 
                 results[name] = bench_ranks(BenchSettings(**options).validate(), layout, lambda message: None)
                 continue
-            engine = Engine.from_preset("tiny", variant=options.pop("variant", "bidirectional")).set_parallel(layout)
+            engine = tiny_engine(options.pop("variant", "bidirectional"), options.pop("quantize", None))
+            engine.set_parallel(layout)
             kill, hang = options.pop("kill_rank", None), options.pop("hang_rank", None)
             callback = KillAt(1) if kill == rank else HangAt(0, 2 * timeout) if hang == rank else None
             placement = stream_every_block(engine) if options.pop("stream_every_block", False) else None

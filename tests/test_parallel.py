@@ -2,7 +2,7 @@
 
 Each group of ranks runs a list of cases (tests/parallel_worker.py) in one process group, and each case is compared
 here with one process doing the same: a whole generation's latents to 1e-5 (bidirectional and F1, cfg 1 and CFG
-parallel, TeaCache on, every block streamed), one model call of DiTs whose heads divide by the ranks or not, the shards' balance and the
+parallel, TeaCache on, every block streamed, int8 weights), one model call of DiTs whose heads divide by the ranks or not, the shards' balance and the
 bytes the all-to-alls and gathers sent against the formula; a rank killed mid-section ends the other with one
 clear error. The ranks fork from a forkserver that imported the engine once (a rank's start costs no import).
 """
@@ -23,6 +23,7 @@ from framepack_engine.commands.bench_parallel import format_parallel
 from framepack_engine.commands.launch import free_port
 from framepack_engine.pipeline import Engine
 from framepack_engine.runtime.ulysses import ShardPlan, padded_heads, volume_per_call
+from tests.parallel_worker import run_rank, tiny_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,6 @@ def run_ranks(world: int, cases: list, tmp_path, timeout: float = TIMEOUT) -> li
     the call, none is left a zombie)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tests.parallel_worker"])
-    from tests.parallel_worker import run_rank
 
     port = free_port()
     ranks = [context.Process(target=run_rank, args=(rank, world, port, str(tmp_path), cases, timeout))
@@ -103,6 +103,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         ("f1_cfg_parallel", "generation", dict(GENERATION, variant="f1", cfg=3.0)),
         ("teacache", "generation", dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3)),
         ("streamed", "generation", dict(GENERATION, stream_every_block=True)),
+        ("int8", "generation", dict(GENERATION, quantize="int8")),
         ("dit_heads_4", "dit", {"heads": 4}),
         ("dit_heads_3", "dit", {"heads": 3}),
         ("bench", "bench", {"preset": "tiny", "device": "cpu", "resolution": 128, "steps": 2, "warmup": 1}),
@@ -113,6 +114,7 @@ def test_two_ranks_equal_one_process(tmp_path):
                 "f1_cfg_parallel": one_process("f1", **dict(GENERATION, cfg=3.0)),
                 "teacache": one_process(**dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3))}
     expected["streamed"] = expected["bidirectional"]  # every block streamed per rank: the resident result
+    expected["int8"] = tiny_engine(quantize="int8").generate("a cat walks", **GENERATION)  # quantized per rank
     rank0, rank1 = ranks
     for name, video in expected.items():
         for rank in ranks:
