@@ -216,7 +216,11 @@ class Engine:
 
     @classmethod
     def from_preset(cls, name: str = "tiny", variant: str = "bidirectional", device="cpu", seed: int = 0) -> "Engine":
-        return build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
+        engine = build_preset_engine(cls, name, variant=variant, device=device, seed=seed)
+        # Its outputs name the preset (and weights other than the command's, seed 0), so --settings-from builds it.
+        engine.recorded_models = {"model_options": {"preset": name, "variant": variant},
+                                  "model_sources": {"preset": name, **({"weights_seed": seed} if seed else {})}}
+        return engine
 
     @classmethod
     def from_settings(cls, settings, preset: str | None = None, request: Request | None = None,

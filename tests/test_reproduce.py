@@ -214,3 +214,14 @@ def test_recorded_keyframes_must_be_given_again():
     with pytest.raises(FramePackError, match=r"keyframes \(--keyframe -1:pose.png --keyframe 0-1:walk.png\)"):
         check_recorded_inputs(recorded, {"keyframes": None})
     check_recorded_inputs(recorded, {"keyframes": ["-1:other.png"]})
+
+
+def test_a_python_api_preset_video_is_reproduced_by_the_command(tmp_path):
+    from framepack_engine import Engine
+
+    video = Engine.from_preset("tiny").generate("a cow", seed=5, steps=2, latent_window_size=2, fps=8, seconds=1)
+    video.save(tmp_path / "api.safetensors")
+    assert read_recorded(tmp_path / "api.safetensors")["model_sources"] == {"preset": "tiny"}
+    assert main(["generate", "--settings-from", str(tmp_path / "api.safetensors"), "--quiet",
+                 "--out", str(tmp_path / "again.safetensors")]) == 0
+    assert np.array_equal(safetensors_frames(tmp_path / "again.safetensors"), video.frames)
