@@ -182,19 +182,26 @@ def test_the_section_writer_interpolates_as_sections_finish(rife, tmp_path, dire
 def test_interpolate_2_gives_2n_minus_1_frames_at_twice_the_fps(rife, tmp_path):
     import av
 
-    plain, video = tmp_path / "plain.safetensors", tmp_path / "doubled.mp4"
-    assert main(["generate", "a cat walks", "--seconds", "2", "--out", str(plain), *FAST]) == 0
-    assert main(["generate", "a cat walks", "--seconds", "2", "--out", str(video), "--interpolate", "2",
+    from framepack_engine.pipeline import Engine
+
+    # the Python API: Engine.generate interpolates what it generated
+    options = dict(seconds=2, fps=8, steps=2, latent_window_size=2)
+    video = Engine.from_preset("tiny").generate("a cat walks", interpolate=2, rife_model=str(rife.path), **options)
+    frames = video.frames[::2]  # the generated frames are kept, the made ones between them
+    assert len(frames) == 4 * (2 * 2 + 1) - 3 and len(video.frames) == 2 * len(frames) - 1 and video.fps == 16
+    assert np.array_equal(video.frames, interpolate_frames(rife, frames, 2))
+    assert video.metadata["interpolation"]["frames_per_interval"] == 2
+    # the command: the same video, written as sections finish, at twice the frame rate
+    out = tmp_path / "doubled.mp4"
+    assert main(["generate", "a cat walks", "--seconds", "2", "--out", str(out), "--interpolate", "2",
                  "--rife-model", str(rife.path), "--crf", "0", "--pixel-format", "yuv444p", *FAST]) == 0
-    frames = load_file(str(plain))["frames"].numpy()
-    expected = interpolate_frames(rife, frames, 2)
-    with av.open(str(video)) as container:
+    with av.open(str(out)) as container:
         stream = container.streams.video[0]
         decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
         assert float(stream.average_rate) == 16
         recorded = json.loads(container.metadata["comment"])
-    assert len(decoded) == 2 * len(frames) - 1 == len(expected)
-    assert np.abs(decoded.astype(float) - expected).mean() < 1  # the same frames, through RGB -> YUV
+    assert len(decoded) == len(video.frames)
+    assert np.abs(decoded.astype(float) - video.frames).mean() < 1  # the same frames, through RGB -> YUV
     assert recorded["interpolate"] == 2 and recorded["interpolation"]["weights"] == "rife.safetensors"
 
 
