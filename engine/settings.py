@@ -410,9 +410,12 @@ class GenerationSettings(_Settings):
         if given and not self.one_frame:
             raise FramePackError(Option(given[0]), " is a one-frame option: pass ", Option("one_frame"),
                                  " too, or leave it unset.")
-        if self.one_frame and self.latent_paddings is not None:
-            raise FramePackError(Option("latent_paddings"), " places the sections of a video, and ",
-                                 Option("one_frame"), " makes one image: leave one of them out.")
+        video_only = [name for name in ("latent_paddings", "fps_out") if getattr(self, name) is not None]
+        video_only += ["interpolate"] if self.interpolate > 1 else []
+        if self.one_frame and video_only:
+            raise FramePackError(Option(video_only[0]), " is for the frames of a video, and ", Option("one_frame"),
+                                 " makes one image: leave one of them out (", Option("upscale"),
+                                 " does apply to the image).")
 
     def _check_cache(self):
         magcache_options = ("magcache_k", "magcache_retention", "magcache_calibration")

@@ -13,6 +13,7 @@ from framepack_engine import Engine, FramePackError
 from framepack_engine.commands.main import main
 from framepack_engine.generation.one_frame import latent_mask
 from framepack_engine.media.still import read_still_metadata
+from tests.test_upscale import esrgan_file, esrgan_state  # noqa: F401 (pytest fixtures: a random-weight ESRGAN x2)
 
 WINDOW = 3
 FAST = dict(steps=1, latent_window_size=WINDOW)
@@ -169,7 +170,9 @@ def test_the_command_writes_the_image_with_its_settings(files, name):
     (["--one-frame", "--one-frame-options", "target_index=5"], "give it as --target-index 5 instead"),
     (["--one-frame", "--variant", "f1"], "One-frame inference needs the bidirectional model"),
     (["--one-frame", "--end-image", "{reference}"], "--end-image is for videos; --one-frame takes control images"),
-    (["--one-frame", "--latent-paddings", "0"], "--latent-paddings places the sections of a video, and --one-frame"),
+    (["--one-frame", "--latent-paddings", "0"], "--latent-paddings is for the frames of a video, and --one-frame"),
+    (["--one-frame", "--interpolate", "2"], "--interpolate is for the frames of a video, and --one-frame makes one image: leave one of them out (--upscale does"),
+    (["--one-frame", "--fps-out", "60"], "--fps-out is for the frames of a video"),
     (["--one-frame", "--keyframe", "0:{reference}"], "Keyframes place images in the sections of a video"),
     (["--control-image", "{reference}"], "--control-images are one-frame inputs: pass --one-frame too"),
     (["--target-index", "3"], "--target-index is a one-frame option: pass --one-frame too"),
@@ -206,3 +209,12 @@ def test_grayscale_files_are_read(tmp_path):
     assert Image.open(tmp_path / "mask.png").mode == "L"
     np.testing.assert_array_equal(load_image(tmp_path / "mask.png"), np.repeat(values[:, :, None], 3, axis=2))
     np.testing.assert_allclose(load_mask(tmp_path / "mask.png"), block_mask(), atol=1e-6)
+
+
+def test_the_upscaler_runs_on_the_image(files, esrgan_file):
+    out = files / "big.png"
+    assert main(["generate", "x", "--image", str(files / "start.png"), "--one-frame", "--upscale", str(esrgan_file),
+                 "--out", str(out), *FLAGS]) == 0
+    with Image.open(out) as written:
+        assert written.size == (2 * 64, 2 * 48)
+    assert read_still_metadata(out)["upscaler"]["scale"] == 2

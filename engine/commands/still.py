@@ -30,6 +30,8 @@ def generate_still(models, request, out: Path, overwrite: bool, signals: Signals
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
         return signals.status
     output, bar = StillOutputFile(out), None
+    if request.settings.upscale is not None:  # the upscaler runs on the image (framepack_engine.media.postprocess)
+        output.set_postprocess(engine.postprocess(request.settings))
 
     def step(info: dict) -> None:
         nonlocal bar

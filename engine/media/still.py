@@ -118,6 +118,13 @@ class StillOutputFile:
         self.published: Path | None = None
         self.frame_count = 0
         self.sections = 0
+        self.postprocess, self.recorded = None, None
+
+    def set_postprocess(self, postprocess, fps: float | None = None, recorded: dict | None = None) -> None:
+        """`SectionOutputFile.set_postprocess` for one image: the upscaler (a framepack_engine.media.postprocess
+        PostProcess; one image has nothing to interpolate) and settings to record instead of the run's own."""
+        self.postprocess = postprocess if postprocess is not None and postprocess.active else None
+        self.recorded = recorded
 
     @property
     def frames_written(self) -> int:
@@ -125,7 +132,10 @@ class StillOutputFile:
 
     def add(self, result) -> None:
         frames = result.frames if len(result.frames) else result.pending_frames
-        self.published = write_still(self.path, frames[-1], result.metadata)
+        metadata = {**result.metadata, **(self.recorded or {})}
+        if self.postprocess is not None:
+            frames, metadata = self.postprocess.apply(frames[-1:]), {**metadata, **self.postprocess.describe()}
+        self.published = write_still(self.path, frames[-1], metadata)
         self.frame_count, self.sections = 1, 1
 
     def close(self, stop: threading.Event | None = None) -> Path | None:

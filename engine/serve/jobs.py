@@ -519,10 +519,10 @@ class Worker(threading.Thread):
         done, state, error = 0, None, None
         try:
             settings = GenerationSettings.from_options(**self.queue.files.settings(job.settings))
-            if isinstance(output, SectionOutputFile):  # interpolation and upscaling, on each section
-                wanted = settings.interpolate > 1 or settings.upscale is not None
-                output.set_postprocess(self.engine.postprocess(settings) if wanted else None, settings.output_fps,
-                                       self.queue.files.recorded(settings.as_dict()))
+            # interpolation and upscaling, on each section (a one-frame image is only upscaled)
+            wanted = settings.interpolate > 1 or settings.upscale is not None
+            output.set_postprocess(self.engine.postprocess(settings) if wanted else None, settings.output_fps,
+                                   self.queue.files.recorded(settings.as_dict()))
             request = resolve_request(settings, self.engine.variant,
                                       **request_inputs(folder, job.inputs),
                                       default_resolution=self.engine.default_resolution)
