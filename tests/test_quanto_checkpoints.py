@@ -190,6 +190,24 @@ def test_config_of_a_quanto_file_is_read_from_its_headers(tmp_path, float_model)
     assert read_dit_config(path) == read_dit_config(float_model)
 
 
+def test_float_read_of_a_quanto_file_is_quantos_dequantized_weights(tmp_path):
+    """The float path (what `framepack quantize` and a float load read): each quanto layer comes back as quanto's own
+    dequantized weight (a float32 model: quanto dequantizes in float32 too), and `framepack quantize` takes it."""
+    from framepack_engine.commands.quantize import write_quantized_checkpoint
+    from framepack_engine.models.checkpoints import load_dit_checkpoint
+    from framepack_engine.runtime.quant import QuantScheme
+
+    model = tiny_dit_model()
+    path = write_quanto_file(tmp_path / "dit_qint4.safetensors", "qint4", model)  # quantizes `model` in place
+    _, state_dict = load_dit_checkpoint(path, dtype=torch.float32)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, oq.QModuleMixin)]
+    assert len(layers) > 40
+    for name, module in layers:
+        assert torch.equal(state_dict[name + ".weight"], module.weight.dequantize()), name
+    ours = write_quantized_checkpoint(path, tmp_path / "ours_int8", QuantScheme("int8"))
+    assert {layer.format for layer in quantized_layers(FramePackDiT.from_pretrained(ours))} == {"int8"}
+
+
 @pytest.fixture(scope="module")
 def diffusers_quanto_folders(tmp_path_factory, framepack_transformer_folder):
     """diffusers folders written by save_pretrained after from_pretrained(quantization_config=QuantoConfig(...)),
