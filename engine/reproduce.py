@@ -132,7 +132,7 @@ def recorded_options(recorded: dict, generation_flags: dict, model_flags: dict, 
 
 def check_recorded_inputs(recorded: dict, given: dict) -> None:
     """Each input the recorded video was made from must be given again (its folder is not recorded): one line.
-    `given`: image, end_image, input_video and keyframes as this run has them."""
+    `given`: image, end_image, input_video, keyframes, control_images and control_masks as this run has them."""
     for name, record in (recorded.get("inputs") or {}).items():
         if name in INPUTS and given.get(name) is None:
             shown = f" {record['name']!r}" if record.get("name") else ""
@@ -142,6 +142,13 @@ def check_recorded_inputs(recorded: dict, given: dict) -> None:
     if isinstance(keyframes, dict) and keyframes and not given.get("keyframes"):
         named = " ".join(f"--keyframe {spec}:{name}" for spec, name in keyframes.items())
         raise FramePackError(f"The file was made with keyframes ({named}): pass each with --keyframe SPEC:PATH.")
+    for name, flag in (("control_images", "--control-image"), ("control_masks", "--control-mask")):
+        # the one-frame run's control images and masks, by file name ("IMAGE" for one given as an array)
+        files = [file or "IMAGE" for file in recorded.get(name) or [] if file != "(start image)"]
+        if files and not given.get(name):
+            named = " ".join(f"{flag} {file}" for file in files)
+            raise FramePackError(f"The image was made with {name.replace('_', ' ')} ({named}): pass each with "
+                                 f"{flag} PATH, in that order.")
 
 
 def warn_differences(recorded: dict, current: dict) -> None:

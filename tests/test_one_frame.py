@@ -218,3 +218,19 @@ def test_the_upscaler_runs_on_the_image(files, esrgan_file):
     with Image.open(out) as written:
         assert written.size == (2 * 64, 2 * 48)
     assert read_still_metadata(out)["upscaler"]["scale"] == 2
+
+
+def test_settings_from_the_image_reproduces_it(files, capsys):
+    made, again = files / "made.png", files / "again.png"
+    controls = ["--control-image", str(files / "start.png"), "--control-image", str(files / "reference.png"),
+                "--control-index", "0;10"]
+    assert main(["generate", "a dress", "--image", str(files / "start.png"), "--one-frame", "--target-index", "4",
+                 "--seed", "9", *controls, "--out", str(made), *FLAGS]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--settings-from", str(made), "--image", str(files / "start.png"), "--out", str(again),
+                 "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "--control-image start.png --control-image reference.png" in error[0]
+    assert main(["generate", "--settings-from", str(made), "--image", str(files / "start.png"),
+                 *controls[:4], "--out", str(again), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))

@@ -108,7 +108,8 @@ def _generate(args, signals: Signals) -> int:
         generation_options, model_options, preset = recorded_options(recorded, generation_options, model_options,
                                                                      preset)
         check_recorded_inputs(recorded, {"image": args.image, "end_image": args.end_image,
-                                         "input_video": args.input_video, "keyframes": args.keyframe})
+                                         "input_video": args.input_video, "keyframes": args.keyframe,
+                                         "control_images": args.control_image, "control_masks": args.control_mask})
         given_output = {name: value for name, value in vars(output).items() if value is not None}
         output = OutputOptions(**{**(recorded.get("output") or {}), **given_output})
     output.crf = DEFAULT_CRF if output.crf is None else output.crf
