@@ -339,7 +339,8 @@ class Engine:
 
     def generate(self, prompt: str, image=None, end_image=None, **options) -> Video:
         """Generates the whole video; on cancellation returns the sections finished so far. Options: those of
-        framepack_engine.settings.GenerationSettings, plus input_video, callback and cancel as for `stream`."""
+        framepack_engine.settings.GenerationSettings, plus input_video, keyframes, callback and cancel as for
+        `stream`."""
         collector, stats = FrameCollector(), {"sections": []}
         fps = None
         for result in self.stream(prompt, image=image, end_image=end_image, **options):

@@ -134,8 +134,11 @@ def test_each_keyframe_is_encoded_once_and_recorded(engine, monkeypatch, tmp_pat
     encoded = []
     encode = engine.encode_latent
     monkeypatch.setattr(engine, "encode_latent", lambda image: encoded.append(image.shape) or encode(image))
-    results = list(engine.stream("a cat", image=picture(), keyframes={"0-2": str(path)}, **FAST))
+    results = list(engine.stream("a cat", image=picture(), keyframes={"0-2": str(path)},
+                                 section_prompts="[0s: a cat sits] [1s: a cat jumps] [2s: a cat lands]", **FAST))
     assert len(encoded) == 2  # the start image and the keyframe, though the keyframe names three sections
+    # section prompts and keyframes combine (generation order: the last section first)
+    assert [result.stats["prompt"] for result in results] == ["a cat lands", "a cat jumps", "a cat sits"]
     assert results[0].metadata["keyframes"] == {"0-2": "pose.png"} and str(tmp_path) not in str(results[0].metadata)
 
 
