@@ -147,6 +147,8 @@ def _generate(args, signals: Signals) -> int:
     # section being handed to the writer nor the file being finished; a second one makes the finish keep only what
     # is durable; the last line says exactly what the file holds.
     written = write_video(engine, request, out, output, signals, Progress(enabled=not args.quiet))
+    if layout is not None:  # rank 0's share is done: the process group is let go before the last line
+        layout.close()
     with signals.deferred():
         if signals.interrupted:
             print(f"\nInterrupted: {written.on_disk}.", file=sys.stderr)
