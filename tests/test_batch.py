@@ -67,7 +67,17 @@ def test_bad_lines_are_all_listed_before_any_model_loads(tmp_path, capsys, loads
 
 
 def test_the_models_load_once_and_a_failed_job_does_not_stop_the_others(tmp_path, capsys, loads, monkeypatch):
-    streamed = Engine.stream
+    """Job 2 fails in the engine, job 4's image is gone when its turn comes (inputs are read again then, not kept
+    from the check): both are reported, jobs 1 and 3 written, the exit status counts the two."""
+    image = tmp_path / "hen.png"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(image)
+    streamed, built = Engine.stream, Engine.from_resolved.__func__
+
+    def built_then_image_removed(cls, *args, **kwargs):
+        image.unlink(missing_ok=True)
+        return built(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "from_resolved", classmethod(built_then_image_removed))
 
     def failing_stream(self, *args, request=None, **kwargs):
         if request.settings.prompt == "boom":
@@ -80,22 +90,25 @@ def test_the_models_load_once_and_a_failed_job_does_not_stop_the_others(tmp_path
         {"prompt": "a cat", "seed": 1, "variant": "bidirectional", "out": str(tmp_path / "first.mp4")},
         {"prompt": "boom", "seed": 2, "out": str(tmp_path / "second.mp4")},
         {"prompt": "a dog", "seed": 3, "steps": 1, "out": str(tmp_path / "third.safetensors")},
+        {"prompt": "a hen", "image": str(image), "out": str(tmp_path / "fourth.mp4")},
     )
     code = main(["generate", "--batch", str(batch), "--seed", "9", "--crf", "20", *FAST])
     captured = capsys.readouterr()
-    assert code == 101, captured.err  # 100 + one failed job
+    assert code == 102, captured.err  # 100 + two failed jobs
     assert len(loads) == 1
     assert (tmp_path / "first.mp4").is_file() and (tmp_path / "third.safetensors").is_file()
     assert not (tmp_path / "second.mp4").exists()
     out = captured.out.splitlines()
     assert [line for line in out if line.startswith("job ")] == [
-        f"job 1/3 (line 1): {tmp_path / 'first.mp4'}", f"job 2/3 (line 2): {tmp_path / 'second.mp4'}",
-        f"job 3/3 (line 3): {tmp_path / 'third.safetensors'}"]
-    assert f"Saved {tmp_path / 'first.mp4'} (job 1/3, line 1; 1 of 3 done)" in out
-    assert f"Saved {tmp_path / 'third.safetensors'} (job 3/3, line 3; 2 of 3 done)" in out
+        f"job 1/4 (line 1): {tmp_path / 'first.mp4'}", f"job 2/4 (line 2): {tmp_path / 'second.mp4'}",
+        f"job 3/4 (line 3): {tmp_path / 'third.safetensors'}", f"job 4/4 (line 4): {tmp_path / 'fourth.mp4'}"]
+    assert f"Saved {tmp_path / 'first.mp4'} (job 1/4, line 1; 1 of 4 done)" in out
+    assert f"Saved {tmp_path / 'third.safetensors'} (job 3/4, line 3; 2 of 4 done)" in out
     errors = captured.err.strip().splitlines()
-    assert "error: job 2/3 (line 2) failed: RuntimeError: the device fell over; nothing was written" in errors[0]
-    assert errors[-1] == "Batch: 2 of 3 jobs done, 1 failed: line 2 (RuntimeError: the device fell over)."
+    assert "error: job 2/4 (line 2) failed: RuntimeError: the device fell over; nothing was written" in errors[0]
+    assert errors[1].startswith("error: job 4/4 (line 4) failed: The start image file 'hen.png' does not exist")
+    assert errors[-1] == ("Batch: 2 of 4 jobs done, 2 failed: line 2 (RuntimeError: the device fell over); line 4 "
+                          f"({errors[1].split('failed: ')[1].split('; nothing')[0]}).")
     # each job's own options over the command's, which fill in the rest
     first, third = read_metadata(tmp_path / "first.mp4"), read_metadata(tmp_path / "third.safetensors")
     assert (first["prompt"], first["seed"], first["steps"], first["output"]["crf"]) == ("a cat", 1, 2, 20)
@@ -103,7 +116,7 @@ def test_the_models_load_once_and_a_failed_job_does_not_stop_the_others(tmp_path
     assert len(frames(tmp_path / "first.mp4")) == 4 * (1 * 2 + 1) - 3
     # a job's video is the one the single command makes (a line may repeat a model option with the batch's value)
     assert main(["generate", "a cat", "--seed", "1", "--crf", "20", *FAST, "--out", str(tmp_path / "single.mp4")]) == 0
-    assert np.array_equal(frames(tmp_path / "first.mp4"), frames(tmp_path / "single.mp4")) and len(loads) == 2
+    assert np.array_equal(frames(tmp_path / "first.mp4"), frames(tmp_path / "single.mp4"))
 
 
 def test_out_on_the_command_line_and_an_empty_batch_are_one_line(tmp_path, capsys, loads):

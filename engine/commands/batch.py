@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framepack_engine.commands.common import Signals
-from framepack_engine.commands.run import OutputOptions, Progress, write_video
+from framepack_engine.commands.run import OutputOptions, Progress, Written, write_video
 from framepack_engine.errors import FramePackError
 
 INPUT_KEYS = ("image", "end_image", "input_video", "keyframes")
@@ -32,10 +32,24 @@ FAILED_BASE, FAILED_MOST = 100, 125  # exit status: 100 + failed jobs, capped be
 
 @dataclass
 class Job:
+    """One checked line. Its inputs are read again when it runs (holding every job's images from the check on
+    would make a long batch's memory grow with its length)."""
+
     line: int
-    request: object  # framepack_engine.resolve.Request
+    settings: object  # framepack_engine.settings.GenerationSettings
+    inputs: dict  # image, end_image, input_video, keyframes: as the line (or the command) gives them
     out: Path
     output: OutputOptions
+
+    def request(self, models):
+        return _resolve(self.settings, self.inputs, models)
+
+
+def _resolve(settings, inputs: dict, models):
+    """The job's Request (framepack_engine.resolve): its inputs read and checked for the batch's models."""
+    from framepack_engine.resolve import resolve_request
+
+    return resolve_request(settings, models.variant, default_resolution=models.default_resolution, **inputs)
 
 
 def run_batch(args, signals: Signals) -> int:
@@ -77,16 +91,21 @@ def run_batch(args, signals: Signals) -> int:
         return 2
 
     try:
-        engine = Engine.from_resolved(models, jobs[0].request)
+        engine = Engine.from_resolved(models, jobs[0].request(models))
     except KeyboardInterrupt:
         print("\nInterrupted while loading the model: nothing was written.", file=sys.stderr)
         return signals.status
     total, done, failed = len(jobs), [], []
     for index, job in enumerate(jobs, 1):
         print(f"job {index}/{total} (line {job.line}): {job.out}", flush=True)
-        if recorded is not None:
-            warn_differences(recorded, engine.metadata(job.request.settings, job.request.mode, job.request))
-        written = write_video(engine, job.request, job.out, job.output, signals, Progress(enabled=not args.quiet))
+        try:
+            request = job.request(models)
+        except FramePackError as error:  # an input changed since the check: this job fails, the next one runs
+            written = Written(None, "nothing was written", error)
+        else:
+            if recorded is not None:
+                warn_differences(recorded, engine.metadata(request.settings, request.mode, request))
+            written = write_video(engine, request, job.out, job.output, signals, Progress(enabled=not args.quiet))
         with signals.deferred():
             if signals.interrupted:
                 not_run = ", ".join(str(later.line) for later in jobs[index:]) or "none"
@@ -162,7 +181,6 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
 
     from framepack_engine.media.video import check_output
     from framepack_engine.reproduce import check_recorded_inputs
-    from framepack_engine.resolve import resolve_request
     from framepack_engine.settings import GenerationSettings, ModelSettings
 
     try:
@@ -194,7 +212,7 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
             raise FramePackError(f"{key} must be a file's path (a string), got {value!r}.")
     if recorded is not None:
         check_recorded_inputs(recorded, job_inputs)
-    request = resolve_request(settings, models.variant, default_resolution=models.default_resolution, **job_inputs)
+    request = _resolve(settings, job_inputs, models)
     if request.one_frame is not None:
         raise FramePackError("one-frame jobs (one_frame) are not run in a batch: run each with framepack generate.")
     options = {**output, **{key: line[key] for key in OUTPUT_KEYS if key in line}}
@@ -211,7 +229,7 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
     height, width = request.size
     check_output(out, encoding.codec, encoding.crf, encoding.pixel_format, overwrite=bool(options.get("overwrite")),
                  width=width, height=height)
-    return Job(number, request, out, encoding)
+    return Job(number, settings, job_inputs, out, encoding)
 
 
 def _check_same_models(line: dict, models, model_names: set) -> None:
