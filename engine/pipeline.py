@@ -499,7 +499,8 @@ class Engine:
             section = output.section
             stats = {"section": section.index, "video_position": section.video_position, "steps": output.steps,
                      "seconds": time.perf_counter() - hooks.section_start,
-                     "tokens": sections.tokens_per_section(latent_height, latent_width, window),
+                     "tokens": (section.latent_tokens(latent_height, latent_width) if request.one_frame is not None
+                                else sections.tokens_per_section(latent_height, latent_width, window)),
                      "prompt": prompts[section.index]}
             if step_caches is not None:  # model calls that ran the blocks / were skipped, both branches counted
                 stats.update(step_caches.finish_section(section.index, self.parallel))

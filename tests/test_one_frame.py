@@ -94,9 +94,15 @@ def test_the_dit_gets_the_masked_control_latents_at_their_indices_and_the_target
 ])
 def test_the_switches_drop_those_inputs(engine, monkeypatch, switches, scales, clean_indices):
     spy = DitSpy(engine, monkeypatch)
-    engine.generate_image("x", picture(), one_frame_options=switches, **FAST)
+    image = engine.generate_image("x", picture(), one_frame_options=switches, **FAST)
     history = spy.calls[0]["history"]
     assert set(history) == scales and history["clean"][1].tolist() == [clean_indices]
+    from framepack_engine.models.flops import packed_sequence_of_inputs
+    from framepack_engine.models.history import HistoryContext
+
+    context = HistoryContext.of(**history)
+    packed = packed_sequence_of_inputs(engine.transformer.config, spy.calls[0]["latents"].shape, context, 0, 0)
+    assert image.stats["tokens"] == packed.latent_tokens  # the section's stats count what the DiT packed
     assert spy.calls[0]["latent_indices"].tolist() == [[WINDOW]]  # the default target: the window's last index
     # without control images the start image is the one control image, unmasked
     torch.testing.assert_close(history["clean"][0][:, :, :1], engine.encode_latent(picture()), rtol=1e-6, atol=1e-6)

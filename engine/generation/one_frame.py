@@ -29,6 +29,7 @@ from framepack_engine.generation.keyframes import input_name
 from framepack_engine.generation.sections import Section, bidirectional_section
 from framepack_engine.media.images import (load_image_with_alpha, load_mask, resize_and_center_crop,
                                            resize_and_center_crop_mask)
+from framepack_engine.models.flops import packed_sequence
 from framepack_engine.models.history import HistoryContext
 
 ONE_FRAME_SWITCHES = ("no_2x", "no_4x", "no_post")  # musubi-tuner's names
@@ -83,6 +84,12 @@ class OneFrameSection(Section):
 
     def decode_overlap(self, history) -> int:
         return 0
+
+    def latent_tokens(self, latent_height: int, latent_width: int, patch_size=(1, 2, 2)) -> int:
+        """Video tokens the DiT packs for this section (what `tokens_per_section` is for a video's sections)."""
+        config = {"patch_size_t": patch_size[0], "patch_size": patch_size[1]}
+        return packed_sequence(config, 1, self.clean_latent_indices.shape[1], 2 if self.with_2x else 0,
+                               16 if self.with_4x else 0, latent_height, latent_width, 0, 0).latent_tokens
 
 
 def one_frame_section(control_latents: torch.Tensor, control_indices: list[int], latent_window_size: int,
