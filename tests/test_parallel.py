@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +217,33 @@ def test_command_under_torchrun_and_nproc(tmp_path):
         several = load_file(tmp_path / f"{name}.safetensors")
         assert_close(several["latents"], one["latents"])
         assert torch.equal(several["frames"], one["frames"])
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_nproc_ends_every_rank_when_one_is_killed(tmp_path):
+    """--nproc's launcher: a rank killed before the group forms leaves rank 0 waiting no longer than the timeout;
+    the command exits with rank 0's status, one line says which rank was killed, and no rank process remains."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "framepack_engine.commands.main", "generate", "a cat", "--preset", "tiny", "--device",
+         "cpu", "--quiet", "--nproc", "2", "--parallel-timeout", "5", "--out", str(tmp_path / "a.safetensors")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(ranks := children(launcher.pid)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "error: rank 1 was killed by SIGKILL; the other ranks stopped." in lines
+    assert any(line.startswith("error: rank 0: could not join the process group") for line in lines), stderr
+    assert not any(Path(f"/proc/{rank}").exists() for rank in ranks) and not (tmp_path / "a.safetensors").exists()
 
 
 def test_nproc_is_checked_before_anything_starts(capsys):
