@@ -54,9 +54,10 @@ SCALE = ".weight._scale"
 SHIFT = ".weight._shift"
 ACTIVATION_SCALES = (".input_scale", ".output_scale")
 MAP_METADATA_KEY = "quantization_map"
-# Our int4 group sizes, largest first, a converted file may use (quanto's are 128, 96, 64 or a whole row).
+# Our int4 group sizes a converted layer takes, largest first (quanto's are 128, 96, 64 or a whole row).
 _GROUP_SIZES = (128, 64, 32)
-_BYTE_DTYPES = {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
+# The 8-bit values our int8 and fp8 layouts hold as they are.
+_BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 _FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
 # diffusers' QuantoConfig weights_dtype values, all read here.
 DIFFUSERS_WEIGHTS_DTYPES = ("int8", "float8", "int4", "int2")
