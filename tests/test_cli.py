@@ -145,6 +145,9 @@ def use_fake_engine(monkeypatch, sections):
     from framepack_engine.pipeline import Engine
 
     class FakeEngine:
+        def postprocess(self, settings):
+            return None  # no interpolation or upscaling asked for
+
         def stream(self, prompt="", **options):
             yield from sections()
 
