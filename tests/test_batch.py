@@ -53,14 +53,15 @@ def test_bad_lines_are_all_listed_before_any_model_loads(tmp_path, capsys, loads
         {"prompt": "an owl", "quantize": "int8", "out": str(tmp_path / "six.mp4")},
         "[1, 2]",
         "{not json",
+        {"prompt": "a pig", "crf": "high", "out": str(tmp_path / "ten.mp4")},
     )
     code = main(["generate", "--batch", str(batch), *FAST])
     errors = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and loads == []
-    assert [error.split(":")[0] for error in errors] == ["error"] * 7, errors
+    assert [error.split(":")[0] for error in errors] == ["error"] * 8, errors
     expected = {2: "unknown key 'sed' (did you mean 'seed'?)", 4: "seconds must be", 5: "'missing.png' does not exist",
                 6: "is also line 1's", 7: "quantize is 'int8' here but None for the batch", 8: "a JSON object",
-                9: "not JSON"}
+                9: "not JSON", 10: "crf must be an integer, got 'high'"}
     for error, (line, message) in zip(errors, expected.items()):
         assert error.startswith(f"error: jobs.jsonl line {line}: ") and message in error, error
     assert not list(tmp_path.glob("*.mp4"))

@@ -15,6 +15,7 @@ the jobs after it are not started).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from framepack_engine.commands.common import Signals
 from framepack_engine.commands.run import OutputOptions, Progress, Written, write_video
 from framepack_engine.errors import FramePackError
+from framepack_engine.media.codecs import DEFAULT_CRF
 
 INPUT_KEYS = ("image", "end_image", "input_video", "keyframes")
 OUTPUT_KEYS = ("out", "codec", "crf", "pixel_format", "overwrite")
@@ -177,8 +179,6 @@ def _written_path(out: Path) -> Path:
 def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, output: dict, models,
          recorded: dict | None) -> Job:
     """One line: parsed, its options checked with the command's under them, its inputs read, its output checked."""
-    import difflib
-
     from framepack_engine.media.video import check_output
     from framepack_engine.reproduce import check_recorded_inputs
     from framepack_engine.settings import GenerationSettings, ModelSettings
@@ -205,7 +205,7 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
     job_inputs = {**inputs, **{key: line[key] for key in INPUT_KEYS if key in line}}
     for key, value in job_inputs.items():
         if key == "keyframes":
-            if not isinstance(value, dict) or not all(isinstance(path, str) for path in value.values()):
+            if not isinstance(value, dict) or not all(isinstance(image, str) for image in value.values()):
                 raise FramePackError(f"keyframes must be an object of SPEC: image path, e.g. {{\"3\": \"pose.png\"}}, "
                                      f"got {value!r}.")
         elif value is not None and not isinstance(value, str):
@@ -216,20 +216,27 @@ def _job(number: int, text: str, path: Path, generation: dict, inputs: dict, out
     if request.one_frame is not None:
         raise FramePackError("one-frame jobs (one_frame) are not run in a batch: run each with framepack generate.")
     options = {**output, **{key: line[key] for key in OUTPUT_KEYS if key in line}}
-    out = options.get("out")
-    if out is not None and not isinstance(out, str):
-        raise FramePackError(f"out must be a path (a string), got {out!r}.")
-    out = Path(out) if out else Path("outputs") / f"{path.stem}_line{number}.mp4"
+    _check_output_types(options)
+    out = Path(options["out"]) if options.get("out") else Path("outputs") / f"{path.stem}_line{number}.mp4"
+    crf = DEFAULT_CRF if options.get("crf") is None else options["crf"]
+    encoding = OutputOptions(options.get("codec"), crf, options.get("pixel_format"))
+    height, width = request.size
+    check_output(out, encoding.codec, encoding.crf, encoding.pixel_format, overwrite=options.get("overwrite", False),
+                 width=width, height=height)
+    return Job(number, settings, job_inputs, out, encoding)
+
+
+def _check_output_types(options: dict) -> None:
+    """out, codec and pixel_format are texts, crf an integer, overwrite true or false (their values are checked by
+    opening the encoder)."""
+    for key in ("out", "codec", "pixel_format"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise FramePackError(f"{key} must be a string, got {options[key]!r}.")
     crf = options.get("crf")
     if crf is not None and (isinstance(crf, bool) or not isinstance(crf, int)):
         raise FramePackError(f"crf must be an integer, got {crf!r}.")
-    from framepack_engine.media.codecs import DEFAULT_CRF
-
-    encoding = OutputOptions(options.get("codec"), DEFAULT_CRF if crf is None else crf, options.get("pixel_format"))
-    height, width = request.size
-    check_output(out, encoding.codec, encoding.crf, encoding.pixel_format, overwrite=bool(options.get("overwrite")),
-                 width=width, height=height)
-    return Job(number, settings, job_inputs, out, encoding)
+    if not isinstance(options.get("overwrite", False), bool):
+        raise FramePackError(f"overwrite must be true or false, got {options['overwrite']!r}.")
 
 
 def _check_same_models(line: dict, models, model_names: set) -> None:
