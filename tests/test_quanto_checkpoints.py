@@ -299,6 +299,28 @@ def test_a_single_file_without_a_key_the_config_needs_is_one_line(tmp_path, floa
         FramePackDiT.from_pretrained(path)
 
 
+@pytest.mark.parametrize("missing", ["weight", "weight_zero"])
+def test_a_quantized_layer_missing_a_tensor_is_one_line(tmp_path, framepack_transformer_folder, missing):
+    """Our own layout's keys are guarded the same way."""
+    layer = "transformer_blocks.0.attn.to_q"
+    from framepack_engine.commands.quantize import write_quantized_checkpoint
+    from framepack_engine.errors import FramePackError
+    from framepack_engine.runtime.quant import QuantScheme
+
+    path = write_quantized_checkpoint(framepack_transformer_folder, tmp_path / "dit_int4.safetensors",
+                                      QuantScheme("int4", 32))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors.pop(f"{layer}.{missing}")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(FramePackError, match=f"no {layer}.{missing}") as error:
+        FramePackDiT.from_pretrained(path)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("config,method", [
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bitsandbytes"),
     ({"quant_method": "gguf", "compute_dtype": "bfloat16"}, "gguf"),

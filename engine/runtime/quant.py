@@ -325,6 +325,11 @@ def dequantize_stored_layers(model: nn.Module, state_dict: dict[str, torch.Tenso
     for name in names:
         scale = state_dict.pop(name + ".weight_scale")
         zero = state_dict.pop(name + ".weight_zero", None)
+        stored = state_dict.get(name + ".weight")
+        if stored is None or (stored.dtype == torch.uint8 and zero is None):
+            missing = "weight" if stored is None else "weight_zero (its int4 zero points)"
+            raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.{missing}: point at a complete "
+                                 "checkpoint of this model.")
         in_features = model.get_submodule(name).in_features
         state_dict[name + ".weight"] = dequantize_reference(state_dict[name + ".weight"], scale, zero, in_features,
                                                             dtype)
@@ -365,8 +370,8 @@ def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor]
         expected = storage_shapes(linear.out_features, linear.in_features, layer_scheme)
         for key, (shape, _) in expected.items():
             if name + "." + key not in state_dict:
-                raise FramePackError(f"The checkpoint's {layer_scheme.format} layer {name} has no {key}: write it "
-                                     "again with `framepack quantize`.")
+                raise FramePackError(f"The checkpoint stores {name} as {layer_scheme.format} but has no {name}.{key}: "
+                                     "write it again with `framepack quantize`.")
             if tuple(state_dict[name + "." + key].shape) != shape:
                 raise FramePackError(
                     f"The checkpoint's {name}.{key} has shape {tuple(state_dict[name + '.' + key].shape)}, not "
