@@ -76,7 +76,8 @@ def test_outputs_record_model_options_sources_backend_and_inputs(original):
                                          "fused_kernels": False, "compile": False, "lora_mode": "fused"}
     assert recorded["model_sources"] == {"preset": "tiny"}
     assert recorded["attention_backend"] == "sdpa"
-    assert recorded["inputs"]["image"]["name"] == "start.png" and len(recorded["inputs"]["image"]["pixels_sha256"]) == 64
+    image = recorded["inputs"]["image"]
+    assert image["name"] == "start.png" and len(image["pixels_sha256"]) == 64
     assert recorded["output"] == {"codec": None, "crf": 20, "pixel_format": None}
     assert (recorded["seed"], recorded["cache"], recorded["distilled_guidance"]) == (7, "teacache", 8.0)
     assert str(original) not in json.dumps(recorded)  # names only, never the machine's folders
@@ -155,7 +156,8 @@ def test_a_file_without_our_metadata_is_one_line(tmp_path, capsys, make):
 def test_every_container_gives_the_metadata_back(tmp_path, suffix):
     from framepack_engine.media.video import encode_video
 
-    metadata = {"engine": "framepack-engine", "prompt": "a [0s: cat] ünïcode", "seed": 3, "loras": [{"strength": 0.5}]}
+    metadata = {"engine": "framepack-engine", "prompt": "a [0s: cat] ünïcode", "seed": 3,
+                "loras": [{"strength": 0.5}]}
     frames = np.random.default_rng(0).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
     path = encode_video(frames, tmp_path / f"v{suffix}", 8, metadata=metadata)
     assert read_recorded(path) == metadata

@@ -2,8 +2,9 @@
 
 Each line is one job: a JSON object with any generation option under its API name (prompt, seconds, seed,
 section_prompts, ...), the inputs image, end_image and input_video (paths, relative to the current folder) and
-keyframes ({SPEC: path}), and the output's out, codec, crf, pixel_format and overwrite. The flags of the command apply to every job a line does not
-override. Model options may appear in a line only with the value the batch loads (the models load once).
+keyframes ({SPEC: path}), and the output's out, codec, crf, pixel_format and overwrite. The flags of the command
+apply to every job a line does not override. Model options may appear in a line only with the value the batch loads
+(the models load once).
 
 Every line is parsed and checked before any model loads (unknown keys, bad values, missing inputs, an output another
 job also writes, an encoder that does not open): all errors are listed, each with its line number, and the command
