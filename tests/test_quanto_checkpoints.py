@@ -185,6 +185,18 @@ def test_single_quanto_file_loads_quantized_and_matches(tmp_path, float_output, 
     assert_relative_error(output, float_output, FLOAT_MODEL_BOUND[qtype], "vs the float model")
 
 
+def test_converted_layers_run_on_the_triton_matmul_as_on_the_plain_path(tmp_path):
+    """int4 layers of several group sizes (from quanto's 128, 64 and per-row groups) through the Triton dequantizing
+    matmul (under the interpreter here): the same output as the plain path. (e5m2 values: test_kernel_quant_matmul.)"""
+    from framepack_engine.runtime.quant import set_quantized_kernels
+
+    model = FramePackDiT.from_pretrained(write_quanto_file(tmp_path / "dit.safetensors", "qint4"), dtype=torch.float32)
+    assert len({layer.scheme.group_size for layer in quantized_layers(model)}) > 1
+    inputs = section_inputs(TINY_DIT_CONFIG, height=4, width=4, window=1)
+    plain = dit_output(model, inputs)
+    assert_relative_error(dit_output(set_quantized_kernels(model, True), inputs), plain, 1e-5)
+
+
 def test_config_of_a_quanto_file_is_read_from_its_headers(tmp_path, float_model):
     path = write_quanto_file(tmp_path / "dit_int4.safetensors", "qint4")
     assert read_dit_config(path) == read_dit_config(float_model)
