@@ -23,6 +23,8 @@ import torch
 from framepack_engine.commands.bench_parallel import format_parallel
 from framepack_engine.commands.launch import free_port
 from framepack_engine.pipeline import Engine
+from framepack_engine.errors import FramePackError
+from framepack_engine.runtime.distributed import rank_device
 from framepack_engine.runtime.ulysses import ShardPlan, padded_heads, volume_per_call
 from tests.parallel_worker import run_rank, tiny_engine
 
@@ -88,6 +90,15 @@ def test_shard_plan_is_balanced():
             assert sum(counts) == tokens and plan.padded == plan.shard * ranks
             assert plan.padding < ranks and all(plan.shard - count <= plan.padding for count in counts)
     assert padded_heads(24, 5) == 25 and padded_heads(24, 8) == 24 and padded_heads(2, 4) == 4
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert rank_device("cuda") == torch.device("cuda", 3)
+    with pytest.raises(FramePackError, match="would put every rank on one GPU"):
+        rank_device("cuda:1")
 
 
 def test_volume_formula_at_the_real_size():

@@ -193,6 +193,9 @@ class ParallelLayout:
 def rank_device(device: str | torch.device | None) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK for a CUDA device given without an index, else the device given."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        raise FramePackError(f"--device {device} would put every rank on one GPU: give --device cuda (rank r takes "
+                            "GPU LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES.")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
