@@ -176,7 +176,10 @@ def _parallel_ranks(args, models):
                              "e.g. --parallel-timeout 600.")
     ranks = launched_ranks()
     if ranks == 1:
-        return ("spawn" if (args.nproc or 1) > 1 else None), models
+        if (args.nproc or 1) == 1:
+            return None, models
+        rank_device(models.device)  # its one-line refusal before any rank starts
+        return "spawn", models
     if args.nproc not in (None, ranks):
         raise FramePackError(f"--nproc {args.nproc} but the launcher started {ranks} ranks: give one of them, "
                              "e.g. leave --nproc out under torchrun.")
