@@ -90,18 +90,22 @@ def test_bad_specs_are_one_line(keyframes, count, message):
 # The engine ------------------------------------------------------------------------------------------------------
 
 
-def test_a_keyframe_at_section_0_that_is_the_start_image_changes_nothing(engine):
+@pytest.fixture(scope="module")
+def plain(engine):
+    """The video without keyframes, to compare with."""
+    return list(engine.stream("a cat", image=picture(), **FAST))
+
+
+def test_a_keyframe_at_section_0_that_is_the_start_image_changes_nothing(engine, plain):
     image = picture()
-    plain = list(engine.stream("a cat", image=image, **FAST))
     keyed = list(engine.stream("a cat", image=image, keyframes={0: image}, **FAST))
     for before, after in zip(plain, keyed, strict=True):
         torch.testing.assert_close(after.latents, before.latents, rtol=0, atol=0)
         np.testing.assert_array_equal(after.frames, before.frames)
 
 
-def test_a_keyframe_changes_its_section_and_those_generated_after_it(engine, monkeypatch):
+def test_a_keyframe_changes_its_section_and_those_generated_after_it(engine, plain, monkeypatch):
     image, keyframe = picture(), picture(shift=120)
-    plain = list(engine.stream("a cat", image=image, **FAST))
     spy = DitSpy(engine, monkeypatch)
     keyed = list(engine.stream("a cat", image=image, keyframes={1: keyframe}, **FAST))
     # Generation order is last to first: video positions 2, 1, 0. Position 2 is generated before the keyframe's.
