@@ -306,12 +306,13 @@ class Engine:
             latent = self.vae.encode(image_to_pixels(image).to(self.vae_device, self.vae_dtype))
         return latent.float() * self.vae.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor, vae_decode: str = "exact") -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, vae_decode: str = "exact", map_tiles=None) -> torch.Tensor:
         """Scaled latents -> float32 pixels (1, 3, T, H, W) in about [-1, 1], on the host. vae_decode: "exact" (whole
-        when memory allows) or "official" (the temporal tiles of the official app's VAE)."""
+        when memory allows) or "official" (the temporal tiles of the official app's VAE); map_tiles: who decodes
+        those tiles (several ranks: framepack_engine.runtime.distributed.spread_tiles)."""
         with torch.no_grad(), self._on_device("vae"):
             return self.vae.decode((latents / self.vae.scaling_factor).to(self.vae_device, self.vae_dtype),
-                                   tiling=decode_tiling(vae_decode)).float().cpu()
+                                   tiling=decode_tiling(vae_decode), map_tiles=map_tiles).float().cpu()
 
     def release_encoders(self) -> None:
         """Drop the text and image encoders' models (cached prompt embeddings stay usable)."""
@@ -514,12 +515,18 @@ class Engine:
 
     def _arrange_ranks(self, settings: GenerationSettings, metadata: dict, decode):
         """Several ranks: CFG parallel when the guidance and the rank count allow it, the sequence split over this
-        rank's group, the layout in the metadata; returns the decoder (None but on rank 0)."""
+        rank's group, the layout in the metadata; returns the decoder: the official decode's temporal tiles shared
+        by every rank (each decodes 1/N of them), else rank 0's alone (an exact decode is one piece; tiles would
+        change it), None on the others."""
+        from framepack_engine.runtime.distributed import spread_tiles
         from framepack_engine.runtime.ulysses import SequenceParallel
 
         layout = self.parallel.arrange(settings.cfg)
         self.transformer.set_sequence_parallel(SequenceParallel(layout.ulysses))
         metadata["parallel"] = layout.describe()
+        if settings.vae_decode == "official":
+            metadata["parallel"]["vae_tiles"] = "shared"
+            return lambda latents: self.decode_latents(latents, "official", spread_tiles(layout.world))
         return decode if layout.is_writer else None
 
     def _encode_inputs(self, settings: GenerationSettings, plan, start_image, end_image, generator,

@@ -142,6 +142,7 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, cases: list, timeou
             try:
                 video = engine.generate("a cat walks", callback=callback, **options)
                 results[name] = {"latents": video.latents, "frames": len(video.frames), "stats": video.stats,
+                                 "pixels": torch.from_numpy(video.frames),
                                  "parallel": video.metadata.get("parallel"), "sent": dict(layout.counter.sent),
                                  "streamed_passes": placement.streamer.stats.passes if placement else 0}
                 if placement is not None:

@@ -82,6 +82,24 @@ def check_dit_case(result, world: int, heads: int):
     assert result["sent"] == expected
 
 
+def test_mapped_tiles_decode_as_the_plain_loop():
+    """The VAE's temporal tiles handed to map_tiles (as several ranks share them) blend to the plain decode."""
+    from framepack_engine.models.presets import tiny_vae
+
+    vae = tiny_vae(torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 16, 10, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def map_tiles(run, tiles):
+        seen.append(len(tiles))
+        return [run(tile) for tile in reversed(tiles)][::-1]  # any order of work, the same outputs
+
+    with torch.no_grad():
+        plain = vae.decode(latents, tiling="official")
+        mapped = vae.decode(latents, tiling="official", map_tiles=map_tiles)
+    assert seen and seen[0] > 1 and torch.equal(plain, mapped)
+
+
 def test_shard_plan_is_balanced():
     for tokens in (1, 7, 84, 85, 18_531):
         for ranks in (1, 2, 3, 4, 8, 24):
@@ -116,6 +134,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         ("teacache", "generation", dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3)),
         ("streamed", "generation", dict(GENERATION, stream_every_block=True)),
         ("int8", "generation", dict(GENERATION, quantize="int8")),
+        ("official_decode", "generation", dict(GENERATION, vae_decode="official")),
         ("dit_heads_4", "dit", {"heads": 4}),
         ("dit_heads_3", "dit", {"heads": 3}),
         ("bench", "bench", {"preset": "tiny", "device": "cpu", "resolution": 128, "steps": 2, "warmup": 1}),
@@ -127,11 +146,18 @@ def test_two_ranks_equal_one_process(tmp_path):
                 "teacache": one_process(**dict(GENERATION, steps=5, cache="teacache", cache_threshold=0.3))}
     expected["streamed"] = expected["bidirectional"]  # every block streamed per rank: the resident result
     expected["int8"] = tiny_engine(quantize="int8").generate("a cat walks", **GENERATION)  # quantized per rank
+    expected["official_decode"] = one_process(**dict(GENERATION, vae_decode="official"))
     rank0, rank1 = ranks
     for name, video in expected.items():
         for rank in ranks:
             assert_close(rank[name]["latents"], video.latents)
-        assert rank0[name]["frames"] == len(video.frames) and rank1[name]["frames"] == 0  # rank 0 alone decodes
+        assert torch.equal(rank0[name]["pixels"], torch.from_numpy(video.frames))
+        if name != "official_decode":  # rank 0 alone decodes an exact decode
+            assert rank1[name]["frames"] == 0
+    # The official decode's temporal tiles are shared: each rank decoded some, both blended the same frames.
+    assert torch.equal(rank1["official_decode"]["pixels"], rank0["official_decode"]["pixels"])
+    assert rank0["official_decode"]["sent"]["vae_tiles"] > 0 and rank1["official_decode"]["sent"]["vae_tiles"] > 0
+    assert rank0["official_decode"]["parallel"]["vae_tiles"] == "shared"
     assert rank0["bidirectional"]["parallel"] == {"world_size": 2, "ulysses": 2, "ring": 1, "cfg": 1,
                                                   "backend": "gloo"}
     steps = 2 * GENERATION["steps"]

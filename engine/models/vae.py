@@ -972,15 +972,18 @@ class HunyuanVideoVAE(nn.Module):
         return mean + std * noise.to(mean.device)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tiling="auto", memory_budget_bytes: int | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiling="auto", memory_budget_bytes: int | None = None,
+               map_tiles=None) -> torch.Tensor:
         """Unscaled latents (B, 16, t, h, w) -> pixels (B, 3, 4t-3, 8h, 8w), roughly in [-1, 1], not clamped.
 
         tiling: "auto" (exact whenever memory allows, the engine's default), "official" (the official app's
         decode: diffusers 0.33's frame-wise tiles for more than 4 latent frames, its 256-pixel spatial tiles when
-        memory asks), "tiled", "untiled" or a `Tiling`. `decode_tiling(vae_decode)` maps the setting to it."""
+        memory asks), "tiled", "untiled" or a `Tiling`. `decode_tiling(vae_decode)` maps the setting to it.
+        map_tiles(run, tiles) -> outputs: who decodes the temporal tiles (several ranks share them,
+        framepack_engine.runtime.ulysses.spread_tiles); default: each in turn, here."""
         latents = self._check(latents, self.config.latent_channels, "latents", 1)
         plan = self.plan_decode(latents.shape, tiling, memory_budget_bytes)
-        return self._run(latents, plan, self._decode_tile, self._geometry(decode=True))
+        return self._run(latents, plan, self._decode_tile, self._geometry(decode=True), map_tiles)
 
     def _encode_tile(self, pixels, chunk_bytes):
         return self.quant_conv(self.encoder(pixels, chunk_bytes))
@@ -988,14 +991,14 @@ class HunyuanVideoVAE(nn.Module):
     def _decode_tile(self, latents, chunk_bytes):
         return self.decoder(self.post_quant_conv(latents), chunk_bytes)
 
-    def _run(self, x, plan: TilingPlan, run_tile, geometry: _Geometry) -> torch.Tensor:
+    def _run(self, x, plan: TilingPlan, run_tile, geometry: _Geometry, map_tiles=None) -> torch.Tensor:
         tiling = plan.tiling or Tiling()
 
         def run_spatial(part):
             return self._spatial_tiles(part, tiling, lambda tile: run_tile(tile, plan.chunk_bytes), geometry)
 
         def run_sample_slice(part):
-            return self._temporal_tiles(part, tiling, run_spatial, geometry)
+            return self._temporal_tiles(part, tiling, run_spatial, geometry, map_tiles)
 
         if plan.batch_size >= x.shape[0]:
             return run_sample_slice(x)
@@ -1038,15 +1041,19 @@ class HunyuanVideoVAE(nn.Module):
         return out
 
     @staticmethod
-    def _temporal_tiles(x, tiling: Tiling, run, geometry: _Geometry) -> torch.Tensor:
+    def _temporal_tiles(x, tiling: Tiling, run, geometry: _Geometry, map_tiles=None) -> torch.Tensor:
         latent_frames = (x.shape[2] - 1) // geometry.in_time + 1
         if not tiling.temporal or latent_frames <= tiling.tile_frames:
             return run(x)
         total = geometry.output_frames(x.shape[2])
         fade = (tiling.tile_frames - tiling.stride_frames) * geometry.out_time
+        tiles = [x[:, :, start:start + tiling.tile_frames * geometry.in_time + 1]
+                 for start in range(0, x.shape[2], tiling.stride_frames * geometry.in_time)]
+        # Each in turn as it is blended (one tile's output alive at a time), or all at once as map_tiles runs them.
+        pieces = (run(tile) for tile in tiles) if map_tiles is None else iter(map_tiles(run, tiles))
         out, written, tail = None, 0, None
-        for k, start in enumerate(range(0, x.shape[2], tiling.stride_frames * geometry.in_time)):
-            piece = run(x[:, :, start:start + tiling.tile_frames * geometry.in_time + 1])
+        for k in range(len(tiles)):
+            piece = next(pieces)
             if k > 0:
                 piece = piece[:, :, 1:]  # the context frame, decoded (or encoded) as if it were the first
                 _cross_fade(tail, piece, 2, fade)

@@ -120,6 +120,27 @@ class RankGroup:
             self.counter.add("broadcast", tensor.element_size() * (self.size - 1))
         return float(tensor.item())
 
+    def share(self, tensor: torch.Tensor | None, owner: int, kind: str) -> torch.Tensor:
+        """The group's rank `owner`'s tensor on every rank (the others pass None): its shape and dtype go first, so
+        only the owner needs to know them."""
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+        header = torch.zeros(8, dtype=torch.int64, device=device)
+        if self.rank == owner:
+            header[0], header[1] = dtypes.index(tensor.dtype), tensor.ndim
+            header[2:2 + tensor.ndim] = torch.tensor(tensor.shape)
+        try:
+            dist.broadcast(header, src=self.ranks[owner], group=self.group)
+            shape = header[2:2 + int(header[1])].tolist()
+            data = (tensor.contiguous() if self.rank == owner
+                    else torch.empty(shape, dtype=dtypes[int(header[0])], device=device))
+            dist.broadcast(data, src=self.ranks[owner], group=self.group)
+        except (RuntimeError, dist.DistError) as error:
+            raise self._failed("a broadcast", error) from None
+        if self.rank == owner:
+            self.counter.add(kind, (data.numel() * data.element_size() + header.nbytes) * (self.size - 1))
+        return data
+
     def sum(self, values: list[int]) -> list[int]:
         """Each value summed over the group's ranks (counts, not tensors of the model)."""
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
@@ -190,6 +211,23 @@ class ParallelLayout:
             dist.destroy_process_group()
 
 
+def spread_tiles(group: RankGroup):
+    """A VAE's map_tiles (framepack_engine.models.vae.HunyuanVideoVAE.decode): tile k is decoded by rank
+    k mod ranks and shared with every rank, so each rank decodes about 1/N of a section and all blend the same pixels.
+    The tiles' count is the same on every rank (the official tiling depends on the frame count only)."""
+
+    def map_tiles(run, tiles):
+        count = int(group.agree(float(len(tiles))))
+        if count != len(tiles):
+            raise ParallelError(f"rank {dist.get_rank()}: {len(tiles)} VAE tiles here but {count} on rank "
+                                f"{group.ranks[0]}: the ranks must decode alike (same GPUs and memory).")
+        # Every rank decodes its own tiles first (at the same time as the others), then each tile is shared.
+        mine = {index: run(tile) for index, tile in enumerate(tiles) if index % group.size == group.rank}
+        return [group.share(mine.pop(index, None), index % group.size, "vae_tiles") for index in range(count)]
+
+    return map_tiles
+
+
 def rank_device(device: str | torch.device | None) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK for a CUDA device given without an index, else the device given."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,4 +280,4 @@ def init_parallel(device: str | torch.device | None = None, timeout: float = DEF
 
 
 __all__ = ["CommCounter", "DEFAULT_TIMEOUT", "ParallelError", "ParallelLayout", "RankGroup", "init_parallel",
-           "launched_ranks", "rank_device"]
+           "launched_ranks", "rank_device", "spread_tiles"]
