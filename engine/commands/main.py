@@ -90,12 +90,8 @@ def _generate(args, signals: Signals) -> int:
         quiet_libraries()
     if args.batch:
         from framepack_engine.commands.batch import run_batch
-        from framepack_engine.runtime.distributed import launched_ranks
 
-        if (args.nproc or 1) > 1 or launched_ranks() > 1:  # each rank would run every job and write every file
-            raise FramePackError("--batch runs its jobs in one process; several ranks per job are not supported "
-                                 "with it yet: drop --nproc (or torchrun) and run the batch as one process.")
-        return run_batch(args, signals)
+        return run_batch(args, signals)  # it refuses several ranks (every rank would run every job)
     # Everything the user asked for is resolved and checked once, before any model loads.
     generation_options = given_flags(args, GenerationSettings, skip=("prompt",))
     if args.prompt is not None or args.prompt_words:
