@@ -121,8 +121,8 @@ class RankGroup:
         return float(tensor.item())
 
     def share(self, tensor: torch.Tensor | None, owner: int, kind: str) -> torch.Tensor:
-        """The group's rank `owner`'s tensor on every rank (the others pass None): its shape and dtype go first, so
-        only the owner needs to know them."""
+        """The group's rank `owner`'s tensor on every rank (the others pass None): its shape (at most 6 dims) and
+        dtype go first, so only the owner needs to know them."""
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
         dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
         header = torch.zeros(8, dtype=torch.int64, device=device)
@@ -183,7 +183,7 @@ class ParallelLayout:
 
     @property
     def is_writer(self) -> bool:
-        """Rank 0 alone decodes and writes the output."""
+        """Rank 0 alone writes the output (and runs an exact decode; the official decode's tiles are shared)."""
         return self.world.rank == 0
 
     @property
