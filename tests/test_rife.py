@@ -156,8 +156,6 @@ def test_per_section_interpolation_equals_the_whole_video(rife, direction):
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_the_section_writer_interpolates_as_sections_finish(rife, tmp_path, direction):
-    import torch as _torch
-
     from framepack_engine.pipeline import SectionResult
 
     frames = smooth_frames(8, 48, 64, seed=6)
@@ -170,7 +168,7 @@ def test_the_section_writer_interpolates_as_sections_finish(rife, tmp_path, dire
                                postprocess=PostProcess(rife, 2, batch_bytes=1))
     for index, piece in enumerate(pieces):
         output.add(SectionResult(index, 3, index, piece, pending if index == 2 else piece[:0], direction,
-                                 _torch.zeros(1), {"seconds": 0.1}, {"fps": 8}))
+                                 torch.zeros(1), {"seconds": 0.1}, {"fps": 8}))
     output.close()
     written = load_file(str(tmp_path / "video.safetensors"))["frames"].numpy()
     assert np.array_equal(written, interpolate_frames(rife, frames, 2, max_batch_bytes=1))
