@@ -50,6 +50,20 @@ def converted(reference, tmp_path_factory):
     return folder / "rife.safetensors"
 
 
+def test_convert_rife_refuses_what_it_cannot_convert_in_one_line(tmp_path, capsys):
+    torch.save({"module.conv.weight": torch.rand(2, 2)}, tmp_path / "other.pkl")  # a pickle, but not RIFE's
+    (tmp_path / "taken.safetensors").write_bytes(b"a file already there")
+    for arguments, message in [
+        (["other.pkl", "out.safetensors"], "not a RIFE 4.x IFNet of the layout we run (no encode.cnn0.weight)"),
+        (["other.pkl", "taken.safetensors"], "'taken.safetensors' already exists: pass --overwrite"),
+        (["missing.pkl", "out.safetensors"], "'missing.pkl' does not exist"),
+    ]:
+        assert main(["convert-rife", *(str(tmp_path / name) for name in arguments)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def rife(tmp_path_factory):
     """A small IFNet of the same layout (three blocks, narrow) with random weights, loaded from its file as users'
