@@ -186,4 +186,4 @@ def test_info_prints_the_plan_and_refuses_an_impossible_budget(capsys):
     assert main(["info", "--plan", "--vram-budget-gb", "3", "--device", "cuda"]) == 2
     assert re.search(r"the smallest budget that works is 4\.\d GB", capsys.readouterr().err)
     assert main(["info", "--plan", "--vram-budget-gb", "-1"]) == 2
-    assert "vram_budget_gb must be" in capsys.readouterr().err
+    assert "--vram-budget-gb must be" in capsys.readouterr().err
