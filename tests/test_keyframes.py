@@ -11,6 +11,7 @@ from framepack_engine import Engine, FramePackError
 from framepack_engine.commands.main import main
 from framepack_engine.generation.keyframes import keyframe_sections, parse_keyframe_flag, spec_sections
 from framepack_engine.media.images import resize_and_center_crop
+from tests.utils import DitSpy
 
 WINDOW = 2
 FAST = dict(steps=1, latent_window_size=WINDOW, fps=8, seconds=3)  # three sections of one second
@@ -25,29 +26,6 @@ def engine():
 def picture(shift=0, height=80, width=112):
     y, x = np.mgrid[0:height, 0:width]
     return np.stack([(x * 2 + shift) % 256, (y * 3 + shift) % 256, (x + y + 2 * shift) % 256], -1).astype(np.uint8)
-
-
-class DitSpy:
-    """Records what the DiT is called with: per call, the noisy latents' indices, the clean context, the SigLIP
-    tokens."""
-
-    def __init__(self, engine, monkeypatch):
-        self.calls = []
-        velocity = engine.transformer.velocity
-
-        def spy(latents, timestep, text, text_mask=None, pooled_text=None, guidance=None, latent_indices=None,
-                history=None, image_embeddings=None, step_cache=None):
-            self.calls.append({"latents": latents.clone(), "latent_indices": latent_indices.clone(),
-                               "history": {item.scale.name: (item.latents.clone(), item.indices.clone())
-                                           for item in history.scales},
-                               "image_embeddings": image_embeddings.clone()})
-            return velocity(latents, timestep, text, text_mask, pooled_text, guidance, latent_indices, history,
-                            image_embeddings, step_cache)
-
-        monkeypatch.setattr(engine.transformer, "velocity", spy)
-
-    def first_call_of_each_section(self, steps):
-        return self.calls[::steps]
 
 
 def new_window(result):

@@ -13,6 +13,7 @@ from framepack_engine import Engine, FramePackError
 from framepack_engine.commands.main import main
 from framepack_engine.generation.one_frame import latent_mask
 from framepack_engine.media.still import read_still_metadata
+from tests.utils import DitSpy
 from tests.test_upscale import esrgan_file, esrgan_state  # noqa: F401 (pytest fixtures: a random-weight ESRGAN x2)
 
 WINDOW = 3
@@ -36,22 +37,6 @@ def block_mask(height=48, width=64, block=8):
     mask[:, : width // 2] = 1
     mask[:block, -block:] = 1
     return mask
-
-
-class DitSpy:
-    def __init__(self, engine, monkeypatch):
-        self.calls = []
-        velocity = engine.transformer.velocity
-
-        def spy(latents, timestep, text, text_mask=None, pooled_text=None, guidance=None, latent_indices=None,
-                history=None, image_embeddings=None, step_cache=None):
-            self.calls.append({"latents": latents.clone(), "latent_indices": latent_indices.clone(),
-                               "history": {item.scale.name: (item.latents.clone(), item.indices.clone())
-                                           for item in history.scales}})
-            return velocity(latents, timestep, text, text_mask, pooled_text, guidance, latent_indices, history,
-                            image_embeddings, step_cache)
-
-        monkeypatch.setattr(engine.transformer, "velocity", spy)
 
 
 def test_the_dit_gets_the_masked_control_latents_at_their_indices_and_the_target_index(engine, monkeypatch):

@@ -121,6 +121,14 @@ def fill(page, prompt: str, steps: str | None = None) -> None:
         page.get_by_label(label, exact=True).fill(value)
 
 
+def submit(page, prompt: str, steps: str) -> str:
+    """Fill the form, press Generate: the new job's id."""
+    before = listed(page)
+    fill(page, prompt, steps=steps)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    return newest_job(page, before)
+
+
 def state_of(page, job_id: str):
     return job_item(page, job_id).locator(".job-state")
 
@@ -240,10 +248,7 @@ def test_generate_watch_the_progress_and_preview_and_get_the_video(session, serv
 
 def test_cancel_a_running_job(session, server):
     page = session.page
-    before = listed(page)
-    fill(page, "a slow one", steps="60")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    job_id = newest_job(page, before)
+    job_id = submit(page, "a slow one", steps="60")
     expect(state_of(page, job_id)).to_have_text("running")
     job_item(page, job_id).get_by_role("button", name="Cancel").click()
     expect(state_of(page, job_id)).to_have_text("cancelled")
@@ -294,10 +299,7 @@ def test_reload_shows_the_queue_as_it_was_and_delete_removes_a_job(session, serv
 
 def test_a_restarted_server_is_followed_again(session, server):
     page = session.page
-    before = listed(page)
-    fill(page, "through a restart", steps="8")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    job_id = newest_job(page, before)
+    job_id = submit(page, "through a restart", steps="8")
     with server.client() as client:  # killed after its first section
         wait_for(client, job_id, ("running",), timeout=30, condition=lambda job: job["progress"]["sections_done"] >= 1)
     # While the server is down the page's requests fail (as the browser logs); they are what this test makes.

@@ -17,7 +17,7 @@ from framepack_engine.errors import FramePackError
 from framepack_engine.runtime.quant import (METADATA_KEY, QuantizedLinear, QuantScheme, quantize_dit, quantize_llama, quantize_weight, quantized_layers, quantized_weight_bytes)
 from framepack_engine.commands.quantize import write_quantized_checkpoint
 from tests.utils import TINY_CONFIG, randomize_weights_, section_inputs
-from tests.utils import assert_relative_error, relative_error
+from tests.utils import assert_relative_error, measure_dit_load, relative_error
 
 SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"), "int4": QuantScheme("int4")}
 # The real head size and block structure at a reduced width and depth (the "small" preset's blocks, 2 heads).
@@ -229,24 +229,6 @@ def test_loading_float_weights_of_a_quantized_checkpoint_dequantizes(tmp_path, f
         assert torch.equal(state_dict[layer_name + ".weight"], layer.dequantize())
 
 
-LOAD_PEAK_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from framepack_engine.models.dit import FramePackDiT
-    from framepack_engine.runtime.quant import quantized_layers
-    import framepack_engine.loading, huggingface_hub, safetensors.torch  # imported before measuring: their memory is not the load's
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-    peak, anonymous = status("VmHWM"), status("RssAnon")
-    model = FramePackDiT.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-    print(json.dumps({"peak_increase": status("VmHWM") - peak, "anonymous_increase": status("RssAnon") - anonymous,
-                      "quantized": len(quantized_layers(model))}))
-""")
-
-
 def write_bf16_folder(folder, config):
     """A model folder (config.json + two bf16 shards) of random weights, written without diffusers: it is only
     read back here."""
@@ -271,9 +253,7 @@ def test_pre_quantized_load_makes_no_float_copy(tmp_path):
     bf16_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     assert bf16_bytes > 40 * 2**20
     out = write_quantized_checkpoint(source, tmp_path / "int4", QuantScheme("int4", 128))
-    result = subprocess.run([sys.executable, "-c", LOAD_PEAK_SCRIPT, str(out)], capture_output=True, text=True,
-                            check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = measure_dit_load(out)
     assert measured["quantized"] == 3 * 14 + 4 * 6  # every block linear (modulation included)
     assert measured["peak_increase"] < 0.5 * bf16_bytes, (measured, bf16_bytes)
     assert measured["anonymous_increase"] < 0.05 * bf16_bytes, (measured, bf16_bytes)

@@ -5,9 +5,7 @@ quanto's own dequantized weights and with the float model; every odd layout and 
 one line."""
 
 import json
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from framepack_engine.runtime.sources import Checkpoint
 from framepack_kernels.reference import dequantize_reference
 from tests.fixtures import (TINY_DIT_CONFIG, flux_redux_folder, framepack_transformer_folder,  # noqa: F401
                             hunyuan_video_base_folder, tiny_dit_model)
-from tests.utils import assert_relative_error, section_inputs
+from tests.utils import assert_relative_error, measure_dit_load, section_inputs
 
 # The DiT output's relative error against the unquantized float model (bf16 weights quantized by optimum-quanto,
 # run in float32 on random inputs), measured: qint8 1.4e-2, qfloat8 5.3e-2, qfloat8_e5m2 1.1e-1, qint4 1.8e-1 (quanto
@@ -365,29 +363,6 @@ def test_the_command_line_says_it_in_one_line_and_exits_2(tmp_path, capsys, huny
 # --------------------------------------------------------------------------------------------------------------------
 # Memory: no full-precision copy
 
-LOAD_PEAK_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from framepack_engine.models.dit import FramePackDiT
-    from framepack_engine.runtime.quant import quantized_layers
-    import framepack_engine.loading, huggingface_hub, safetensors.torch  # imported before measuring
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-    peak, anonymous = status("VmHWM"), status("RssAnon")
-    model = FramePackDiT.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-    layers = quantized_layers(model)
-    # What the load must hold in private memory at most: the repacked (int4) values and the linears outside the
-    # blocks, which run in float (folded to bf16).
-    repacked = sum(t.numel() * t.element_size() for layer in layers for t in layer.stored_tensors()
-                   if layer.format == "int4")
-    folded = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    print(json.dumps({"peak_increase": status("VmHWM") - peak, "anonymous_increase": status("RssAnon") - anonymous,
-                      "quantized": len(layers), "repacked": repacked, "folded": folded}))
-""")
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_loading_a_quanto_file_makes_no_float_copy(tmp_path):
@@ -403,9 +378,7 @@ def test_loading_a_quanto_file_makes_no_float_copy(tmp_path):
     bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     assert bf16_bytes > 40 * 2**20
     path = write_quanto_file(tmp_path / "dit.safetensors", qtype, model)
-    result = subprocess.run([sys.executable, "-c", LOAD_PEAK_SCRIPT, str(path)], capture_output=True, text=True,
-                            check=True, cwd=str(Path(__file__).parents[1]))
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = measure_dit_load(path)
     assert measured["quantized"] == 3 * 14 + 4 * 6  # every block linear (modulation included)
     assert measured["repacked"] > 0 and measured["folded"] < 0.2 * bf16_bytes
     # measured: +44.5 MB anonymous (repacked 24 MB, folded 13 MB) of a 98 MB bf16 model, peak +82 MB (file 27 MB)

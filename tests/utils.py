@@ -1,6 +1,12 @@
 """The one set of test helpers: tolerances and relative error, random weights, the tiny DiT configs, section inputs in
 the official index layouts, and their translation to diffusers' keyword names."""
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 
 from framepack_engine.models import presets
@@ -116,3 +122,58 @@ def diffusers_kwargs(inputs):
         indices_latents_history_4x=inputs["clean_latent_4x_indices"],
         return_dict=False,
     )
+
+
+class DitSpy:
+    """Records what the DiT is called with: per call, the noisy latents and their indices, the clean context (per
+    scale: latents and indices), the SigLIP tokens; the call itself goes through unchanged."""
+
+    def __init__(self, engine, monkeypatch):
+        self.calls = []
+        velocity = engine.transformer.velocity
+
+        def spy(latents, timestep, text, text_mask=None, pooled_text=None, guidance=None, latent_indices=None,
+                history=None, image_embeddings=None, step_cache=None):
+            self.calls.append({"latents": latents.clone(), "latent_indices": latent_indices.clone(),
+                               "history": {item.scale.name: (item.latents.clone(), item.indices.clone())
+                                           for item in history.scales},
+                               "image_embeddings": image_embeddings.clone()})
+            return velocity(latents, timestep, text, text_mask, pooled_text, guidance, latent_indices, history,
+                            image_embeddings, step_cache)
+
+        monkeypatch.setattr(engine.transformer, "velocity", spy)
+
+    def first_call_of_each_section(self, steps):
+        return self.calls[::steps]
+
+
+# A DiT checkpoint loaded in a process of its own, which reports how much its peak memory (VmHWM: file pages included)
+# and its private memory (RssAnon) grew, how many layers stayed quantized, the bytes of int4 layers (held repacked in
+# private memory) and of the linears outside the blocks (folded to float).
+_LOAD_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from framepack_engine.models.dit import FramePackDiT
+    from framepack_engine.runtime.quant import quantized_layers
+    import framepack_engine.loading, huggingface_hub, safetensors.torch  # imported before measuring: their memory is not the load's
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    peak, anonymous = status("VmHWM"), status("RssAnon")
+    model = FramePackDiT.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+    layers = quantized_layers(model)
+    repacked = sum(t.numel() * t.element_size() for layer in layers for t in layer.stored_tensors()
+                   if layer.format == "int4")
+    folded = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    print(json.dumps({"peak_increase": status("VmHWM") - peak, "anonymous_increase": status("RssAnon") - anonymous,
+                      "quantized": len(layers), "repacked": repacked, "folded": folded}))
+""")
+
+
+def measure_dit_load(path) -> dict:
+    """What loading the DiT checkpoint at `path` (bf16) costs in memory, measured in a fresh process (Linux)."""
+    result = subprocess.run([sys.executable, "-c", _LOAD_MEMORY_SCRIPT, str(path)], capture_output=True, text=True,
+                            check=True, cwd=str(Path(__file__).parents[1]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
