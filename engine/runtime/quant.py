@@ -325,16 +325,23 @@ def dequantize_stored_layers(model: nn.Module, state_dict: dict[str, torch.Tenso
     for name in names:
         scale = state_dict.pop(name + ".weight_scale")
         zero = state_dict.pop(name + ".weight_zero", None)
-        stored = state_dict.get(name + ".weight")
-        if stored is None or (stored.dtype == torch.uint8 and zero is None):
-            missing = "weight" if stored is None else "weight_zero (its int4 zero points)"
-            raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.{missing}: point at a complete "
-                                 "checkpoint of this model.")
+        if _stored_weight(state_dict, name).dtype == torch.uint8 and zero is None:
+            raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.weight_zero (its int4 zero "
+                                 "points): point at a complete checkpoint of this model.")
         in_features = model.get_submodule(name).in_features
         state_dict[name + ".weight"] = dequantize_reference(state_dict[name + ".weight"], scale, zero, in_features,
                                                             dtype)
     if names:
         release_freed_host_memory()  # the float32 temporaries, which glibc would keep
+
+
+def _stored_weight(state_dict: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The stored values of a layer the checkpoint gives a scale for; a checkpoint missing them is refused."""
+    stored = state_dict.get(name + ".weight")
+    if stored is None:
+        raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.weight: point at a complete "
+                             "checkpoint of this model.")
+    return stored
 
 
 def _stored_scheme(stored: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> QuantScheme:
@@ -360,10 +367,7 @@ def build_quantized_layers(model: nn.Module, state_dict: dict[str, torch.Tensor]
         except AttributeError:
             raise FramePackError(f"The checkpoint quantizes {name!r}, which this model does not have: "
                                  "point at a checkpoint of this model.") from None
-        stored, scale = state_dict.get(name + ".weight"), state_dict[name + ".weight_scale"]
-        if stored is None:
-            raise FramePackError(f"The checkpoint has {name}.weight_scale but no {name}.weight: point at a complete "
-                                 "checkpoint of this model.")
+        stored, scale = _stored_weight(state_dict, name), state_dict[name + ".weight_scale"]
         layer_scheme = _stored_scheme(stored, scale, scheme)
         module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, layer_scheme,
                                  device="meta")
