@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from framepack_engine.commands.common import Signals
-from framepack_engine.commands.run import OutputOptions, Progress, Written, write_video
+from framepack_engine.commands.run import OutputOptions, Progress, Written, options_from_flags, write_video
 from framepack_engine.errors import FramePackError
 from framepack_engine.media.codecs import DEFAULT_CRF
 
@@ -57,9 +57,9 @@ def _resolve(settings, inputs: dict, models):
 
 def run_batch(args, signals: Signals) -> int:
     from framepack_engine.pipeline import Engine
-    from framepack_engine.reproduce import read_recorded, recorded_options, warn_differences
+    from framepack_engine.reproduce import warn_differences
     from framepack_engine.resolve import resolve_models
-    from framepack_engine.settings import GenerationSettings, ModelSettings, given_flags
+    from framepack_engine.settings import ModelSettings
 
     if args.out:
         raise FramePackError("--out names one output, but a batch writes one per job: give each line its \"out\" "
@@ -69,16 +69,10 @@ def run_batch(args, signals: Signals) -> int:
     if (getattr(args, "nproc", None) or 1) > 1 or launched_ranks() > 1:
         raise FramePackError("--batch runs its jobs in one process: leave out --nproc (and torchrun), or run each job "
                              "on several processes with its own framepack generate.")
-    generation = given_flags(args, GenerationSettings, skip=("prompt",))
-    if args.prompt is not None or args.prompt_words:
-        generation["prompt"] = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
-    model_options, preset = given_flags(args, ModelSettings), args.preset
+    generation, model_options, preset, recorded = options_from_flags(args)  # every job starts from these
     output = {"codec": args.codec, "crf": args.crf, "pixel_format": args.pixel_format, "overwrite": args.overwrite}
     output = {name: value for name, value in output.items() if value is not None}
-    recorded = None
-    if args.settings_from:  # every job starts from the recorded options
-        recorded = read_recorded(args.settings_from)
-        generation, model_options, preset = recorded_options(recorded, generation, model_options, preset)
+    if recorded is not None:
         output = {**{k: v for k, v in (recorded.get("output") or {}).items() if v is not None}, **output}
     from framepack_engine.generation.keyframes import parse_keyframe_flag
 

@@ -76,15 +76,15 @@ def command_generate(args) -> int:
 
 
 def _generate(args, signals: Signals) -> int:
-    from framepack_engine.commands.run import OutputOptions, Progress, write_video
+    from framepack_engine.commands.run import OutputOptions, Progress, options_from_flags, write_video
     from framepack_engine.media.codecs import DEFAULT_CRF
     from framepack_engine.commands.still import generate_still
     from framepack_engine.generation.keyframes import parse_keyframe_flag
     from framepack_engine.media.video import check_output
     from framepack_engine.pipeline import Engine
-    from framepack_engine.reproduce import check_recorded_inputs, read_recorded, recorded_options, warn_differences
+    from framepack_engine.reproduce import check_recorded_inputs, warn_differences
     from framepack_engine.resolve import resolve_models, resolve_request
-    from framepack_engine.settings import GenerationSettings, ModelSettings, given_flags
+    from framepack_engine.settings import GenerationSettings, ModelSettings
 
     if args.quiet:  # before anything opens an encoder: some read their log level once per process
         quiet_libraries()
@@ -93,16 +93,9 @@ def _generate(args, signals: Signals) -> int:
 
         return run_batch(args, signals)  # it refuses several ranks (every rank would run every job)
     # Everything the user asked for is resolved and checked once, before any model loads.
-    generation_options = given_flags(args, GenerationSettings, skip=("prompt",))
-    if args.prompt is not None or args.prompt_words:
-        generation_options["prompt"] = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
-    model_options, preset = given_flags(args, ModelSettings), args.preset
+    generation_options, model_options, preset, recorded = options_from_flags(args)
     output = OutputOptions(args.codec, args.crf, args.pixel_format)
-    recorded = None
-    if args.settings_from:  # the recorded options, the flags given here winning
-        recorded = read_recorded(args.settings_from)
-        generation_options, model_options, preset = recorded_options(recorded, generation_options, model_options,
-                                                                     preset)
+    if recorded is not None:  # the recorded options, the flags given here winning
         check_recorded_inputs(recorded, {"image": args.image, "end_image": args.end_image,
                                          "input_video": args.input_video, "keyframes": args.keyframe,
                                          "control_images": args.control_image, "control_masks": args.control_mask})

@@ -23,6 +23,23 @@ class OutputOptions:
         return dataclasses.asdict(self)
 
 
+def options_from_flags(args):
+    """What the command's flags ask for, only the flags given: (generation options, model options, preset, the
+    recorded metadata of --settings-from or None); with --settings-from the recorded options are under the flags."""
+    from framepack_engine.reproduce import read_recorded, recorded_options
+    from framepack_engine.settings import GenerationSettings, ModelSettings, given_flags
+
+    generation = given_flags(args, GenerationSettings, skip=("prompt",))
+    if args.prompt is not None or args.prompt_words:
+        generation["prompt"] = args.prompt if args.prompt is not None else " ".join(args.prompt_words)
+    model_options, preset = given_flags(args, ModelSettings), args.preset
+    recorded = None
+    if args.settings_from:
+        recorded = read_recorded(args.settings_from)
+        generation, model_options, preset = recorded_options(recorded, generation, model_options, preset)
+    return generation, model_options, preset, recorded
+
+
 @dataclass
 class Written:
     """What a generation left: the saved file (None when nothing was), what the file holds in words, and the error
