@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from framepack_engine.errors import FramePackError, Option
+from framepack_engine.media.metadata import PNG_CHUNK  # the text chunk holding the settings, as a video's PNG frames
 from framepack_engine.media.video import _ordinary_permissions
-
-METADATA_KEY = "framepack"  # the PNG text chunk (tEXt/iTXt) holding the settings as JSON
 DEFAULT_SUFFIX = ".png"
 
 
@@ -63,7 +62,7 @@ def write_still(path, image: np.ndarray, metadata: dict | None = None) -> Path:
     text = json.dumps(metadata) if metadata else None
     if text and kind == "PNG":
         info = PngImagePlugin.PngInfo()
-        info.add_itxt(METADATA_KEY, text)  # iTXt: UTF-8, so prompts in any language survive
+        info.add_itxt(PNG_CHUNK, text)  # iTXt: UTF-8, so prompts in any language survive
         options["pnginfo"] = info
     elif text and kind == "JPEG":
         options["comment"] = text.encode()
@@ -84,7 +83,7 @@ def read_still_metadata(path) -> dict:
     from PIL import Image
 
     with Image.open(path) as image:
-        text = image.info.get(METADATA_KEY) if image.format == "PNG" else image.info.get("comment")
+        text = image.info.get(PNG_CHUNK) if image.format == "PNG" else image.info.get("comment")
     if not text:
         return {}
     return json.loads(text.decode() if isinstance(text, bytes) else text)
